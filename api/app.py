@@ -1,0 +1,186 @@
+"""The Litestar app factory: routes, lifespan (NATS, topology, registry), error mapping."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import msgspec
+from litestar import Litestar, Request, Response, Router, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from nats.aio.client import Client
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.admission import QueueMonitor
+from api.auth import ApiKeys, api_key_guard
+from api.chat import chat_completions, simple_chat
+from api.openai_types import ModelCard, ModelList
+from api.registry import WorkerRegistry
+from api.relay import Spawn
+from api.services import Services
+from broker import bus as bus_module
+from broker import topology
+from broker.bus import Bus
+from chatq.errors import (
+    ApiError,
+    ClientError,
+    ConfigError,
+    InvalidRequest,
+    RequestTooLarge,
+    ServerError,
+    error_body,
+)
+from chatq.settings import Settings
+
+log = logging.getLogger("chatq.api")
+_json = msgspec.json.Encoder()
+
+SERVICE_NAME = "vLLM Chat Gateway"
+try:
+    VERSION = version("chatq")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    VERSION = "0.0.0"
+
+Connect = Callable[[str, str], Awaitable[Client]]
+
+
+def _error_response(request: Request, exc: ApiError) -> Response[bytes]:  # type: ignore[type-arg]
+    request_id = getattr(request.state, "request_id", None)
+    headers = {"X-Request-Id": request_id} if request_id else {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    return Response(
+        _json.encode(error_body(exc, request_id)),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def _http_error(request: Request, exc: HTTPException) -> Response[bytes]:  # type: ignore[type-arg]
+    """Litestar's own errors (404 route, 405, 413 body size) in the standard body."""
+    status = exc.status_code
+    mapped: ApiError
+    if status == 413:
+        mapped = RequestTooLarge("the request body is larger than this server accepts")
+    elif status < 500:
+        mapped = ClientError(str(exc.detail))
+        mapped.code = {404: "not_found", 405: "method_not_allowed"}.get(status, "invalid_request")
+    else:
+        mapped = ServerError(str(exc.detail))
+    response = _error_response(request, mapped)
+    response.status_code = status
+    return response
+
+
+def _unexpected(request: Request, exc: Exception) -> Response[bytes]:  # type: ignore[type-arg]
+    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    response = _error_response(request, ServerError("internal error"))
+    response.status_code = HTTP_500_INTERNAL_SERVER_ERROR
+    return response
+
+
+@get("/health", sync_to_thread=False)
+def health(services: Services) -> Response[bytes]:
+    """Liveness and readiness: NATS connection and ready workers; no auth."""
+    nats_ok = services.bus.nc.is_connected
+    ready = services.registry.ready()
+    models: dict[str, int] = {}
+    for worker in ready:
+        models[worker.model] = models.get(worker.model, 0) + 1
+    healthy = nats_ok and bool(ready)
+    body = {
+        "status": "healthy" if healthy else "degraded",
+        "service": SERVICE_NAME,
+        "version": VERSION,
+        "services": {
+            "nats": "ok" if nats_ok else "down",
+            "workers": {
+                "ready": len(ready),
+                "total": len(services.registry.workers),
+                "free_slots": sum(w.free_slots for w in ready),
+                "models": models,
+            },
+        },
+    }
+    return Response(_json.encode(body), media_type="application/json")
+
+
+@get("/v1/models", sync_to_thread=False)
+def list_models(services: Services) -> Response[bytes]:
+    """The served models: configured ones and any a live worker serves."""
+    now = int(time.time())
+    body = ModelList(data=[ModelCard(id=m, created=now) for m in services.known_models()])
+    return Response(_json.encode(body), media_type="application/json")
+
+
+@get("/metrics", sync_to_thread=False)
+def prometheus_metrics() -> Response[bytes]:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _services(state: State) -> Services:
+    services: Services = state.services
+    return services
+
+
+def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> Litestar:
+    """Build the API; `connect` is the NATS connector, swappable in tests."""
+    if not settings.api_keys and not settings.dev_mode:
+        raise ConfigError(
+            "no API keys are configured: set CHATQ_API_KEYS or write keys to "
+            f"{settings.home / 'api_keys'} (./start does), or set CHATQ_DEV=1 for "
+            "development mode without authentication"
+        )
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        nc = await connect(settings.nats_url, "chatq-api")
+        bus = Bus(nc)
+        await topology.ensure_streams(bus.js, jobs_max_msgs=settings.jobs_max_msgs)
+        for model in settings.models:
+            await topology.ensure_model(bus.js, model, ack_wait_s=settings.ack_wait_s)
+        registry = WorkerRegistry(bus)
+        await registry.start()
+        spawn = Spawn()
+        app.state.services = Services(
+            settings=settings,
+            bus=bus,
+            monitor=QueueMonitor(bus, bound=settings.queue_max, cache_s=settings.queue_depth_cache_s),
+            registry=registry,
+            keys=ApiKeys(settings.api_keys, required=not (settings.dev_mode and not settings.api_keys)),
+            spawn=spawn,
+        )
+        try:
+            yield
+        finally:
+            await registry.stop()
+            await spawn.wait()
+            await bus.close()
+
+    protected = Router(
+        path="/",
+        route_handlers=[chat_completions, simple_chat, list_models],
+        guards=[api_key_guard],
+    )
+    return Litestar(
+        route_handlers=[protected, health, prometheus_metrics],
+        lifespan=[lifespan],
+        dependencies={"services": Provide(_services, sync_to_thread=False)},
+        exception_handlers={
+            ApiError: _error_response,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+        request_max_body_size=settings.max_request_bytes,
+        openapi_config=None,
+    )
+
+
+__all__ = ["InvalidRequest", "create_app"]

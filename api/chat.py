@@ -1,0 +1,263 @@
+"""Chat endpoints: POST /v1/chat/completions (OpenAI) and POST /api/chat (SSE)."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Literal
+
+import msgspec
+from litestar import Request, post
+from litestar.response import Response, Stream
+
+import schemas
+from api import metrics
+from api.openai_types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    InMessage,
+    OutMessage,
+    SimpleChatRequest,
+    UsageOut,
+)
+from api.relay import Relay
+from api.services import Services
+from chatq.errors import (
+    ApiError,
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    StreamFailed,
+    error_body,
+)
+
+_json = msgspec.json.Encoder()
+_FIELD = re.compile(r"at `\$\.?([^`\[]*)")
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = b"data: [DONE]\n\n"
+
+
+def new_request_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def decode_body(body: bytes, kind: type[msgspec.Struct]) -> msgspec.Struct:
+    """Decode and validate a JSON body; a 400 names the offending field."""
+    if not body:
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        match = _FIELD.search(str(exc))
+        raise InvalidRequest(f"invalid request: {exc}", param=match.group(1) if match else None) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def sse_error(exc: ApiError, request_id: str) -> bytes:
+    return b"event: error\ndata: " + _json.encode(error_body(exc, request_id)) + b"\n\n"
+
+
+def _usage(usage: schemas.Usage) -> UsageOut:
+    return UsageOut(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+
+
+class ChatCall:
+    """One chat request through the queue: admission, job, relay, response."""
+
+    def __init__(self, services: Services, request_id: str) -> None:
+        self.services = services
+        self.request_id = request_id
+
+    def job(
+        self,
+        *,
+        model: str | None,
+        messages: list[InMessage],
+        temperature: float | None,
+        top_p: float | None = None,
+        max_tokens: int | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        user: str | None = None,
+    ) -> schemas.Job:
+        settings = self.services.settings
+        known = self.services.known_models()
+        model = model or known[0]
+        if model not in known:
+            raise ModelNotFound(
+                f"the model {model!r} does not exist; served models: {', '.join(known)}",
+                param="model",
+            )
+        if max_tokens is not None and max_tokens > settings.max_tokens_limit:
+            raise InvalidRequest(
+                f"max_tokens may be at most {settings.max_tokens_limit}", param="max_tokens"
+            )
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > 4:
+            raise InvalidRequest("at most 4 stop sequences", param="stop")
+        now = time.time()
+        return schemas.Job(
+            request_id=self.request_id,
+            model=model,
+            messages=[m.to_chat() for m in messages],
+            sampling=schemas.Sampling(
+                temperature=1.0 if temperature is None else temperature,
+                top_p=1.0 if top_p is None else top_p,
+                max_tokens=max_tokens or settings.default_max_tokens,
+                stop=stops,
+                seed=seed,
+            ),
+            created=now,
+            deadline=now + settings.request_timeout_s,
+            user=user,
+        )
+
+    async def open(self, job: schemas.Job) -> Relay:
+        services = self.services
+        await services.monitor.admit(job.model)
+        relay = Relay(services.bus, job, watchdog_s=services.settings.watchdog_s, spawn=services.spawn)
+        await relay.open(services.monitor)
+        return relay
+
+    async def sse(self, relay: Relay, *, include_usage: bool) -> AsyncIterator[bytes]:
+        """OpenAI-style SSE: one `data:` event per chunk, then `data: [DONE]`."""
+        model = relay.job.model
+        created = int(relay.job.created)
+        reason: Literal["client_disconnected", "deadline", "stream_failed"] | None = (
+            "client_disconnected"
+        )
+        outcome = "disconnected"
+        metrics.ACTIVE_STREAMS.inc()
+        try:
+            async for chunk in relay.chunks():
+                finish = chunk.finish_reason
+                if finish == "cancelled":
+                    # The worker stopped it (deadline, shutdown) while the client listened.
+                    raise DeadlineExceeded("the request was stopped before it finished")
+                delta = Delta(role="assistant", content=chunk.text) if chunk.seq == 0 else Delta(content=chunk.text)
+                yield b"data: " + _json.encode(
+                    ChatCompletionChunk(
+                        id=self.request_id, created=created, model=model,
+                        choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)],
+                    )
+                ) + b"\n\n"
+                if finish is not None and include_usage and chunk.usage is not None:
+                    yield b"data: " + _json.encode(
+                        ChatCompletionChunk(
+                            id=self.request_id, created=created, model=model, choices=[],
+                            usage=_usage(chunk.usage),
+                        )
+                    ) + b"\n\n"
+            yield DONE
+            reason, outcome = None, "completed"
+        except ApiError as exc:
+            outcome = exc.code
+            if isinstance(exc, StreamFailed):
+                reason = "stream_failed"
+            elif isinstance(exc, DeadlineExceeded):
+                reason = "deadline"
+            else:
+                reason = None
+            yield sse_error(exc, self.request_id)
+        finally:
+            metrics.ACTIVE_STREAMS.dec()
+            metrics.REQUESTS.labels(model=model, outcome=outcome).inc()
+            await relay.close(reason)
+
+    async def complete(self, relay: Relay) -> ChatCompletion:
+        """Collect the whole answer for a non-streaming request."""
+        parts: list[str] = []
+        usage = schemas.Usage(0, 0)
+        finish = "stop"
+        reason: Literal["client_disconnected", "deadline", "stream_failed"] | None = (
+            "client_disconnected"
+        )
+        outcome = "disconnected"
+        try:
+            async for chunk in relay.chunks():
+                parts.append(chunk.text)
+                if chunk.finish_reason is not None:
+                    if chunk.finish_reason == "cancelled":
+                        raise DeadlineExceeded("the request was stopped before it finished")
+                    finish = chunk.finish_reason
+                    usage = chunk.usage or usage
+            reason, outcome = None, "completed"
+        except StreamFailed as exc:
+            reason, outcome = "stream_failed", exc.code
+            raise
+        except DeadlineExceeded as exc:
+            reason, outcome = "deadline", exc.code
+            raise
+        except ApiError as exc:
+            reason, outcome = None, exc.code
+            raise
+        finally:
+            metrics.REQUESTS.labels(model=relay.job.model, outcome=outcome).inc()
+            await relay.close(reason)
+        return ChatCompletion(
+            id=self.request_id,
+            created=int(relay.job.created),
+            model=relay.job.model,
+            choices=[Choice(0, OutMessage("assistant", "".join(parts)), finish)],
+            usage=_usage(usage),
+        )
+
+
+def _stream(content: AsyncIterator[bytes], request_id: str) -> Stream:
+    return Stream(
+        content,
+        media_type="text/event-stream",
+        headers={**_SSE_HEADERS, "X-Request-Id": request_id},
+    )
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request, services: Services) -> Response[bytes] | Stream:  # type: ignore[type-arg]
+    """OpenAI-compatible chat completions, streaming or not."""
+    request_id = new_request_id()
+    request.state.request_id = request_id
+    body = decode_body(await request.body(), ChatCompletionRequest)
+    assert isinstance(body, ChatCompletionRequest)
+    call = ChatCall(services, request_id)
+    job = call.job(
+        model=body.model,
+        messages=body.messages,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        stop=body.stop,
+        seed=body.seed,
+        user=body.user,
+    )
+    relay = await call.open(job)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(call.sse(relay, include_usage=include_usage), request_id)
+    completion = await call.complete(relay)
+    return Response(
+        _json.encode(completion), media_type="application/json",
+        headers={"X-Request-Id": request_id},
+    )
+
+
+@post("/api/chat", status_code=200)
+async def simple_chat(request: Request, services: Services) -> Stream:  # type: ignore[type-arg]
+    """The original plan's endpoint: {messages, model, temperature, max_tokens} → SSE."""
+    request_id = new_request_id()
+    request.state.request_id = request_id
+    body = decode_body(await request.body(), SimpleChatRequest)
+    assert isinstance(body, SimpleChatRequest)
+    call = ChatCall(services, request_id)
+    job = call.job(
+        model=body.model, messages=body.messages, temperature=body.temperature,
+        max_tokens=body.max_tokens,
+    )
+    relay = await call.open(job)
+    return _stream(call.sse(relay, include_usage=True), request_id)

@@ -1,0 +1,15 @@
+"""Prometheus metrics of the API: requests, latencies per model, queue depth, 429s, cancels."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+REQUESTS = Counter("chatq_requests_total", "Chat requests by model and outcome", ["model", "outcome"])
+TTFT = Histogram("chatq_ttft_seconds", "Request accepted to first token sent", ["model"], buckets=_LATENCY)
+ITL = Histogram("chatq_inter_token_seconds", "Gap between chunks, per token", ["model"], buckets=_ITL)
+E2E = Histogram("chatq_e2e_seconds", "Request accepted to last token sent", ["model"], buckets=_LATENCY)
+QUEUE_DEPTH = Gauge("chatq_queue_depth", "Jobs waiting for a worker", ["model"])
+REJECTED = Counter("chatq_rejected_total", "Requests refused with 429, by reason", ["model", "reason"])
+CANCELLED = Counter("chatq_cancellations_total", "Streams cancelled, by reason", ["model", "reason"])
+ACTIVE_STREAMS = Gauge("chatq_active_streams", "Streams being relayed now")

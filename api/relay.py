@@ -1,0 +1,201 @@
+"""Relays one request's token stream from NATS to the client, in order, or fails clearly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Literal
+
+import anyio
+
+import schemas
+from api import metrics
+from api.admission import QueueMonitor
+from broker.bus import Bus, JobRefused, StreamSubscription
+from chatq.errors import (
+    ApiError,
+    DeadlineExceeded,
+    InvalidRequest,
+    StreamFailed,
+    UpstreamUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+_REJECT_CODES = {"context_length_exceeded", "invalid_messages", "invalid_request"}
+
+
+def worker_error(error: schemas.StreamError) -> ApiError:
+    """The client-facing error for a worker's StreamError."""
+    if error.code in _REJECT_CODES:
+        return InvalidRequest(error.message, code=error.code)
+    if error.code == "deadline_exceeded":
+        return DeadlineExceeded(error.message)
+    return StreamFailed(error.message, code=error.code)
+
+
+class Relay:
+    """One accepted request: subscribed, queued, then read chunk by chunk.
+
+    The subscription exists before the job is published, so no chunk can be missed.
+    Before the first chunk the job is durable in JetStream (a lost worker means a
+    redelivery), so the relay waits up to the deadline; after it, silence longer than
+    the watchdog means the worker is gone and the client gets an error, never a hang.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        job: schemas.Job,
+        *,
+        watchdog_s: float,
+        spawn: Spawn,
+    ) -> None:
+        self.bus = bus
+        self.job = job
+        self.watchdog_s = watchdog_s
+        self._spawn = spawn
+        self._sub: StreamSubscription | None = None
+        self._seq: int | None = None
+        self.worker_id: str | None = None
+        self.next_seq = 0
+        self.finished = False
+        self.started_at = time.monotonic()
+        self.first_token_at: float | None = None
+
+    async def open(self, monitor: QueueMonitor) -> None:
+        """Subscribe, then queue the job; a full queue raises Overloaded with nothing queued."""
+        self._sub = await self.bus.subscribe_stream(self.job.request_id)
+        try:
+            self._seq = await self.bus.publish_job(self.job)
+        except JobRefused:
+            await self._sub.close()
+            raise monitor.refused(self.job.model) from None
+        except Exception as exc:
+            await self._sub.close()
+            raise UpstreamUnavailable(f"the job queue is unreachable: {type(exc).__name__}") from exc
+        self._spawn(
+            self.bus.publish_event(
+                schemas.Accepted(
+                    request_id=self.job.request_id, model=self.job.model,
+                    time=self.job.created, user=self.job.user,
+                )
+            )
+        )
+
+    async def chunks(self) -> AsyncIterator[schemas.Chunk]:
+        """The request's chunks in order; the last has a finish reason. Raises ApiError."""
+        assert self._sub is not None
+        model = self.job.model
+        last_at = 0.0
+        while True:
+            if self.next_seq == 0:
+                timeout = self.job.deadline - time.time()
+                if timeout <= 0:
+                    raise DeadlineExceeded("no worker answered before the request's deadline")
+            else:
+                timeout = self.watchdog_s
+            msg = await self._sub.next(timeout)
+            if msg is None:
+                if self.next_seq == 0:
+                    raise DeadlineExceeded("no worker answered before the request's deadline")
+                raise StreamFailed(
+                    f"the worker went silent for {self.watchdog_s:g} s mid-stream",
+                    code="worker_lost",
+                )
+            if isinstance(msg, schemas.Chunk):
+                if self.worker_id is None:
+                    self.worker_id = msg.worker_id
+                elif msg.worker_id != self.worker_id:
+                    continue  # a slow duplicate of a redelivered job: ignore it
+                if msg.seq < self.next_seq:
+                    continue
+                if msg.seq > self.next_seq:
+                    raise StreamFailed(
+                        f"chunk {self.next_seq} of the stream was lost", code="stream_gap"
+                    )
+                self.next_seq += 1
+                now = time.monotonic()
+                if self.first_token_at is None:
+                    self.first_token_at = now
+                    metrics.TTFT.labels(model=model).observe(now - self.started_at)
+                elif msg.tokens:
+                    metrics.ITL.labels(model=model).observe((now - last_at) / msg.tokens)
+                last_at = now
+                if msg.finish_reason is not None:
+                    self.finished = True
+                    metrics.E2E.labels(model=model).observe(now - self.started_at)
+                yield msg
+                if self.finished:
+                    return
+            elif isinstance(msg, schemas.Heartbeat):
+                if self.worker_id is not None and msg.worker_id == self.worker_id:
+                    if msg.next_seq > self.next_seq:
+                        raise StreamFailed(
+                            f"chunk {self.next_seq} of the stream was lost", code="stream_gap"
+                        )
+            elif isinstance(msg, schemas.StreamError):
+                if self.worker_id is None or msg.worker_id == self.worker_id:
+                    self.finished = True
+                    raise worker_error(msg)
+            # Started: a worker took the job; nothing to relay yet.
+
+    async def close(self, reason: Literal["client_disconnected", "deadline", "stream_failed"] | None) -> None:
+        """Unsubscribe; if the stream did not finish, cancel it where it is (queue or worker)."""
+        # Runs from a cancelled scope when the client has gone: shield the clean-up.
+        with anyio.CancelScope(shield=True):
+            if self._sub is not None:
+                await self._sub.close()
+            if self.finished or reason is None:
+                return
+            metrics.CANCELLED.labels(model=self.job.model, reason=reason).inc()
+            rid = self.job.request_id
+            with contextlib.suppress(Exception):
+                await self.bus.publish_cancel(rid, reason)
+            if self.next_seq == 0 and self._seq is not None:
+                # Still queued? Then take it out, so no worker spends time on it.
+                withdrawn = await self.bus.withdraw_job(self._seq)
+                if withdrawn:
+                    self._spawn(
+                        self.bus.publish_event(
+                            schemas.Cancelled(
+                                request_id=rid, model=self.job.model, time=time.time(),
+                                worker_id="api", reason=reason, text="",
+                                usage=schemas.Usage(0, 0), user=self.job.user,
+                            )
+                        )
+                    )
+            elif reason == "stream_failed":
+                self._spawn(
+                    self.bus.publish_event(
+                        schemas.Failed(
+                            request_id=rid, model=self.job.model, time=time.time(),
+                            code="worker_lost", message="the stream broke mid-way",
+                            worker_id=self.worker_id, user=self.job.user,
+                        )
+                    )
+                )
+
+
+class Spawn:
+    """Runs background coroutines and keeps a reference to each until it ends."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background task failed: %r", task.exception())
+
+    async def wait(self, timeout: float = 5.0) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)

@@ -1,0 +1,155 @@
+"""The message plane as chatq uses it: jobs, token streams, cancels, events, queue depth."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NotFoundError
+
+import schemas
+from broker import names
+from schemas.messages import Priority
+
+log = logging.getLogger(__name__)
+
+
+class JobRefused(Exception):
+    """JetStream refused the job: the queue is at its hard bound."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerDepth:
+    """A job consumer's backlog: waiting jobs, jobs in flight, jobs handed out so far."""
+
+    pending: int
+    in_flight: int
+    delivered: int
+    at: float
+
+
+async def connect(url: str, name: str) -> Client:
+    """Connect to NATS, retrying forever on reconnect so a NATS restart is survived."""
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
+    )
+
+
+class StreamSubscription:
+    """The per-request token stream, subscribed before the job is published."""
+
+    __slots__ = ("_queue", "_sub")
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._sub: Subscription | None = None
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._queue.put_nowait(msg.data)
+
+    async def next(self, timeout: float) -> schemas.StreamMsg | None:
+        """The next message, or None when nothing arrived within timeout seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                data = await self._queue.get()
+        except TimeoutError:
+            return None
+        return schemas.decode_stream(data)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+
+
+class Bus:
+    """Typed publish and subscribe over one NATS connection."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=5.0)
+
+    async def publish_job(self, job: schemas.Job) -> int:
+        """Queue a job durably; returns its stream sequence. Raises JobRefused when full."""
+        try:
+            ack = await self.js.publish(
+                names.job_subject(job.model, job.priority),
+                schemas.encode(job),
+                stream=names.JOBS_STREAM,
+                headers={"Nats-Msg-Id": job.request_id},
+            )
+        except APIError as exc:
+            # 10077: maximum messages exceeded (discard=new, per subject or in total)
+            if exc.err_code == 10077 or "maximum messages" in (exc.description or ""):
+                raise JobRefused(str(exc.description)) from exc
+            raise
+        return int(ack.seq)
+
+    async def withdraw_job(self, seq: int) -> bool:
+        """Remove a job that no worker has taken yet; False when it is already gone."""
+        try:
+            return await self.js.delete_msg(names.JOBS_STREAM, seq)
+        except (NotFoundError, APIError):
+            return False
+
+    async def publish_event(self, event: schemas.Event, *, attempts: int = 3) -> None:
+        """Store an event in the EVENTS stream, de-duplicated by request id and kind."""
+        kind = type(event).__struct_config__.tag
+        for attempt in range(attempts):
+            try:
+                await self.js.publish(
+                    names.event_subject(str(kind)),
+                    schemas.encode(event),
+                    stream=names.EVENTS_STREAM,
+                    headers={"Nats-Msg-Id": f"{event.request_id}:{kind}"},
+                )
+                return
+            except Exception:
+                if attempt == attempts - 1:
+                    log.exception("event %s for %s lost", kind, event.request_id)
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def publish_cancel(self, request_id: str, reason: str) -> None:
+        cancel = schemas.Cancel(request_id=request_id, reason=reason)  # type: ignore[arg-type]
+        await self.nc.publish(names.cancel_subject(request_id), schemas.encode(cancel))
+
+    async def publish_stream(self, request_id: str, message: schemas.StreamMsg) -> None:
+        await self.nc.publish(names.stream_subject(request_id), schemas.encode(message))
+
+    async def subscribe_stream(self, request_id: str) -> StreamSubscription:
+        stream = StreamSubscription()
+        stream._sub = await self.nc.subscribe(names.stream_subject(request_id), cb=stream._on_msg)
+        return stream
+
+    async def consumer_depth(self, model: str, priority: Priority = "interactive") -> ConsumerDepth:
+        info = await self.js.consumer_info(names.JOBS_STREAM, names.jobs_consumer(model, priority))
+        return ConsumerDepth(
+            pending=int(info.num_pending or 0),
+            in_flight=int(info.num_ack_pending or 0),
+            delivered=int(info.delivered.consumer_seq or 0) if info.delivered else 0,
+            at=time.monotonic(),
+        )
+
+    async def jobs_in_stream(self) -> int:
+        info = await self.js.stream_info(names.JOBS_STREAM)
+        return int(info.state.messages)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()

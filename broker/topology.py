@@ -1,0 +1,105 @@
+"""Creates every stream, consumer and KV bucket chatq uses, idempotently."""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
+
+from broker import names
+from schemas.messages import Priority
+
+log = logging.getLogger(__name__)
+
+WORKER_TTL_S = 10.0
+DUPLICATE_WINDOW_S = 120.0
+MAX_DELIVER = 5
+
+
+def jobs_stream_config(max_msgs: int) -> StreamConfig:
+    # Work-queue retention: a job leaves the stream once a worker acks it. discard=new
+    # makes a full queue refuse the publish (a 429 for the client) instead of dropping
+    # an older accepted job; per subject so one model's backlog cannot starve another's.
+    return StreamConfig(
+        name=names.JOBS_STREAM,
+        subjects=[names.JOBS_ALL],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        max_msgs=max_msgs,
+        max_msgs_per_subject=max_msgs,
+        discard=DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+
+
+def events_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=names.EVENTS_STREAM,
+        subjects=[names.EVENTS_ALL],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=7 * 24 * 3600.0,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+
+
+def jobs_consumer_config(model: str, priority: Priority, ack_wait_s: float) -> ConsumerConfig:
+    name = names.jobs_consumer(model, priority)
+    return ConsumerConfig(
+        name=name,
+        durable_name=name,
+        filter_subject=names.job_subject(model, priority),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        # A job that kills every worker it reaches must not loop forever.
+        max_deliver=MAX_DELIVER,
+        max_ack_pending=-1,
+        max_waiting=512,
+    )
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    assert config.name is not None
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        log.info("created stream %s", config.name)
+        return
+    await js.update_stream(config)
+
+
+async def ensure_streams(js: JetStreamContext, *, jobs_max_msgs: int) -> None:
+    """Create or update the JOBS and EVENTS streams."""
+    await _ensure_stream(js, jobs_stream_config(jobs_max_msgs))
+    await _ensure_stream(js, events_stream_config())
+
+
+async def ensure_model(js: JetStreamContext, model: str, *, ack_wait_s: float) -> None:
+    """Create or update the durable job consumers of one model (one per priority)."""
+    for priority in names.PRIORITIES:
+        # CONSUMER.CREATE with a name creates the consumer or updates its editable
+        # fields (ack wait, max deliver), so a changed setting takes effect on restart.
+        await js.add_consumer(names.JOBS_STREAM, jobs_consumer_config(model, priority, ack_wait_s))
+
+
+async def workers_kv(js: JetStreamContext) -> KeyValue:
+    """The heartbeat bucket: a worker's key vanishes WORKER_TTL_S after its last beat."""
+    try:
+        return await js.key_value(names.WORKERS_BUCKET)
+    except Exception:
+        return await js.create_key_value(
+            KeyValueConfig(bucket=names.WORKERS_BUCKET, ttl=WORKER_TTL_S, history=1)
+        )

@@ -1,0 +1,133 @@
+"""The whole exception tree of chatq, and the one mapping to HTTP status and error body.
+
+Every error a client sees has one shape: ``{"error": {"type", "code", "message",
+"request_id"}}`` (the OpenAI error fields), in JSON or as an SSE ``error`` event.
+
+ChatqError
+├── ConfigError            a setting is missing or unsafe (raised at start)
+├── EngineError            the inference engine failed to start or to run
+└── ClientError            the request cannot be served as sent (4xx)
+    ├── InvalidRequest       400 invalid_request_error
+    ├── Unauthorized         401 authentication_error
+    ├── ModelNotFound        404 model_not_found
+    ├── RequestTooLarge      413 request_too_large
+    └── Overloaded           429 rate_limit_error (queue full), with Retry-After
+ServerError                  5xx, raised while serving
+    ├── UpstreamUnavailable  503 the message plane is unreachable
+    ├── StreamFailed         502 the stream from the worker broke (gap, lost worker)
+    └── DeadlineExceeded     504 no answer before the request's deadline
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import msgspec
+
+
+class ChatqError(Exception):
+    """Base of every error chatq raises on purpose."""
+
+
+class ConfigError(ChatqError):
+    """A setting is missing, malformed or unsafe."""
+
+
+class EngineError(ChatqError):
+    """The inference engine could not start or failed while generating."""
+
+
+class ApiError(ChatqError):
+    """An error with an HTTP status and a code that clients can rely on."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or type(self).code
+        self.param = param
+        self.retry_after = retry_after
+
+
+class ClientError(ApiError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidRequest(ClientError):
+    pass
+
+
+class Unauthorized(ClientError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(ClientError):
+    status = 404
+    code = "model_not_found"
+
+
+class RequestTooLarge(ClientError):
+    status = 413
+    code = "request_too_large"
+
+
+class Overloaded(ClientError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+
+class ServerError(ApiError):
+    pass
+
+
+class UpstreamUnavailable(ServerError):
+    status = 503
+    code = "service_unavailable"
+
+
+class StreamFailed(ServerError):
+    status = 502
+    code = "stream_failed"
+
+
+class DeadlineExceeded(ServerError):
+    status = 504
+    type = "timeout"
+    code = "deadline_exceeded"
+
+
+class ErrorDetail(msgspec.Struct, omit_defaults=True):
+    type: str
+    code: str
+    message: str
+    request_id: str | None = None
+    param: str | None = None
+
+
+class ErrorBody(msgspec.Struct):
+    error: ErrorDetail
+
+
+def error_body(exc: ApiError, request_id: str | None) -> ErrorBody:
+    """The standard error body for an ApiError."""
+    return ErrorBody(
+        ErrorDetail(
+            type=exc.type, code=exc.code, message=exc.message, request_id=request_id,
+            param=exc.param,
+        )
+    )

@@ -1,0 +1,167 @@
+"""Wire messages (msgpack) for jobs, token streams, cancels, events and worker heartbeats."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Priority = Literal["interactive", "background"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+
+
+class Sampling(msgspec.Struct, frozen=True, omit_defaults=True):
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    stop: list[str] = []
+    seed: int | None = None
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+# --- chat.jobs.<model>.<priority> (JetStream JOBS) -------------------------------------
+
+
+class Job(msgspec.Struct, frozen=True, tag="job", tag_field="t", omit_defaults=True):
+    """One chat completion to run; the JetStream message id is its request_id."""
+
+    request_id: str
+    model: str
+    messages: list[ChatMessage]
+    sampling: Sampling
+    created: float  # unix seconds, when the API accepted it
+    deadline: float  # unix seconds; a worker drops a job found past it
+    priority: Priority = "interactive"
+    user: str | None = None
+
+
+# --- chat.stream.<request id> (core NATS) ----------------------------------------------
+
+
+class Started(msgspec.Struct, frozen=True, tag="started", tag_field="t"):
+    """A worker has taken the job and started the engine request."""
+
+    worker_id: str
+
+
+class Chunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="t", omit_defaults=True):
+    """Coalesced output tokens; seq counts from 0; the last chunk has finish_reason and usage."""
+
+    seq: int
+    text: str
+    tokens: int
+    worker_id: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+class Heartbeat(msgspec.Struct, frozen=True, tag="hb", tag_field="t"):
+    """The worker is alive and still generating; next_seq is the seq of its next chunk."""
+
+    worker_id: str
+    next_seq: int
+
+
+class StreamError(msgspec.Struct, frozen=True, tag="error", tag_field="t"):
+    """The worker failed the request; the stream ends."""
+
+    worker_id: str
+    code: str
+    message: str
+
+
+StreamMsg = Started | Chunk | Heartbeat | StreamError
+
+
+# --- chat.cancel.<request id> (core NATS) ----------------------------------------------
+
+
+class Cancel(msgspec.Struct, frozen=True, tag="cancel", tag_field="t"):
+    request_id: str
+    reason: Literal["client_disconnected", "deadline", "stream_failed"]
+
+
+# --- chat.events.> (JetStream EVENTS) --------------------------------------------------
+
+
+class Accepted(msgspec.Struct, frozen=True, tag="accepted", tag_field="t", omit_defaults=True):
+    request_id: str
+    model: str
+    time: float
+    user: str | None = None
+    stream: bool = True
+
+
+class Completed(msgspec.Struct, frozen=True, tag="completed", tag_field="t", omit_defaults=True):
+    request_id: str
+    model: str
+    time: float
+    worker_id: str
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    ttft_s: float | None = None
+    duration_s: float = 0.0
+    user: str | None = None
+
+
+class Cancelled(msgspec.Struct, frozen=True, tag="cancelled", tag_field="t", omit_defaults=True):
+    """Partial output of a cancelled stream is billed and stored."""
+
+    request_id: str
+    model: str
+    time: float
+    worker_id: str
+    reason: str
+    text: str
+    usage: Usage
+    user: str | None = None
+
+
+class Failed(msgspec.Struct, frozen=True, tag="failed", tag_field="t", omit_defaults=True):
+    request_id: str
+    model: str
+    time: float
+    code: str
+    message: str
+    worker_id: str | None = None
+    user: str | None = None
+
+
+Event = Accepted | Completed | Cancelled | Failed
+
+
+# --- workers KV ------------------------------------------------------------------------
+
+
+class WorkerStatus(msgspec.Struct, frozen=True, omit_defaults=True):
+    worker_id: str
+    model: str
+    engine: str
+    state: Literal["loading", "ready", "draining"]
+    slots: int
+    free_slots: int
+    updated: float
+
+
+# Encoders and decoders are built once: msgspec reuses their internal state.
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+decode_job = msgspec.msgpack.Decoder(Job).decode
+decode_stream = msgspec.msgpack.Decoder(StreamMsg).decode  # type: ignore[arg-type]
+decode_cancel = msgspec.msgpack.Decoder(Cancel).decode
+decode_event = msgspec.msgpack.Decoder(Event).decode  # type: ignore[arg-type]
+decode_worker_status = msgspec.msgpack.Decoder(WorkerStatus).decode

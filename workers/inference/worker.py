@@ -1,0 +1,361 @@
+"""Pulls jobs only while the engine has free slots, streams chunks, aborts on cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
+from nats.js.kv import KeyValue
+
+import schemas
+from broker import names, topology
+from broker.bus import Bus
+from schemas.messages import FinishReason, Priority
+from workers.inference import metrics
+from workers.inference.chunker import ChunkStream
+from workers.inference.engine import Engine, GenerationRequest, RequestRejected
+
+log = logging.getLogger(__name__)
+
+# How long an idle worker's pull request waits on the interactive queue before it looks
+# at the background queue; the background look is short, so interactive jobs barely wait.
+INTERACTIVE_POLL_S = 1.0
+BACKGROUND_POLL_S = 0.02
+
+
+@dataclass(eq=False)
+class ActiveRequest:
+    job: schemas.Job
+    msg: Msg
+    chunks: ChunkStream
+    fetched_at: float
+    acked: bool = False
+    cancel_reason: str | None = None
+    task: asyncio.Task[None] | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+    last_beat: float = float("-inf")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    ack_wait_s: float
+    heartbeat_s: float
+    chunk_max_tokens: int
+    chunk_max_delay_s: float
+    status_interval_s: float = 2.0
+
+
+class InferenceWorker:
+    """One engine, one model: the pull loop, the per-job tasks, cancels and heartbeats."""
+
+    def __init__(self, bus: Bus, engine: Engine, config: WorkerConfig) -> None:
+        self.bus = bus
+        self.engine = engine
+        self.config = config
+        self.model = engine.model
+        self.active: dict[str, ActiveRequest] = {}
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._kv: KeyValue | None = None
+        self._state: str = "loading"
+        self._labels = {"model": self.model}
+
+    # --- helpers --------------------------------------------------------------------
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        """Run a coroutine in the background, keeping a reference until it ends."""
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.engine.slots - len(self.active))
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def announce(self, state: str) -> None:
+        """Publish this worker's state and free slots to the workers KV bucket."""
+        self._state = state
+        if self._kv is None:
+            self._kv = await topology.workers_kv(self.bus.js)
+        status = schemas.WorkerStatus(
+            worker_id=self.config.worker_id,
+            model=self.model,
+            engine=self.engine.name,
+            state=state,  # type: ignore[arg-type]
+            slots=self.engine.slots,
+            free_slots=self.free_slots,
+            updated=time.time(),
+        )
+        with contextlib.suppress(Exception):
+            await self._kv.put(names.worker_key(self.config.worker_id), schemas.encode(status))
+
+    async def run(self) -> None:
+        """Fetch and run jobs until stop() is called."""
+        metrics.SLOTS.labels(**self._labels).set(self.engine.slots)
+        await topology.ensure_model(self.bus.js, self.model, ack_wait_s=self.config.ack_wait_s)
+        subs: dict[Priority, JetStreamContext.PullSubscription] = {}
+        for priority in names.PRIORITIES:
+            subs[priority] = await self.bus.js.pull_subscribe_bind(
+                durable=names.jobs_consumer(self.model, priority), stream=names.JOBS_STREAM
+            )
+        await self.announce("ready")
+        housekeeping = asyncio.create_task(self._housekeeping())
+        try:
+            await self._pull_loop(subs)
+        finally:
+            housekeeping.cancel()
+            for sub in subs.values():
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _pull_loop(self, subs: dict[Priority, JetStreamContext.PullSubscription]) -> None:
+        while not self._stopping.is_set():
+            free = self.free_slots
+            if free == 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            got = 0
+            for priority in names.PRIORITIES:
+                timeout = INTERACTIVE_POLL_S if priority == "interactive" else BACKGROUND_POLL_S
+                try:
+                    msgs = await subs[priority].fetch(batch=free, timeout=timeout)
+                except (TimeoutError, NatsTimeout):
+                    continue
+                except (ConnectionClosedError, ServiceUnavailableError) as exc:
+                    log.warning("fetch failed (%r); retrying", exc)
+                    await asyncio.sleep(0.5)
+                    break
+                for msg in msgs:
+                    self._start_job(msg)
+                got += len(msgs)
+                if got:
+                    break  # interactive first, every time a slot frees up
+            if self._stopping.is_set():
+                break
+
+    def stop_fetching(self) -> None:
+        self._stopping.set()
+        self._slot_freed.set()
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking jobs and let running ones finish (cancelled after grace_s)."""
+        self.stop_fetching()
+        await self.announce("draining")
+        deadline = time.monotonic() + grace_s
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for active in list(self.active.values()):
+            self.cancel(active.job.request_id, "worker_shutdown")
+        while self.active:
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(Exception):
+            if self._kv is not None:
+                await self._kv.delete(names.worker_key(self.config.worker_id))
+
+    # --- jobs -----------------------------------------------------------------------
+
+    def _start_job(self, msg: Msg) -> None:
+        try:
+            job = schemas.decode_job(msg.data)
+        except Exception as exc:
+            log.error("dropping malformed job (%r)", exc)
+            self.spawn(msg.term())
+            return
+        now = time.time()
+        metrics.QUEUE_WAIT.labels(**self._labels).observe(max(0.0, now - job.created))
+        if job.request_id in self.active:
+            # A redelivery of a job this worker already runs (it was slow to ack).
+            self.spawn(msg.in_progress())
+            return
+        chunks = ChunkStream(
+            lambda m, rid=job.request_id: self.bus.publish_stream(rid, m),
+            self.spawn,
+            worker_id=self.config.worker_id,
+            max_tokens=self.config.chunk_max_tokens,
+            max_delay=self.config.chunk_max_delay_s,
+        )
+        active = ActiveRequest(job=job, msg=msg, chunks=chunks, fetched_at=time.monotonic())
+        self.active[job.request_id] = active
+        metrics.ACTIVE.labels(**self._labels).set(len(self.active))
+        active.task = asyncio.create_task(self._run_job(active))
+
+    async def _ack(self, active: ActiveRequest) -> None:
+        if not active.acked:
+            active.acked = True
+            with contextlib.suppress(Exception):
+                await active.msg.ack()
+
+    async def _run_job(self, active: ActiveRequest) -> None:
+        job = active.job
+        rid = job.request_id
+        outcome = "completed"
+        try:
+            if job.deadline < time.time():
+                await self._ack(active)
+                await self._fail(active, "deadline_exceeded", "the request passed its deadline in the queue")
+                outcome = "expired"
+                return
+            await self.bus.publish_stream(rid, schemas.Started(worker_id=self.config.worker_id))
+            deadline_timer = asyncio.get_running_loop().call_later(
+                max(0.0, job.deadline - time.time()), self.cancel, rid, "deadline"
+            )
+            try:
+                outcome = await self._generate(active)
+            finally:
+                deadline_timer.cancel()
+        except RequestRejected as exc:
+            outcome = "rejected"
+            await self._ack(active)
+            await self._fail(active, exc.code, exc.message)
+        except Exception as exc:
+            outcome = "failed"
+            log.exception("job %s failed", rid)
+            if not active.acked:
+                # Before the first token nothing reached the client: another worker may
+                # succeed, so hand the job back (JetStream stops after max_deliver tries).
+                with contextlib.suppress(Exception):
+                    await active.msg.nak(delay=1.0)
+                active.acked = True
+            else:
+                await self._fail(active, "engine_error", f"the engine failed: {exc!r}")
+        finally:
+            active.chunks.close()
+            self.active.pop(rid, None)
+            metrics.ACTIVE.labels(**self._labels).set(len(self.active))
+            metrics.JOBS.labels(outcome=outcome, **self._labels).inc()
+            self._slot_freed.set()
+
+    async def _generate(self, active: ActiveRequest) -> str:
+        job = active.job
+        rid = job.request_id
+        chunks = active.chunks
+        prompt_tokens = 0
+        finish: str | None = None
+        ttft: float | None = None
+        request = GenerationRequest(request_id=rid, messages=job.messages, sampling=job.sampling)
+        generator = self.engine.generate(request)
+        try:
+            async for delta in generator:
+                prompt_tokens = delta.prompt_tokens
+                if ttft is None and delta.tokens:
+                    ttft = time.monotonic() - active.fetched_at
+                    metrics.TTFT.labels(**self._labels).observe(ttft)
+                    # Acked only now: a worker that dies before its first token leaves
+                    # the job to JetStream, which hands it to another worker.
+                    self.spawn(self._ack(active))
+                await chunks.add(delta.text, delta.tokens, last=delta.finish_reason is not None)
+                if delta.finish_reason is not None:
+                    finish = delta.finish_reason
+        except asyncio.CancelledError:
+            if active.cancel_reason is None:
+                raise
+            # Our own cancel (client gone, deadline): finish the stream normally.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        finally:
+            # Closing the generator aborts the engine request if it is still running.
+            await generator.aclose()
+        usage = schemas.Usage(prompt_tokens=prompt_tokens, completion_tokens=chunks.completion_tokens)
+        metrics.TOKENS.labels(**self._labels).inc(chunks.completion_tokens)
+        metrics.CHUNKS.labels(**self._labels).inc(chunks.seq + 1)
+        await self._ack(active)
+        if active.cancel_reason is not None:
+            metrics.ABORTS.labels(reason=active.cancel_reason, **self._labels).inc()
+            await chunks.finish("cancelled", usage)
+            await self.bus.publish_event(
+                schemas.Cancelled(
+                    request_id=rid, model=job.model, time=time.time(),
+                    worker_id=self.config.worker_id, reason=active.cancel_reason,
+                    text=chunks.text, usage=usage, user=job.user,
+                )
+            )
+            return "cancelled"
+        reason: FinishReason = "length" if finish == "length" else "stop"
+        await chunks.finish(reason, usage)
+        await self.bus.publish_event(
+            schemas.Completed(
+                request_id=rid, model=job.model, time=time.time(),
+                worker_id=self.config.worker_id, text=chunks.text, finish_reason=reason,
+                usage=usage, ttft_s=ttft, duration_s=time.monotonic() - active.fetched_at,
+                user=job.user,
+            )
+        )
+        return "completed"
+
+    async def _fail(self, active: ActiveRequest, code: str, message: str) -> None:
+        job = active.job
+        await self.bus.publish_stream(
+            job.request_id,
+            schemas.StreamError(worker_id=self.config.worker_id, code=code, message=message),
+        )
+        await self.bus.publish_event(
+            schemas.Failed(
+                request_id=job.request_id, model=job.model, time=time.time(), code=code,
+                message=message, worker_id=self.config.worker_id, user=job.user,
+            )
+        )
+
+    # --- cancel and housekeeping ----------------------------------------------------
+
+    def cancel(self, request_id: str, reason: str) -> bool:
+        """Abort a running request; the engine frees its slot on its next step."""
+        active = self.active.get(request_id)
+        if active is None or active.cancel_reason is not None or active.task is None:
+            return False
+        active.cancel_reason = reason
+        active.task.cancel()
+        return True
+
+    async def on_cancel(self, data: bytes) -> None:
+        """Handle a chat.cancel.<id> message; malformed ones are ignored."""
+        try:
+            cancel = schemas.decode_cancel(data)
+        except Exception:
+            log.warning("ignoring a malformed cancel message")
+            return
+        if self.cancel(cancel.request_id, cancel.reason):
+            log.info("cancelled %s (%s)", cancel.request_id, cancel.reason)
+
+    async def _housekeeping(self) -> None:
+        """Stream heartbeats, in_progress for long prefills, and the KV status."""
+        tick = min(self.config.heartbeat_s, self.config.ack_wait_s / 3, 1.0) / 2
+        progress_every = self.config.ack_wait_s / 3
+        next_status = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            loop_now = loop.time()
+            for active in list(self.active.values()):
+                if not active.acked and now - active.last_progress >= progress_every:
+                    # A long prefill must not look like a dead worker to JetStream.
+                    active.last_progress = now
+                    self.spawn(active.msg.in_progress())
+                chunks = active.chunks
+                quiet_since = max(chunks.last_sent, active.last_beat)
+                if chunks.started and loop_now - quiet_since >= self.config.heartbeat_s:
+                    active.last_beat = loop_now
+                    self.spawn(
+                        self.bus.publish_stream(
+                            active.job.request_id,
+                            schemas.Heartbeat(worker_id=self.config.worker_id, next_seq=chunks.seq),
+                        )
+                    )
+            if now >= next_status:
+                next_status = now + self.config.status_interval_s
+                self.spawn(self.announce(self._state))
