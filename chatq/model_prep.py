@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
@@ -274,8 +275,12 @@ def _convert(gguf_path: Path, out_dir: Path, steps: tqdm[Any]) -> None:
     )
 
     hf_bars_were_on = transformers.utils.logging.is_progress_bar_enabled()
+    quiet = contextlib.ExitStack()
     if steps.disable:
         transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        # The GGUF dequantizer draws its own tqdm bar, deaf to the switch above; bars go to
+        # sys.stderr, logging handlers keep their own stream and still get through.
+        quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
     source_dir, gguf_file = str(gguf_path.parent), gguf_path.name
     try:
         _step(steps, "load (dequantize GGUF)")
@@ -336,6 +341,7 @@ def _convert(gguf_path: Path, out_dir: Path, steps: tqdm[Any]) -> None:
             f"{type(exc).__name__}: {exc}"
         ) from exc
     finally:
+        quiet.close()
         # The switch is process-wide; leave it as the rest of the program had it.
         if hf_bars_were_on:
             transformers.utils.logging.enable_progress_bar()  # type: ignore[no-untyped-call]

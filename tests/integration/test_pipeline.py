@@ -1,0 +1,319 @@
+"""The whole pipeline through real processes (nats-server, worker, API) with the synthetic engine.
+
+The synthetic engine is deterministic, so a test knows exactly what text the engine produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from chatq.servers import NatsServer
+from tests.helpers import (
+    Proc,
+    auth,
+    base_env,
+    find_event,
+    jobs_in_queue,
+    metric_value,
+    sse_events,
+    start_api,
+    start_worker,
+    wait_for_workers,
+)
+from workers.inference.synthetic import prompt_seed, synthetic_token
+
+MODEL = "synthetic-model"
+WATCHDOG_S = 2.0
+
+
+@dataclass
+class Stack:
+    nats: NatsServer
+    url: str
+    env: dict[str, str]
+    logdir: Path
+    api: Proc
+    worker: Proc
+    worker_metrics: int
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("stack")
+    nats = NatsServer(root / "nats").start(open(root / "nats.log", "ab"))
+    env = base_env(
+        nats.url, root / "home",
+        INFERENCE_ENGINE="synthetic",
+        MODEL_NAME=MODEL,
+        CHATQ_MODELS=f"{MODEL},killed-before,killed-after,unserved",
+        SYNTH_TOKENS_PER_S="50",
+        SYNTH_TTFT_MS="20",
+        STREAM_WATCHDOG_S=str(WATCHDOG_S),
+        STREAM_HEARTBEAT_S="0.3",
+        JOBS_ACK_WAIT_S="2",
+        CHATQ_QUEUE_MAX="3",
+        CHATQ_QUEUE_DEPTH_CACHE_S="0",
+        CHATQ_MAX_REQUEST_BYTES="4096",
+    )
+    api, url = start_api(env, root / "logs")
+    worker, metrics_port = start_worker(env, root / "logs")
+    try:
+        wait_for_workers(url, 1, 60, [worker, api])
+        yield Stack(nats, url, env, root / "logs", api, worker, metrics_port)
+    finally:
+        worker.stop()
+        api.stop()
+        nats.stop()
+
+
+def chat_body(content: str, *, model: str = MODEL, max_tokens: int = 20, stream: bool = True) -> dict[str, object]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def expected_text(content: str, tokens: int) -> str:
+    seed = prompt_seed(content)
+    return "".join(synthetic_token(seed, i) for i in range(tokens))
+
+
+def test_stream_arrives_in_order_and_equals_engine_output(stack: Stack) -> None:
+    content = "tell me about queues"
+    with httpx.stream(
+        "POST", stack.url + "/v1/chat/completions", json=chat_body(content, max_tokens=30),
+        headers=auth(), timeout=30,
+    ) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(resp.iter_lines()))
+    assert events[-1].data == "[DONE]"
+    chunks = [e.json() for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert text == expected_text(content, 30)
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert [f["choices"][0]["finish_reason"] for f in finals] == ["length"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 30
+    completed = asyncio.run(find_event(stack.nats.url, chunks[0]["id"], "completed"))
+    assert completed.text == text
+    assert completed.usage.completion_tokens == 30
+
+
+def test_non_streaming_answer_is_the_same_text(stack: Stack) -> None:
+    content = "the same prompt twice"
+    resp = httpx.post(
+        stack.url + "/v1/chat/completions", json=chat_body(content, max_tokens=12, stream=False),
+        headers=auth(), timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["content"] == expected_text(content, 12)
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 12, "total_tokens": 16}
+
+
+def test_api_chat_endpoint_streams_the_same_chunks(stack: Stack) -> None:
+    content = "original plan endpoint"
+    with httpx.stream(
+        "POST", stack.url + "/api/chat",
+        json={"messages": [{"role": "user", "content": content}], "model": MODEL, "temperature": 0, "max_tokens": 8},
+        headers=auth(), timeout=30,
+    ) as resp:
+        assert resp.status_code == 200
+        events = list(sse_events(resp.iter_lines()))
+    assert events[-1].data == "[DONE]"
+    text = "".join(
+        e.json()["choices"][0]["delta"].get("content", "") for e in events[:-1] if e.json()["choices"]
+    )
+    assert text == expected_text(content, 8)
+
+
+def test_client_disconnect_aborts_the_engine_request(stack: Stack) -> None:
+    metrics_url = f"http://127.0.0.1:{stack.worker_metrics}/metrics"
+
+    def aborts() -> float:
+        try:
+            return metric_value(httpx.get(metrics_url).text, "chatq_engine_aborts_total", reason="client_disconnected")
+        except KeyError:
+            return 0.0
+
+    before = aborts()
+    with httpx.stream(
+        "POST", stack.url + "/v1/chat/completions", json=chat_body("a very long answer", max_tokens=2000),
+        headers=auth(), timeout=30,
+    ) as resp:
+        lines = resp.iter_lines()
+        first = next(e for e in sse_events(lines))
+        request_id = first.json()["id"]
+        # Leave mid-stream: closing the response drops the connection.
+    deadline = time.monotonic() + 10
+    while aborts() <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert aborts() == before + 1
+    text = httpx.get(metrics_url).text
+    assert metric_value(text, "chatq_worker_active_requests", model=MODEL) == 0
+    cancelled = asyncio.run(find_event(stack.nats.url, request_id, "cancelled"))
+    assert cancelled.reason == "client_disconnected"
+    # The engine stopped: far fewer than the 2000 tokens asked for (50 tokens/s).
+    assert 0 < cancelled.usage.completion_tokens < 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "invalid_request", "temperature"),
+        ({"model": MODEL, "messages": []}, 400, "invalid_request", "messages"),
+        ({"model": MODEL}, 400, "invalid_request", None),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_request", "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "invalid_request", "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "invalid_request", "max_tokens"),
+        ({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found", "model"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx_in_the_standard_body(
+    stack: Stack, body: dict[str, object], status: int, code: str, param: str | None
+) -> None:
+    resp = httpx.post(stack.url + "/v1/chat/completions", json=body, headers=auth(), timeout=10)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) >= {"type", "code", "message", "request_id"}
+    assert error["code"] == code
+    assert error["request_id"].startswith("chatcmpl-")
+    if param:
+        assert error["param"].startswith(param)
+
+
+def test_not_json_and_oversized_bodies(stack: Stack) -> None:
+    resp = httpx.post(stack.url + "/v1/chat/completions", content=b"{not json", headers=auth(), timeout=10)
+    assert resp.status_code == 400
+    assert "not valid JSON" in resp.json()["error"]["message"]
+    big = chat_body("x" * 10_000)
+    resp = httpx.post(stack.url + "/v1/chat/completions", json=big, headers=auth(), timeout=10)
+    assert resp.status_code == 413
+    assert resp.json()["error"]["code"] == "request_too_large"
+
+
+def test_authentication_is_required(stack: Stack) -> None:
+    body = chat_body("hi")
+    resp = httpx.post(stack.url + "/v1/chat/completions", json=body, timeout=10)
+    assert resp.status_code == 401
+    assert resp.json()["error"]["type"] == "authentication_error"
+    resp = httpx.post(
+        stack.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer wrong-key-123456789012"},
+        timeout=10,
+    )
+    assert resp.status_code == 401
+    assert httpx.get(stack.url + "/health", timeout=10).status_code == 200
+
+
+def test_health_and_models(stack: Stack) -> None:
+    health = httpx.get(stack.url + "/health", timeout=10).json()
+    assert health["status"] == "healthy"
+    assert health["service"] == "vLLM Chat Gateway"
+    assert health["services"]["nats"] == "ok"
+    assert health["services"]["workers"]["ready"] >= 1
+    models = httpx.get(stack.url + "/v1/models", headers=auth(), timeout=10).json()
+    assert MODEL in [m["id"] for m in models["data"]]
+
+
+async def test_full_queue_answers_429_and_queues_nothing(stack: Stack) -> None:
+    """No worker serves 'unserved': jobs wait; past CHATQ_QUEUE_MAX=3 the API refuses."""
+    async with httpx.AsyncClient(base_url=stack.url, headers=auth(), timeout=30) as client, AsyncExitStack() as held:
+        for _ in range(3):
+            resp = await held.enter_async_context(
+                client.stream("POST", "/v1/chat/completions", json=chat_body("wait", model="unserved"))
+            )
+            assert resp.status_code == 200
+        deadline = time.monotonic() + 5
+        while await jobs_in_queue(stack.nats.url, "unserved") < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await jobs_in_queue(stack.nats.url, "unserved") == 3
+        refused = await client.post("/v1/chat/completions", json=chat_body("one more", model="unserved"))
+        assert refused.status_code == 429
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert await jobs_in_queue(stack.nats.url, "unserved") == 3
+    # The clients left: their queued jobs are withdrawn, nothing is left behind.
+    deadline = time.monotonic() + 5
+    while await jobs_in_queue(stack.nats.url, "unserved") and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert await jobs_in_queue(stack.nats.url, "unserved") == 0
+
+
+def test_worker_killed_before_first_token_is_replaced(stack: Stack) -> None:
+    """The job is acked only at the first token: a second worker finishes it."""
+    slow_env = {**stack.env, "MODEL_NAME": "killed-before", "SYNTH_TTFT_MS": "60000"}
+    first, first_metrics = start_worker(slow_env, stack.logdir, name="doomed-before")
+    content = "survive a crash"
+    try:
+        wait_for_workers(stack.url, 2, 60, [first])
+        with httpx.stream(
+            "POST", stack.url + "/v1/chat/completions",
+            json=chat_body(content, model="killed-before", max_tokens=10),
+            headers=auth(), timeout=60,
+        ) as resp:
+            assert resp.status_code == 200
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                text = httpx.get(f"http://127.0.0.1:{first_metrics}/metrics").text
+                if metric_value(text, "chatq_worker_active_requests", model="killed-before") == 1:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the first worker never took the job")
+            first.kill()
+            second, _ = start_worker({**slow_env, "SYNTH_TTFT_MS": "20"}, stack.logdir, name="rescuer")
+            try:
+                events = list(sse_events(resp.iter_lines()))
+            finally:
+                second.stop()
+    finally:
+        first.kill()
+    assert events[-1].data == "[DONE]", events[-3:]
+    chunks = [e.json() for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == expected_text(content, 10)
+    completed = asyncio.run(find_event(stack.nats.url, chunks[0]["id"], "completed"))
+    assert completed.worker_id == "rescuer"
+
+
+def test_worker_killed_after_first_token_gives_an_error_event(stack: Stack) -> None:
+    slow_env = {**stack.env, "MODEL_NAME": "killed-after", "SYNTH_TOKENS_PER_S": "5"}
+    doomed, _ = start_worker(slow_env, stack.logdir, name="doomed-after")
+    try:
+        wait_for_workers(stack.url, 2, 60, [doomed])
+        with httpx.stream(
+            "POST", stack.url + "/v1/chat/completions",
+            json=chat_body("crash mid-way", model="killed-after", max_tokens=200),
+            headers=auth(), timeout=60,
+        ) as resp:
+            events = sse_events(resp.iter_lines())
+            first = next(events)
+            assert first.json()["choices"][0]["delta"]["content"]
+            doomed.kill()
+            killed_at = time.monotonic()
+            rest = list(events)
+            waited = time.monotonic() - killed_at
+    finally:
+        doomed.kill()
+    errors = [e for e in rest if e.event == "error"]
+    assert len(errors) == 1, rest
+    error = errors[0].json()["error"]
+    assert error["code"] == "worker_lost"
+    assert error["request_id"] == first.json()["id"]
+    # Detected by the watchdog (2 s), not by the request deadline (600 s).
+    assert waited < WATCHDOG_S + 3
