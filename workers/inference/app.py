@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from faststream import FastStream
@@ -88,6 +89,9 @@ def build_app(settings: Settings, engine: Engine | None = None) -> tuple[FastStr
         task = state.get("task")
         if isinstance(task, asyncio.Task):
             task.cancel()
+            # Its pull subscriptions must be gone before the broker drains the connection.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await engine.stop()
 
     app.context.set_global("chatq_state", state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -54,7 +55,8 @@ class VllmEngine:
 
         s = self._settings
         on_cpu = current_platform.is_cpu()
-        model = resolve_model(s.model_id, s.models_dir, progress=True)
+        # Preparing the default model the first time takes ~25 s: keep the loop responsive.
+        model = await asyncio.to_thread(resolve_model, s.model_id, s.models_dir, progress=True)
         # bfloat16 gives garbage for SmolLM2 on the CPU build; float32 answers correctly.
         dtype = "float32" if (s.vllm_dtype == "auto" and on_cpu) else s.vllm_dtype
         # On the CPU build this is the share of host memory vLLM reserves for KV cache.
