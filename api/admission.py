@@ -44,9 +44,7 @@ class QueueMonitor:
             try:
                 fresh = await self._bus.consumer_depth(model)
             except Exception as exc:
-                raise UpstreamUnavailable(
-                    f"the job queue is unreachable: {type(exc).__name__}"
-                ) from exc
+                raise UpstreamUnavailable(f"the job queue is unreachable: {type(exc).__name__}") from exc
             if depth is not None and fresh.at > depth.at:
                 rate = max(0, fresh.delivered - depth.delivered) / (fresh.at - depth.at)
                 queue.drain_rate = rate if queue.drain_rate == 0 else 0.7 * queue.drain_rate + 0.3 * rate

@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 import msgspec
 from litestar import Litestar, Request, Response, Router, get
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from nats.aio.client import Client
@@ -70,8 +70,8 @@ def _http_error(request: Request, exc: HTTPException) -> Response[bytes]:  # typ
     if status == 413:
         mapped = RequestTooLarge("the request body is larger than this server accepts")
     elif status < 500:
-        mapped = ClientError(str(exc.detail))
-        mapped.code = {404: "not_found", 405: "method_not_allowed"}.get(status, "invalid_request")
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "invalid_request")
+        mapped = ClientError(str(exc.detail), code=code)
     else:
         mapped = ServerError(str(exc.detail))
     response = _error_response(request, mapped)
@@ -87,7 +87,7 @@ def _unexpected(request: Request, exc: Exception) -> Response[bytes]:  # type: i
 
 
 @get("/health", sync_to_thread=False)
-def health(services: Services) -> Response[bytes]:
+def health(services: NamedDependency[Services]) -> Response[bytes]:
     """Liveness and readiness: NATS connection and ready workers; no auth."""
     nats_ok = services.bus.nc.is_connected
     ready = services.registry.ready()
@@ -113,7 +113,7 @@ def health(services: Services) -> Response[bytes]:
 
 
 @get("/v1/models", sync_to_thread=False)
-def list_models(services: Services) -> Response[bytes]:
+def list_models(services: NamedDependency[Services]) -> Response[bytes]:
     """The served models: configured ones and any a live worker serves."""
     now = int(time.time())
     body = ModelList(data=[ModelCard(id=m, created=now) for m in services.known_models()])

@@ -10,6 +10,7 @@ from typing import Literal
 
 import msgspec
 from litestar import Request, post
+from litestar.di import NamedDependency
 from litestar.response import Response, Stream
 
 import schemas
@@ -96,9 +97,7 @@ class ChatCall:
                 param="model",
             )
         if max_tokens is not None and max_tokens > settings.max_tokens_limit:
-            raise InvalidRequest(
-                f"max_tokens may be at most {settings.max_tokens_limit}", param="max_tokens"
-            )
+            raise InvalidRequest(f"max_tokens may be at most {settings.max_tokens_limit}", param="max_tokens")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stops) > 4:
             raise InvalidRequest("at most 4 stop sequences", param="stop")
@@ -130,9 +129,7 @@ class ChatCall:
         """OpenAI-style SSE: one `data:` event per chunk, then `data: [DONE]`."""
         model = relay.job.model
         created = int(relay.job.created)
-        reason: Literal["client_disconnected", "deadline", "stream_failed"] | None = (
-            "client_disconnected"
-        )
+        reason: Literal["client_disconnected", "deadline", "stream_failed"] | None = "client_disconnected"
         outcome = "disconnected"
         metrics.ACTIVE_STREAMS.inc()
         try:
@@ -141,20 +138,37 @@ class ChatCall:
                 if finish == "cancelled":
                     # The worker stopped it (deadline, shutdown) while the client listened.
                     raise DeadlineExceeded("the request was stopped before it finished")
-                delta = Delta(role="assistant", content=chunk.text) if chunk.seq == 0 else Delta(content=chunk.text)
-                yield b"data: " + _json.encode(
-                    ChatCompletionChunk(
-                        id=self.request_id, created=created, model=model,
-                        choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)],
-                    )
-                ) + b"\n\n"
-                if finish is not None and include_usage and chunk.usage is not None:
-                    yield b"data: " + _json.encode(
+                delta = (
+                    Delta(role="assistant", content=chunk.text)
+                    if chunk.seq == 0
+                    else Delta(content=chunk.text)
+                )
+                yield (
+                    b"data: "
+                    + _json.encode(
                         ChatCompletionChunk(
-                            id=self.request_id, created=created, model=model, choices=[],
-                            usage=_usage(chunk.usage),
+                            id=self.request_id,
+                            created=created,
+                            model=model,
+                            choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)],
                         )
-                    ) + b"\n\n"
+                    )
+                    + b"\n\n"
+                )
+                if finish is not None and include_usage and chunk.usage is not None:
+                    yield (
+                        b"data: "
+                        + _json.encode(
+                            ChatCompletionChunk(
+                                id=self.request_id,
+                                created=created,
+                                model=model,
+                                choices=[],
+                                usage=_usage(chunk.usage),
+                            )
+                        )
+                        + b"\n\n"
+                    )
             yield DONE
             reason, outcome = None, "completed"
         except ApiError as exc:
@@ -176,9 +190,7 @@ class ChatCall:
         parts: list[str] = []
         usage = schemas.Usage(0, 0)
         finish = "stop"
-        reason: Literal["client_disconnected", "deadline", "stream_failed"] | None = (
-            "client_disconnected"
-        )
+        reason: Literal["client_disconnected", "deadline", "stream_failed"] | None = "client_disconnected"
         outcome = "disconnected"
         try:
             async for chunk in relay.chunks():
@@ -219,7 +231,7 @@ def _stream(content: AsyncIterator[bytes], request_id: str) -> Stream:
 
 
 @post("/v1/chat/completions", status_code=200)
-async def chat_completions(request: Request, services: Services) -> Response[bytes] | Stream:  # type: ignore[type-arg]
+async def chat_completions(request: Request, services: NamedDependency[Services]) -> Response[bytes] | Stream:  # type: ignore[type-arg]
     """OpenAI-compatible chat completions, streaming or not."""
     request_id = new_request_id()
     request.state.request_id = request_id
@@ -242,13 +254,14 @@ async def chat_completions(request: Request, services: Services) -> Response[byt
         return _stream(call.sse(relay, include_usage=include_usage), request_id)
     completion = await call.complete(relay)
     return Response(
-        _json.encode(completion), media_type="application/json",
+        _json.encode(completion),
+        media_type="application/json",
         headers={"X-Request-Id": request_id},
     )
 
 
 @post("/api/chat", status_code=200)
-async def simple_chat(request: Request, services: Services) -> Stream:  # type: ignore[type-arg]
+async def simple_chat(request: Request, services: NamedDependency[Services]) -> Stream:  # type: ignore[type-arg]
     """The original plan's endpoint: {messages, model, temperature, max_tokens} → SSE."""
     request_id = new_request_id()
     request.state.request_id = request_id
@@ -256,7 +269,9 @@ async def simple_chat(request: Request, services: Services) -> Stream:  # type: 
     assert isinstance(body, SimpleChatRequest)
     call = ChatCall(services, request_id)
     job = call.job(
-        model=body.model, messages=body.messages, temperature=body.temperature,
+        model=body.model,
+        messages=body.messages,
+        temperature=body.temperature,
         max_tokens=body.max_tokens,
     )
     relay = await call.open(job)

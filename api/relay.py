@@ -80,8 +80,10 @@ class Relay:
         self._spawn(
             self.bus.publish_event(
                 schemas.Accepted(
-                    request_id=self.job.request_id, model=self.job.model,
-                    time=self.job.created, user=self.job.user,
+                    request_id=self.job.request_id,
+                    model=self.job.model,
+                    time=self.job.created,
+                    user=self.job.user,
                 )
             )
         )
@@ -114,9 +116,7 @@ class Relay:
                 if msg.seq < self.next_seq:
                     continue
                 if msg.seq > self.next_seq:
-                    raise StreamFailed(
-                        f"chunk {self.next_seq} of the stream was lost", code="stream_gap"
-                    )
+                    raise StreamFailed(f"chunk {self.next_seq} of the stream was lost", code="stream_gap")
                 self.next_seq += 1
                 now = time.monotonic()
                 if self.first_token_at is None:
@@ -134,9 +134,7 @@ class Relay:
             elif isinstance(msg, schemas.Heartbeat):
                 if self.worker_id is not None and msg.worker_id == self.worker_id:
                     if msg.next_seq > self.next_seq:
-                        raise StreamFailed(
-                            f"chunk {self.next_seq} of the stream was lost", code="stream_gap"
-                        )
+                        raise StreamFailed(f"chunk {self.next_seq} of the stream was lost", code="stream_gap")
             elif isinstance(msg, schemas.StreamError):
                 if self.worker_id is None or msg.worker_id == self.worker_id:
                     self.finished = True
@@ -162,9 +160,14 @@ class Relay:
                     self._spawn(
                         self.bus.publish_event(
                             schemas.Cancelled(
-                                request_id=rid, model=self.job.model, time=time.time(),
-                                worker_id="api", reason=reason, text="",
-                                usage=schemas.Usage(0, 0), user=self.job.user,
+                                request_id=rid,
+                                model=self.job.model,
+                                time=time.time(),
+                                worker_id="api",
+                                reason=reason,
+                                text="",
+                                usage=schemas.Usage(0, 0),
+                                user=self.job.user,
                             )
                         )
                     )
@@ -172,9 +175,13 @@ class Relay:
                 self._spawn(
                     self.bus.publish_event(
                         schemas.Failed(
-                            request_id=rid, model=self.job.model, time=time.time(),
-                            code="worker_lost", message="the stream broke mid-way",
-                            worker_id=self.worker_id, user=self.job.user,
+                            request_id=rid,
+                            model=self.job.model,
+                            time=time.time(),
+                            code="worker_lost",
+                            message="the stream broke mid-way",
+                            worker_id=self.worker_id,
+                            user=self.job.user,
                         )
                     )
                 )

@@ -66,7 +66,8 @@ class StreamSubscription:
                 data = await self._queue.get()
         except TimeoutError:
             return None
-        return schemas.decode_stream(data)
+        message: schemas.StreamMsg = schemas.decode_stream(data)
+        return message
 
     async def close(self) -> None:
         if self._sub is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from chatq.errors import ChatqError
-from chatq.servers import NatsServer, wait_for_port
+from chatq.servers import NatsServer
 from chatq.settings import Settings, load
 
 SERVICES = ("nats", "worker", "api")
@@ -210,10 +210,13 @@ def _run(s: Settings, new_key: str | None) -> int:
 
 def _detach(s: Settings, new_key: str | None) -> int:
     _logdir(s).mkdir(parents=True, exist_ok=True)
-    log = open(_logdir(s) / "chatq.log", "ab")  # noqa: SIM115 - handed to the child
+    log = open(_logdir(s) / "chatq.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatq.cli", "start"],
-        stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
     log.close()
     deadline = time.monotonic() + HEALTH_TIMEOUT_S

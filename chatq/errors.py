@@ -42,7 +42,7 @@ class ApiError(ChatqError):
 
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
-    code: ClassVar[str] = "internal_error"
+    default_code: ClassVar[str] = "internal_error"
 
     def __init__(
         self,
@@ -54,7 +54,7 @@ class ApiError(ChatqError):
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.code = code or type(self).code
+        self.code: str = code or type(self).default_code
         self.param = param
         self.retry_after = retry_after
 
@@ -62,7 +62,7 @@ class ApiError(ChatqError):
 class ClientError(ApiError):
     status = 400
     type = "invalid_request_error"
-    code = "invalid_request"
+    default_code = "invalid_request"
 
 
 class InvalidRequest(ClientError):
@@ -72,23 +72,23 @@ class InvalidRequest(ClientError):
 class Unauthorized(ClientError):
     status = 401
     type = "authentication_error"
-    code = "invalid_api_key"
+    default_code = "invalid_api_key"
 
 
 class ModelNotFound(ClientError):
     status = 404
-    code = "model_not_found"
+    default_code = "model_not_found"
 
 
 class RequestTooLarge(ClientError):
     status = 413
-    code = "request_too_large"
+    default_code = "request_too_large"
 
 
 class Overloaded(ClientError):
     status = 429
     type = "rate_limit_error"
-    code = "queue_full"
+    default_code = "queue_full"
 
 
 class ServerError(ApiError):
@@ -97,18 +97,18 @@ class ServerError(ApiError):
 
 class UpstreamUnavailable(ServerError):
     status = 503
-    code = "service_unavailable"
+    default_code = "service_unavailable"
 
 
 class StreamFailed(ServerError):
     status = 502
-    code = "stream_failed"
+    default_code = "stream_failed"
 
 
 class DeadlineExceeded(ServerError):
     status = 504
     type = "timeout"
-    code = "deadline_exceeded"
+    default_code = "deadline_exceeded"
 
 
 class ErrorDetail(msgspec.Struct, omit_defaults=True):
@@ -127,7 +127,10 @@ def error_body(exc: ApiError, request_id: str | None) -> ErrorBody:
     """The standard error body for an ApiError."""
     return ErrorBody(
         ErrorDetail(
-            type=exc.type, code=exc.code, message=exc.message, request_id=request_id,
+            type=exc.type,
+            code=exc.code,
+            message=exc.message,
+            request_id=request_id,
             param=exc.param,
         )
     )

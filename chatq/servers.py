@@ -46,7 +46,9 @@ def nats_server_binary() -> str:
 class NatsServer:
     """A nats-server child process with JetStream, storing under store_dir."""
 
-    def __init__(self, store_dir: Path, *, port: int = 0, monitor_port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, store_dir: Path, *, port: int = 0, monitor_port: int = 0, host: str = "127.0.0.1"
+    ) -> None:
         self.store_dir = store_dir
         self.host = host
         self.port = port or free_port()
@@ -61,8 +63,16 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
-                nats_server_binary(), "-js", "-sd", str(self.store_dir),
-                "-a", self.host, "-p", str(self.port), "-m", str(self.monitor_port),
+                nats_server_binary(),
+                "-js",
+                "-sd",
+                str(self.store_dir),
+                "-a",
+                self.host,
+                "-p",
+                str(self.port),
+                "-m",
+                str(self.monitor_port),
             ],
             stdout=log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,

@@ -70,14 +70,14 @@ class _Env:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._env = environ
 
-    def str(self, name: str, default: str) -> str:
+    def text(self, name: str, default: str) -> str:
         return self._env.get(name, "").strip() or default
 
-    def opt(self, name: str) -> str | None:
+    def optional(self, name: str) -> str | None:
         return self._env.get(name, "").strip() or None
 
-    def int(self, name: str, default: int, *, minimum: int = 0) -> int:
-        raw = self.opt(name)
+    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
+        raw = self.optional(name)
         try:
             value = default if raw is None else int(raw)
         except ValueError:
@@ -86,8 +86,8 @@ class _Env:
             raise ConfigError(f"{name} must be at least {minimum}, got {value}")
         return value
 
-    def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
-        raw = self.opt(name)
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        raw = self.optional(name)
         try:
             value = default if raw is None else float(raw)
         except ValueError:
@@ -96,8 +96,8 @@ class _Env:
             raise ConfigError(f"{name} must be at least {minimum}, got {value}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
-        raw = self.opt(name)
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.optional(name)
         if raw is None:
             return default
         if raw.lower() in {"1", "true", "yes", "on"}:
@@ -106,7 +106,7 @@ class _Env:
             return False
         raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
-    def list(self, name: str) -> list[str]:
+    def items(self, name: str) -> list[str]:
         return [part.strip() for part in self._env.get(name, "").split(",") if part.strip()]
 
 
@@ -121,61 +121,59 @@ def served_name(model_id: str | None) -> str:
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and check the settings; raises ConfigError on a missing or unsafe value."""
     env = _Env(os.environ if environ is None else environ)
-    home = Path(env.str("CHATQ_HOME", str(REPO_ROOT / ".chatq"))).resolve()
-    dev_mode = env.bool("CHATQ_DEV", False)
-    model_id = env.opt("MODEL_ID")
-    model_name = env.str("MODEL_NAME", served_name(model_id))
-    engine = env.str("INFERENCE_ENGINE", "vllm")
+    home = Path(env.text("CHATQ_HOME", str(REPO_ROOT / ".chatq"))).resolve()
+    dev_mode = env.flag("CHATQ_DEV", False)
+    model_id = env.optional("MODEL_ID")
+    model_name = env.text("MODEL_NAME", served_name(model_id))
+    engine = env.text("INFERENCE_ENGINE", "vllm")
     if engine not in ("vllm", "synthetic"):
         raise ConfigError(f"INFERENCE_ENGINE must be 'vllm' or 'synthetic', got {engine!r}")
 
-    api_keys = frozenset(env.list("CHATQ_API_KEYS"))
+    api_keys = frozenset(env.items("CHATQ_API_KEYS"))
     keys_file = home / "api_keys"
     if keys_file.is_file():
-        api_keys |= {
-            line.strip() for line in keys_file.read_text().splitlines() if line.strip()
-        }
+        api_keys |= {line.strip() for line in keys_file.read_text().splitlines() if line.strip()}
     if any(len(key) < 20 for key in api_keys):
         raise ConfigError("every API key must be at least 20 characters long")
 
-    watchdog_s = env.float("STREAM_WATCHDOG_S", 15.0, minimum=0.1)
-    heartbeat_s = env.float("STREAM_HEARTBEAT_S", min(2.0, watchdog_s / 3), minimum=0.01)
+    watchdog_s = env.number("STREAM_WATCHDOG_S", 15.0, minimum=0.1)
+    heartbeat_s = env.number("STREAM_HEARTBEAT_S", min(2.0, watchdog_s / 3), minimum=0.01)
     if heartbeat_s >= watchdog_s:
         raise ConfigError(
             f"STREAM_HEARTBEAT_S ({heartbeat_s}) must be shorter than STREAM_WATCHDOG_S "
             f"({watchdog_s}), or every quiet stream would be declared lost"
         )
-    gpu_util_raw = env.opt("VLLM_GPU_MEMORY_UTILIZATION")
+    gpu_util_raw = env.optional("VLLM_GPU_MEMORY_UTILIZATION")
     return Settings(
         home=home,
         dev_mode=dev_mode,
-        nats_url=env.str("NATS_URL", "nats://127.0.0.1:4222"),
-        host=env.str("CHATQ_HOST", "127.0.0.1"),
-        port=env.int("CHATQ_PORT", 8080),
+        nats_url=env.text("NATS_URL", "nats://127.0.0.1:4222"),
+        host=env.text("CHATQ_HOST", "127.0.0.1"),
+        port=env.integer("CHATQ_PORT", 8080),
         api_keys=api_keys,
-        models=tuple(env.list("CHATQ_MODELS")) or (model_name,),
-        queue_max=env.int("CHATQ_QUEUE_MAX", 64, minimum=1),
-        request_timeout_s=env.float("CHATQ_REQUEST_TIMEOUT_S", 600.0, minimum=1.0),
+        models=tuple(env.items("CHATQ_MODELS")) or (model_name,),
+        queue_max=env.integer("CHATQ_QUEUE_MAX", 64, minimum=1),
+        request_timeout_s=env.number("CHATQ_REQUEST_TIMEOUT_S", 600.0, minimum=1.0),
         watchdog_s=watchdog_s,
-        max_request_bytes=env.int("CHATQ_MAX_REQUEST_BYTES", 1 << 20, minimum=1024),
-        max_tokens_limit=env.int("CHATQ_MAX_TOKENS", 4096, minimum=1),
-        default_max_tokens=env.int("CHATQ_DEFAULT_MAX_TOKENS", 512, minimum=1),
-        queue_depth_cache_s=env.float("CHATQ_QUEUE_DEPTH_CACHE_S", 0.25),
-        jobs_max_msgs=env.int("JOBS_MAX_MSGS", 10_000, minimum=1),
-        ack_wait_s=env.float("JOBS_ACK_WAIT_S", 30.0, minimum=0.5),
+        max_request_bytes=env.integer("CHATQ_MAX_REQUEST_BYTES", 1 << 20, minimum=1024),
+        max_tokens_limit=env.integer("CHATQ_MAX_TOKENS", 4096, minimum=1),
+        default_max_tokens=env.integer("CHATQ_DEFAULT_MAX_TOKENS", 512, minimum=1),
+        queue_depth_cache_s=env.number("CHATQ_QUEUE_DEPTH_CACHE_S", 0.25),
+        jobs_max_msgs=env.integer("JOBS_MAX_MSGS", 10_000, minimum=1),
+        ack_wait_s=env.number("JOBS_ACK_WAIT_S", 30.0, minimum=0.5),
         engine=engine,  # type: ignore[arg-type]
         model_id=model_id,
         model_name=model_name,
-        worker_id=env.str("WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
-        worker_slots=env.int("WORKER_SLOTS", 0),
-        worker_metrics_port=env.int("WORKER_METRICS_PORT", 9101),
-        chunk_max_tokens=env.int("CHUNK_MAX_TOKENS", 16, minimum=1),
-        chunk_max_delay_s=env.float("CHUNK_MAX_DELAY_MS", 15.0) / 1000,
+        worker_id=env.text("WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
+        worker_slots=env.integer("WORKER_SLOTS", 0),
+        worker_metrics_port=env.integer("WORKER_METRICS_PORT", 9101),
+        chunk_max_tokens=env.integer("CHUNK_MAX_TOKENS", 16, minimum=1),
+        chunk_max_delay_s=env.number("CHUNK_MAX_DELAY_MS", 15.0) / 1000,
         heartbeat_s=heartbeat_s,
-        vllm_dtype=env.str("VLLM_DTYPE", "auto"),
+        vllm_dtype=env.text("VLLM_DTYPE", "auto"),
         vllm_gpu_memory_utilization=None if gpu_util_raw is None else float(gpu_util_raw),
-        vllm_enforce_eager=env.bool("VLLM_ENFORCE_EAGER", True),
-        vllm_max_model_len=env.int("VLLM_MAX_MODEL_LEN", 4096, minimum=64),
-        synth_tokens_per_s=env.float("SYNTH_TOKENS_PER_S", 20.0, minimum=0.001),
-        synth_ttft_s=env.float("SYNTH_TTFT_MS", 50.0) / 1000,
+        vllm_enforce_eager=env.flag("VLLM_ENFORCE_EAGER", True),
+        vllm_max_model_len=env.integer("VLLM_MAX_MODEL_LEN", 4096, minimum=64),
+        synth_tokens_per_s=env.number("SYNTH_TOKENS_PER_S", 20.0, minimum=0.001),
+        synth_ttft_s=env.number("SYNTH_TTFT_MS", 50.0) / 1000,
     )

@@ -161,7 +161,7 @@ class WorkerStatus(msgspec.Struct, frozen=True, omit_defaults=True):
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 decode_job = msgspec.msgpack.Decoder(Job).decode
-decode_stream = msgspec.msgpack.Decoder(StreamMsg).decode  # type: ignore[arg-type]
+decode_stream = msgspec.msgpack.Decoder(StreamMsg).decode
 decode_cancel = msgspec.msgpack.Decoder(Cancel).decode
-decode_event = msgspec.msgpack.Decoder(Event).decode  # type: ignore[arg-type]
+decode_event = msgspec.msgpack.Decoder(Event).decode
 decode_worker_status = msgspec.msgpack.Decoder(WorkerStatus).decode

@@ -56,8 +56,12 @@ def spawn(name: str, module: str, env: dict[str, str], logdir: Path) -> Proc:
     full_env = {**os.environ, **env}
     with open(log, "ab") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", module], stdout=f, stderr=subprocess.STDOUT, env=full_env,
-            cwd=ROOT, start_new_session=True,
+            [sys.executable, "-m", module],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=ROOT,
+            start_new_session=True,
         )
     return Proc(name, proc, log, env)
 
@@ -86,7 +90,9 @@ def start_api(env: dict[str, str], logdir: Path, name: str = "api") -> tuple[Pro
 
 def start_worker(env: dict[str, str], logdir: Path, name: str = "worker") -> tuple[Proc, int]:
     port = free_port()
-    proc = spawn(name, "workers.inference", {**env, "WORKER_METRICS_PORT": str(port), "WORKER_ID": name}, logdir)
+    proc = spawn(
+        name, "workers.inference", {**env, "WORKER_METRICS_PORT": str(port), "WORKER_ID": name}, logdir
+    )
     return proc, port
 
 
@@ -175,7 +181,7 @@ async def find_event(nats_url: str, request_id: str, kind: str, timeout: float =
                 while True:
                     try:
                         msg = await sub.next_msg(timeout=0.5)
-                    except Exception:  # noqa: BLE001 - nats TimeoutError: no more messages
+                    except Exception:
                         break
                     event = schemas.decode_event(msg.data)
                     if event.request_id == request_id:

@@ -71,7 +71,11 @@ def client(vllm_stack: VllmStack) -> openai.OpenAI:
 
 def test_openai_sdk_streams_paris(client: openai.OpenAI, vllm_stack: VllmStack) -> None:
     stream = client.chat.completions.create(
-        model=MODEL, messages=QUESTION, temperature=0, max_tokens=32, stream=True,
+        model=MODEL,
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=32,
+        stream=True,
         stream_options={"include_usage": True},
     )
     parts: list[str] = []
@@ -106,9 +110,11 @@ def test_openai_sdk_non_streaming_paris_and_length(client: openai.OpenAI) -> Non
 
 def test_api_chat_streams_paris(vllm_stack: VllmStack) -> None:
     with httpx.stream(
-        "POST", vllm_stack.url + "/api/chat",
+        "POST",
+        vllm_stack.url + "/api/chat",
         json={"messages": QUESTION, "model": MODEL, "temperature": 0, "max_tokens": 32},
-        headers=auth(), timeout=60,
+        headers=auth(),
+        timeout=60,
     ) as resp:
         assert resp.status_code == 200
         events = list(sse_events(resp.iter_lines()))
@@ -140,12 +146,17 @@ def test_client_disconnect_aborts_the_vllm_request(vllm_stack: VllmStack) -> Non
         )
 
     with httpx.stream(
-        "POST", vllm_stack.url + "/v1/chat/completions",
+        "POST",
+        vllm_stack.url + "/v1/chat/completions",
         json={
-            "model": MODEL, "stream": True, "max_tokens": 1500, "temperature": 0.8,
+            "model": MODEL,
+            "stream": True,
+            "max_tokens": 1500,
+            "temperature": 0.8,
             "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
         },
-        headers=auth(), timeout=60,
+        headers=auth(),
+        timeout=60,
     ) as resp:
         events = sse_events(resp.iter_lines())
         first = next(events)

@@ -50,7 +50,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
     nats = NatsServer(root / "nats").start(open(root / "nats.log", "ab"))
     env = base_env(
-        nats.url, root / "home",
+        nats.url,
+        root / "home",
         INFERENCE_ENGINE="synthetic",
         MODEL_NAME=MODEL,
         CHATQ_MODELS=f"{MODEL},killed-before,killed-after,unserved",
@@ -74,7 +75,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         nats.stop()
 
 
-def chat_body(content: str, *, model: str = MODEL, max_tokens: int = 20, stream: bool = True) -> dict[str, object]:
+def chat_body(
+    content: str, *, model: str = MODEL, max_tokens: int = 20, stream: bool = True
+) -> dict[str, object]:
     return {
         "model": model,
         "messages": [{"role": "user", "content": content}],
@@ -93,8 +96,11 @@ def expected_text(content: str, tokens: int) -> str:
 def test_stream_arrives_in_order_and_equals_engine_output(stack: Stack) -> None:
     content = "tell me about queues"
     with httpx.stream(
-        "POST", stack.url + "/v1/chat/completions", json=chat_body(content, max_tokens=30),
-        headers=auth(), timeout=30,
+        "POST",
+        stack.url + "/v1/chat/completions",
+        json=chat_body(content, max_tokens=30),
+        headers=auth(),
+        timeout=30,
     ) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
@@ -115,8 +121,10 @@ def test_stream_arrives_in_order_and_equals_engine_output(stack: Stack) -> None:
 def test_non_streaming_answer_is_the_same_text(stack: Stack) -> None:
     content = "the same prompt twice"
     resp = httpx.post(
-        stack.url + "/v1/chat/completions", json=chat_body(content, max_tokens=12, stream=False),
-        headers=auth(), timeout=30,
+        stack.url + "/v1/chat/completions",
+        json=chat_body(content, max_tokens=12, stream=False),
+        headers=auth(),
+        timeout=30,
     )
     assert resp.status_code == 200, resp.text
     body = resp.json()
@@ -129,9 +137,16 @@ def test_non_streaming_answer_is_the_same_text(stack: Stack) -> None:
 def test_api_chat_endpoint_streams_the_same_chunks(stack: Stack) -> None:
     content = "original plan endpoint"
     with httpx.stream(
-        "POST", stack.url + "/api/chat",
-        json={"messages": [{"role": "user", "content": content}], "model": MODEL, "temperature": 0, "max_tokens": 8},
-        headers=auth(), timeout=30,
+        "POST",
+        stack.url + "/api/chat",
+        json={
+            "messages": [{"role": "user", "content": content}],
+            "model": MODEL,
+            "temperature": 0,
+            "max_tokens": 8,
+        },
+        headers=auth(),
+        timeout=30,
     ) as resp:
         assert resp.status_code == 200
         events = list(sse_events(resp.iter_lines()))
@@ -147,14 +162,19 @@ def test_client_disconnect_aborts_the_engine_request(stack: Stack) -> None:
 
     def aborts() -> float:
         try:
-            return metric_value(httpx.get(metrics_url).text, "chatq_engine_aborts_total", reason="client_disconnected")
+            return metric_value(
+                httpx.get(metrics_url).text, "chatq_engine_aborts_total", reason="client_disconnected"
+            )
         except KeyError:
             return 0.0
 
     before = aborts()
     with httpx.stream(
-        "POST", stack.url + "/v1/chat/completions", json=chat_body("a very long answer", max_tokens=2000),
-        headers=auth(), timeout=30,
+        "POST",
+        stack.url + "/v1/chat/completions",
+        json=chat_body("a very long answer", max_tokens=2000),
+        headers=auth(),
+        timeout=30,
     ) as resp:
         lines = resp.iter_lines()
         first = next(e for e in sse_events(lines))
@@ -175,13 +195,38 @@ def test_client_disconnect_aborts_the_engine_request(stack: Stack) -> None:
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "invalid_request", "temperature"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+            400,
+            "invalid_request",
+            "temperature",
+        ),
         ({"model": MODEL, "messages": []}, 400, "invalid_request", "messages"),
         ({"model": MODEL}, 400, "invalid_request", None),
-        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_request", "messages"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "invalid_request", "n"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "invalid_request", "max_tokens"),
-        ({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found", "model"),
+        (
+            {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
+            400,
+            "invalid_request",
+            "messages",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3},
+            400,
+            "invalid_request",
+            "n",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6},
+            400,
+            "invalid_request",
+            "max_tokens",
+        ),
+        (
+            {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "model_not_found",
+            "model",
+        ),
     ],
 )
 def test_bad_input_gets_a_clear_4xx_in_the_standard_body(
@@ -213,7 +258,9 @@ def test_authentication_is_required(stack: Stack) -> None:
     assert resp.status_code == 401
     assert resp.json()["error"]["type"] == "authentication_error"
     resp = httpx.post(
-        stack.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer wrong-key-123456789012"},
+        stack.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": "Bearer wrong-key-123456789012"},
         timeout=10,
     )
     assert resp.status_code == 401
@@ -232,7 +279,10 @@ def test_health_and_models(stack: Stack) -> None:
 
 async def test_full_queue_answers_429_and_queues_nothing(stack: Stack) -> None:
     """No worker serves 'unserved': jobs wait; past CHATQ_QUEUE_MAX=3 the API refuses."""
-    async with httpx.AsyncClient(base_url=stack.url, headers=auth(), timeout=30) as client, AsyncExitStack() as held:
+    async with (
+        httpx.AsyncClient(base_url=stack.url, headers=auth(), timeout=30) as client,
+        AsyncExitStack() as held,
+    ):
         for _ in range(3):
             resp = await held.enter_async_context(
                 client.stream("POST", "/v1/chat/completions", json=chat_body("wait", model="unserved"))
@@ -262,9 +312,11 @@ def test_worker_killed_before_first_token_is_replaced(stack: Stack) -> None:
     try:
         wait_for_workers(stack.url, 2, 60, [first])
         with httpx.stream(
-            "POST", stack.url + "/v1/chat/completions",
+            "POST",
+            stack.url + "/v1/chat/completions",
             json=chat_body(content, model="killed-before", max_tokens=10),
-            headers=auth(), timeout=60,
+            headers=auth(),
+            timeout=60,
         ) as resp:
             assert resp.status_code == 200
             deadline = time.monotonic() + 10
@@ -297,9 +349,11 @@ def test_worker_killed_after_first_token_gives_an_error_event(stack: Stack) -> N
     try:
         wait_for_workers(stack.url, 2, 60, [doomed])
         with httpx.stream(
-            "POST", stack.url + "/v1/chat/completions",
+            "POST",
+            stack.url + "/v1/chat/completions",
             json=chat_body("crash mid-way", model="killed-after", max_tokens=200),
-            headers=auth(), timeout=60,
+            headers=auth(),
+            timeout=60,
         ) as resp:
             events = sse_events(resp.iter_lines())
             first = next(events)
@@ -317,3 +371,30 @@ def test_worker_killed_after_first_token_gives_an_error_event(stack: Stack) -> N
     assert error["request_id"] == first.json()["id"]
     # Detected by the watchdog (2 s), not by the request deadline (600 s).
     assert waited < WATCHDOG_S + 3
+
+
+async def test_garbage_on_the_queue_cannot_crash_the_worker(stack: Stack) -> None:
+    """A malformed job or cancel is dropped; the worker keeps serving."""
+    import nats
+
+    from broker import names
+
+    nc = await nats.connect(stack.nats.url)
+    try:
+        js = nc.jetstream()
+        await js.publish(names.job_subject(MODEL), b"\xc1 not msgpack", stream=names.JOBS_STREAM)
+        await nc.publish(names.cancel_subject("whatever"), b"\x00\x01")
+        await nc.flush()
+    finally:
+        await nc.close()
+    deadline = time.monotonic() + 5
+    while await jobs_in_queue(stack.nats.url, MODEL) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert await jobs_in_queue(stack.nats.url, MODEL) == 0  # terminated, not redelivered
+    assert stack.worker.proc.poll() is None
+    async with httpx.AsyncClient(base_url=stack.url, headers=auth(), timeout=30) as client:
+        resp = await client.post(
+            "/v1/chat/completions", json=chat_body("still alive", max_tokens=3, stream=False)
+        )
+    assert resp.status_code == 200
+    assert resp.json()["choices"][0]["message"]["content"] == expected_text("still alive", 3)

@@ -27,7 +27,7 @@ def build_app(settings: Settings, engine: Engine | None = None) -> tuple[FastStr
     broker = NatsBroker(
         settings.nats_url,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
+        reconnect_time_wait=1,
         name=f"chatq-worker-{settings.worker_id}",
         graceful_timeout=DRAIN_GRACE_S,
     )
@@ -78,7 +78,10 @@ def build_app(settings: Settings, engine: Engine | None = None) -> tuple[FastStr
         task.add_done_callback(on_done)
         log.info(
             "worker %s ready: model=%s engine=%s slots=%d",
-            settings.worker_id, engine.model, engine.name, engine.slots,
+            settings.worker_id,
+            engine.model,
+            engine.name,
+            engine.slots,
         )
 
     @app.on_shutdown

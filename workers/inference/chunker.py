@@ -19,8 +19,19 @@ class ChunkStream:
     """
 
     __slots__ = (
-        "_loop", "_max_delay", "_max_tokens", "_parts", "_pending", "_publish", "_spawn",
-        "_timer", "completion_tokens", "last_sent", "seq", "text_parts", "worker_id",
+        "_loop",
+        "_max_delay",
+        "_max_tokens",
+        "_parts",
+        "_pending",
+        "_publish",
+        "_spawn",
+        "_timer",
+        "completion_tokens",
+        "last_sent",
+        "seq",
+        "text_parts",
+        "worker_id",
     )
 
     def __init__(

@@ -8,7 +8,9 @@ JOBS = Counter("chatq_worker_jobs_total", "Jobs finished by outcome", ["model", 
 ACTIVE = Gauge("chatq_worker_active_requests", "Requests running in the engine", ["model"])
 SLOTS = Gauge("chatq_worker_slots", "Engine slots", ["model"])
 TTFT = Histogram(
-    "chatq_worker_ttft_seconds", "Job fetch to first token, in the worker", ["model"],
+    "chatq_worker_ttft_seconds",
+    "Job fetch to first token, in the worker",
+    ["model"],
     buckets=_LATENCY,
 )
 QUEUE_WAIT = Histogram(
@@ -16,7 +18,5 @@ QUEUE_WAIT = Histogram(
 )
 TOKENS = Counter("chatq_worker_output_tokens_total", "Output tokens generated", ["model"])
 CHUNKS = Counter("chatq_worker_chunks_total", "Chunk messages published", ["model"])
-ABORTS = Counter(
-    "chatq_engine_aborts_total", "Engine requests aborted, by reason", ["model", "reason"]
-)
+ABORTS = Counter("chatq_engine_aborts_total", "Engine requests aborted, by reason", ["model", "reason"])
 ENGINE_START = Gauge("chatq_engine_start_seconds", "How long the engine took to start", ["model"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from workers.inference.engine import Delta, GenerationRequest, RequestRejected
 
@@ -50,14 +50,20 @@ class SyntheticEngine:
     async def stop(self) -> None:
         return None
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         prompt = "\n".join(m.content for m in request.messages)
         prompt_tokens = len(prompt.split())
         max_tokens = request.sampling.max_tokens
         if max_tokens < 1:
             raise RequestRejected("invalid_request", "max_tokens must be at least 1")
-        seed = prompt_seed(prompt) if request.sampling.temperature == 0 else (
-            request.sampling.seed if request.sampling.seed is not None else prompt_seed(request.request_id)
+        seed = (
+            prompt_seed(prompt)
+            if request.sampling.temperature == 0
+            else (
+                request.sampling.seed
+                if request.sampling.seed is not None
+                else prompt_seed(request.request_id)
+            )
         )
         loop = asyncio.get_running_loop()
         self.running.add(request.request_id)

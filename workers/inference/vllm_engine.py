@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 from chatq.errors import EngineError
@@ -66,7 +66,7 @@ class VllmEngine:
         args = AsyncEngineArgs(
             model=str(model),
             served_model_name=[s.model_name],
-            dtype=dtype,
+            dtype=dtype,  # type: ignore[arg-type]  # checked by vLLM itself
             gpu_memory_utilization=memory,
             enforce_eager=s.vllm_enforce_eager,
             max_model_len=s.vllm_max_model_len,
@@ -101,7 +101,7 @@ class VllmEngine:
             rendered = rendered["input_ids"]
         return list(rendered)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         from vllm import SamplingParams, TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 

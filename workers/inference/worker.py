@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable
@@ -182,7 +183,7 @@ class InferenceWorker:
             self.spawn(msg.in_progress())
             return
         chunks = ChunkStream(
-            lambda m, rid=job.request_id: self.bus.publish_stream(rid, m),
+            functools.partial(self.bus.publish_stream, job.request_id),
             self.spawn,
             worker_id=self.config.worker_id,
             max_tokens=self.config.chunk_max_tokens,
@@ -279,9 +280,14 @@ class InferenceWorker:
             await chunks.finish("cancelled", usage)
             await self.bus.publish_event(
                 schemas.Cancelled(
-                    request_id=rid, model=job.model, time=time.time(),
-                    worker_id=self.config.worker_id, reason=active.cancel_reason,
-                    text=chunks.text, usage=usage, user=job.user,
+                    request_id=rid,
+                    model=job.model,
+                    time=time.time(),
+                    worker_id=self.config.worker_id,
+                    reason=active.cancel_reason,
+                    text=chunks.text,
+                    usage=usage,
+                    user=job.user,
                 )
             )
             return "cancelled"
@@ -289,9 +295,15 @@ class InferenceWorker:
         await chunks.finish(reason, usage)
         await self.bus.publish_event(
             schemas.Completed(
-                request_id=rid, model=job.model, time=time.time(),
-                worker_id=self.config.worker_id, text=chunks.text, finish_reason=reason,
-                usage=usage, ttft_s=ttft, duration_s=time.monotonic() - active.fetched_at,
+                request_id=rid,
+                model=job.model,
+                time=time.time(),
+                worker_id=self.config.worker_id,
+                text=chunks.text,
+                finish_reason=reason,
+                usage=usage,
+                ttft_s=ttft,
+                duration_s=time.monotonic() - active.fetched_at,
                 user=job.user,
             )
         )
@@ -305,8 +317,13 @@ class InferenceWorker:
         )
         await self.bus.publish_event(
             schemas.Failed(
-                request_id=job.request_id, model=job.model, time=time.time(), code=code,
-                message=message, worker_id=self.config.worker_id, user=job.user,
+                request_id=job.request_id,
+                model=job.model,
+                time=time.time(),
+                code=code,
+                message=message,
+                worker_id=self.config.worker_id,
+                user=job.user,
             )
         )
 
