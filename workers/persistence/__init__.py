@@ -1,0 +1,1 @@
+"""Consumes chat.events.> and writes PostgreSQL, idempotently, keyed by request id."""
