@@ -46,7 +46,7 @@ class WorkerRegistry:
         while True:
             try:
                 await self.refresh()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - NATS may be restarting; retried next round
                 log.debug("worker registry refresh failed: %r", exc)
                 self.workers = {}
             await asyncio.sleep(self._interval_s)

@@ -74,7 +74,7 @@ class StreamSubscription:
             sub, self._sub = self._sub, None
             try:
                 await sub.unsubscribe()
-            except Exception:
+            except Exception:  # noqa: BLE001 - unsubscribing from a connection that is gone
                 pass
 
 

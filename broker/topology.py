@@ -99,7 +99,7 @@ async def workers_kv(js: JetStreamContext) -> KeyValue:
     """The heartbeat bucket: a worker's key vanishes WORKER_TTL_S after its last beat."""
     try:
         return await js.key_value(names.WORKERS_BUCKET)
-    except Exception:
+    except Exception:  # noqa: BLE001 - nats-py raises several types for a missing bucket
         return await js.create_key_value(
             KeyValueConfig(bucket=names.WORKERS_BUCKET, ttl=WORKER_TTL_S, history=1)
         )

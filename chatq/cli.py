@@ -16,10 +16,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from chatq.errors import ChatqError
-from chatq.servers import NatsServer
+from chatq.servers import EmbeddedPostgres, NatsServer
 from chatq.settings import Settings, load
 
-SERVICES = ("nats", "worker", "api")
+SERVICES = ("nats", "worker", "api", "persistence", "telemetry")
 HEALTH_TIMEOUT_S = 900.0
 
 
@@ -83,15 +83,16 @@ class Supervisor:
         self.s = s
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.nats: NatsServer | None = None
+        self.postgres: EmbeddedPostgres | None = None
         self._stopping = False
 
     def _log(self, name: str) -> int:
         _logdir(self.s).mkdir(parents=True, exist_ok=True)
         return os.open(_logdir(self.s) / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
-    def _spawn(self, name: str, module: str) -> None:
+    def _spawn(self, name: str, module: str, **extra: str) -> None:
         fd = self._log(name)
-        env = {**os.environ, "CHATQ_HOME": str(self.s.home), "NATS_URL": self.s.nats_url}
+        env = {**os.environ, "CHATQ_HOME": str(self.s.home), "NATS_URL": self.s.nats_url, **extra}
         self.children[name] = subprocess.Popen(
             [sys.executable, "-m", module], stdout=fd, stderr=fd, env=env, start_new_session=True
         )
@@ -107,9 +108,19 @@ class Supervisor:
                     s.home / "nats", port=url.port or 4222, host=url.hostname or "127.0.0.1"
                 ).start(log)
             print(f"chatq: NATS JetStream on {s.nats_url} (data in {s.home / 'nats'})", flush=True)
+        dsn = os.environ.get("DATABASE_URL")
+        if not dsn:
+            self.postgres = EmbeddedPostgres(s.home / "postgres")
+            dsn = self.postgres.start()
+            print(f"chatq: PostgreSQL (embedded) in {s.home / 'postgres'}", flush=True)
         self._spawn("worker", "workers.inference")
         self._spawn("api", "api")
-        print(f"chatq: starting the inference worker ({s.engine}) and the API …", flush=True)
+        self._spawn("persistence", "workers.persistence", DATABASE_URL=dsn)
+        self._spawn("telemetry", "workers.telemetry")
+        print(
+            f"chatq: starting the inference worker ({s.engine}), the API, persistence and telemetry …",
+            flush=True,
+        )
 
     def wait_healthy(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -147,8 +158,8 @@ class Supervisor:
         self._stopping = True
 
     def stop(self) -> None:
-        # The API first (no new work), then the worker (drains), then NATS.
-        for name in ("api", "worker"):
+        # The API first (no new work), the worker (drains), the event consumers, then NATS.
+        for name in ("api", "worker", "persistence", "telemetry"):
             proc = self.children.get(name)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -157,6 +168,9 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+        if self.postgres is not None:
+            self.postgres.stop()
+            self.postgres = None
         if self.nats is not None:
             self.nats.stop()
 

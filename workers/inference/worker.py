@@ -172,7 +172,7 @@ class InferenceWorker:
     def _start_job(self, msg: Msg) -> None:
         try:
             job = schemas.decode_job(msg.data)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any malformed payload is dropped
             log.error("dropping malformed job (%r)", exc)
             self.spawn(msg.term())
             return
@@ -342,7 +342,7 @@ class InferenceWorker:
         """Handle a chat.cancel.<id> message; malformed ones are ignored."""
         try:
             cancel = schemas.decode_cancel(data)
-        except Exception:
+        except Exception:  # noqa: BLE001 - nothing a client sends may crash a worker
             log.warning("ignoring a malformed cancel message")
             return
         if self.cancel(cancel.request_id, cancel.reason):

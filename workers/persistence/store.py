@@ -80,29 +80,45 @@ def _ts(seconds: float) -> dt.datetime:
 
 def _row(event: schemas.Event) -> dict[str, object]:
     row: dict[str, object] = {
-        "request_id": event.request_id, "model": event.model, "user_id": event.user,
-        "accepted_at": None, "finished_at": None, "worker_id": None, "finish_reason": None,
-        "error_code": None, "error_message": None, "ttft_ms": None, "duration_ms": None,
+        "request_id": event.request_id,
+        "model": event.model,
+        "user_id": event.user,
+        "accepted_at": None,
+        "finished_at": None,
+        "worker_id": None,
+        "finish_reason": None,
+        "error_code": None,
+        "error_message": None,
+        "ttft_ms": None,
+        "duration_ms": None,
     }
     match event:
         case schemas.Accepted():
             row.update(status="accepted", accepted_at=_ts(event.time))
         case schemas.Completed():
             row.update(
-                status="completed", finished_at=_ts(event.time), worker_id=event.worker_id,
+                status="completed",
+                finished_at=_ts(event.time),
+                worker_id=event.worker_id,
                 finish_reason=event.finish_reason,
                 ttft_ms=None if event.ttft_s is None else event.ttft_s * 1000,
                 duration_ms=event.duration_s * 1000,
             )
         case schemas.Cancelled():
             row.update(
-                status="cancelled", finished_at=_ts(event.time), worker_id=event.worker_id,
-                finish_reason="cancelled", error_message=event.reason,
+                status="cancelled",
+                finished_at=_ts(event.time),
+                worker_id=event.worker_id,
+                finish_reason="cancelled",
+                error_message=event.reason,
             )
         case schemas.Failed():
             row.update(
-                status="failed", finished_at=_ts(event.time), worker_id=event.worker_id,
-                error_code=event.code, error_message=event.message,
+                status="failed",
+                finished_at=_ts(event.time),
+                worker_id=event.worker_id,
+                error_code=event.code,
+                error_message=event.message,
             )
     return row
 
@@ -150,8 +166,12 @@ class Store:
                     await conn.execute(
                         _USAGE,
                         (
-                            event.request_id, event.model, event.user, event.usage.prompt_tokens,
-                            event.usage.completion_tokens, _ts(event.time),
+                            event.request_id,
+                            event.model,
+                            event.user,
+                            event.usage.prompt_tokens,
+                            event.usage.completion_tokens,
+                            _ts(event.time),
                         ),
                     )
         except psycopg.OperationalError:
@@ -164,5 +184,5 @@ class Store:
             conn, self._conn = self._conn, None
             try:
                 await conn.close()
-            except Exception:
+            except Exception:  # noqa: BLE001 - closing a broken connection
                 pass

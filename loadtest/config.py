@@ -1,0 +1,100 @@
+"""The run's configuration: what the command line asked for, with the defaults filled in."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Scenario = Literal["steps", "rate", "overload", "streams"]
+Arrival = Literal["poisson", "uniform"]
+
+SCENARIOS: tuple[Scenario, ...] = ("steps", "rate", "overload", "streams")
+TARGET_KINDS = ("chatq", "vllm-server", "synthetic")
+MODEL_NAME = "SmolLM2-135M-Instruct"
+API_KEY = "loadtest-key-0123456789abcdef"
+
+# Default targets per scenario when --targets is not given.
+DEFAULT_TARGETS: dict[Scenario, tuple[str, ...]] = {
+    "steps": ("chatq", "vllm-server", "synthetic"),
+    "rate": ("chatq", "vllm-server", "synthetic"),
+    "overload": ("chatq",),
+    "streams": ("synthetic",),
+}
+# Default arrival rates (requests/s) of the open-loop scenarios.
+DEFAULT_RATES: dict[Scenario, tuple[float, ...]] = {
+    "rate": (2.0,),
+    "overload": (20.0,),
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """vLLM settings shared by the chatq worker and vLLM's own server (kept identical)."""
+
+    dtype: str = "float32"
+    gpu_memory_utilization: float = 0.25
+    enforce_eager: bool = True
+    max_model_len: int = 4096
+    max_num_seqs: int = 16  # WORKER_SLOTS for chatq, --max-num-seqs for vLLM's server
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """The synthetic engine's pace (recorded: the added latencies are measured against it)."""
+
+    tokens_per_s: float = 50.0
+    ttft_ms: float = 50.0
+    slots: int = 2000
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    scenario: Scenario
+    targets: tuple[str, ...]
+    concurrency: tuple[int, ...] = (1, 5, 10)
+    rates: tuple[float, ...] = ()
+    arrival: Arrival = "poisson"
+    step_seconds: float = 30.0
+    prompt_tokens: int = 256
+    max_tokens: int = 32
+    temperature: float = 0.0
+    num_prompts: int = 1000
+    seed: int = 1234
+    warmup: int = 2
+    streams: int = 1000
+    ramp_seconds: float = 5.0
+    queue_max: int | None = None  # CHATQ_QUEUE_MAX for chatq targets; None = chatq's default
+    overload_queue_max: int = 4
+    request_timeout_s: float = 600.0
+    start_timeout_s: float = 600.0
+    max_inflight: int = 5000
+    model_dir: Path = Path()
+    model_name: str = MODEL_NAME
+    out_dir: Path = Path()
+    url: str | None = None
+    api_key: str | None = None
+    label: str = "external"
+    metrics_url: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def to_json(self) -> dict[str, Any]:
+        """The configuration as plain JSON values (the API key is not recorded)."""
+        raw = dataclasses.asdict(self)
+        raw["api_key"] = "<set>" if self.api_key else None
+        raw["model_dir"] = str(self.model_dir)
+        raw["out_dir"] = str(self.out_dir)
+        raw["targets"] = list(self.targets)
+        raw["concurrency"] = list(self.concurrency)
+        raw["rates"] = list(self.rates)
+        return raw
+
+
+def parse_list(text: str, kind: type[int] | type[float]) -> tuple[Any, ...]:
+    """'1,5,10' → (1, 5, 10); empty items are skipped, every value must be positive."""
+    values = tuple(kind(part) for part in text.split(",") if part.strip())
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"expected a comma-separated list of positive numbers, got {text!r}")
+    return values

@@ -1,0 +1,364 @@
+"""The systems under test, each started on free loopback ports and stopped afterwards.
+
+- chatq: nats-server + one vLLM inference worker + the API, as separate processes.
+- vllm-server: vLLM's own OpenAI server, with the same engine settings.
+- synthetic: chatq with the synthetic engine (the pipeline alone, no model).
+- external: a server that is already running (--url), only measured.
+
+Every process is started in a session of its own, so stopping it also stops its
+children (vLLM's engine core); only processes started here are ever signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from chatq.servers import NatsServer, free_port, wait_for_port
+from loadtest.config import API_KEY, EngineConfig, RunConfig, SynthConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class TargetError(RuntimeError):
+    """A target failed to start or died."""
+
+
+@dataclass
+class Proc:
+    """A child process started by the load test, with its log file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM, wait, then SIGKILL the process group; also reap left-over children."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        # Children of our own session (e.g. vLLM's engine core) must not outlive it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], logdir: Path) -> Proc:
+    logdir.mkdir(parents=True, exist_ok=True)
+    log = logdir / f"{name}.log"
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(
+            argv,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+    return Proc(name, proc, log)
+
+
+def _wait_http(
+    url: str, ok: Any, timeout: float, procs: list[Proc], what: str, headers: dict[str, str] | None = None
+) -> None:
+    """Poll `url` until ok(response) is true; fail early when one of procs exits."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not p.alive():
+                raise TargetError(f"{p.name} exited with {p.proc.returncode}:\n{p.tail()}")
+        try:
+            response = httpx.get(url, timeout=3, headers=headers)
+            if ok(response):
+                return
+            last = f"{response.status_code} {response.text[:200]}"
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            last = repr(exc)
+        time.sleep(0.25)
+    raise TargetError(f"{what} not ready after {timeout:g} s (last: {last})")
+
+
+@dataclass
+class Target:
+    """Base: a named server the client sends requests to."""
+
+    name: str
+    kind: str
+    base_url: str = ""
+    api_key: str | None = API_KEY
+    model: str = ""
+    procs: list[Proc] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    start_seconds: float | None = None
+    api_pid: int | None = None
+    worker_pid: int | None = None
+    worker_metrics_url: str | None = None
+    synth: SynthConfig | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            if not p.alive():
+                raise TargetError(f"{p.name} exited with {p.proc.returncode}:\n{p.tail()}")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "url": self.base_url,
+            "model": self.model,
+            "start_seconds": self.start_seconds,
+            "settings": self.settings,
+            "logs": {p.name: str(p.log) for p in self.procs},
+        }
+
+    def __enter__(self) -> Target:
+        started = time.monotonic()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = round(time.monotonic() - started, 2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class ChatqTarget(Target):
+    """nats-server + one inference worker + the API, on free ports, state in a temp dir."""
+
+    env_extra: dict[str, str] = field(default_factory=dict)
+    logdir: Path = Path()
+    start_timeout: float = 600.0
+    _tmp: Path | None = None
+    _nats: NatsServer | None = None
+    _nats_log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"loadtest-{self.name}-"))
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._nats_log = open(self.logdir / "nats.log", "ab")  # closed in stop()
+        self._nats = NatsServer(self._tmp / "nats").start(self._nats_log)
+        env = {
+            "NATS_URL": self._nats.url,
+            "CHATQ_HOME": str(self._tmp / "home"),
+            "CHATQ_API_KEYS": API_KEY,
+            "CHATQ_DEV": "0",
+            "LOG_LEVEL": "INFO",
+            "HF_HUB_OFFLINE": "1",
+            **self.env_extra,
+        }
+        metrics_port = free_port()
+        worker = spawn(
+            "worker",
+            [sys.executable, "-m", "workers.inference"],
+            {**env, "WORKER_METRICS_PORT": str(metrics_port), "WORKER_ID": f"loadtest-{self.name}"},
+            self.logdir,
+        )
+        self.procs.append(worker)
+        port = free_port()
+        api = spawn("api", [sys.executable, "-m", "api"], {**env, "CHATQ_PORT": str(port)}, self.logdir)
+        self.procs.append(api)
+        try:
+            wait_for_port("127.0.0.1", port, 60, api.proc)
+        except Exception:
+            raise TargetError(f"the API did not start:\n{api.tail()}") from None
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.api_pid, self.worker_pid = api.pid, worker.pid
+        self.worker_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        _wait_http(
+            self.base_url + "/health",
+            lambda r: r.json()["services"]["workers"]["ready"] >= 1,
+            self.start_timeout,
+            self.procs,
+            f"{self.name}: the worker",
+        )
+        self.settings = {"env": _public_env(env), "effective": _effective_settings(env)}
+
+    def stop(self) -> None:
+        # The API first (it stops taking requests), then the worker, then NATS.
+        for p in reversed(self.procs):
+            p.stop()
+        if self._nats is not None:
+            self._nats.stop()
+        if self._nats_log is not None:
+            self._nats_log.close()
+            self._nats_log = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+@dataclass
+class VllmServerTarget(Target):
+    """vLLM's own OpenAI server (python -m vllm.entrypoints.openai.api_server)."""
+
+    model_dir: Path = Path()
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    logdir: Path = Path()
+    start_timeout: float = 600.0
+
+    def command(self, port: int) -> list[str]:
+        e = self.engine
+        argv = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model_dir),
+            "--served-model-name",
+            self.model,
+            "--dtype",
+            e.dtype,
+            "--gpu-memory-utilization",
+            str(e.gpu_memory_utilization),
+            "--max-model-len",
+            str(e.max_model_len),
+            "--max-num-seqs",
+            str(e.max_num_seqs),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            # chatq's API logs no access lines either; the engine still logs its stats.
+            "--disable-uvicorn-access-log",
+        ]
+        if e.enforce_eager:
+            argv.append("--enforce-eager")
+        if self.api_key:
+            argv += ["--api-key", self.api_key]
+        return argv
+
+    def start(self) -> None:
+        port = free_port()
+        argv = self.command(port)
+        proc = spawn("vllm-server", argv, {"HF_HUB_OFFLINE": "1"}, self.logdir)
+        self.procs.append(proc)
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.api_pid = self.worker_pid = proc.pid
+        _wait_http(
+            self.base_url + "/health", lambda r: r.status_code == 200, self.start_timeout, self.procs,
+            "vLLM's server",
+        )
+        shown = [a if a != self.api_key else "<key>" for a in argv[1:]]
+        self.settings = {"command": ["python", *shown]}
+
+
+@dataclass
+class ExternalTarget(Target):
+    """A server that is already running: nothing to start or stop."""
+
+    def start(self) -> None:
+        self.settings = {"note": "already running; not started by the load test"}
+
+    def stop(self) -> None:
+        return None
+
+
+def _public_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: ("<key>" if k == "CHATQ_API_KEYS" else v) for k, v in sorted(env.items())}
+
+
+def _effective_settings(env: dict[str, str]) -> dict[str, Any]:
+    """chatq's own reading of the environment the processes got (keys left out)."""
+    import msgspec
+
+    from chatq.settings import load
+
+    settings = load(env)
+    raw: dict[str, Any] = msgspec.to_builtins(settings)
+    raw.pop("api_keys", None)
+    return raw
+
+
+def make_target(kind: str, cfg: RunConfig) -> Target:
+    """The target `kind` configured from the run's settings (not started yet)."""
+    logdir = cfg.out_dir / "logs" / kind
+    e = cfg.engine
+    if kind == "vllm-server":
+        return VllmServerTarget(
+            name=kind, kind=kind, model=cfg.model_name, model_dir=cfg.model_dir, engine=e,
+            logdir=logdir, start_timeout=cfg.start_timeout_s,
+        )
+    common = {
+        "MODEL_ID": str(cfg.model_dir),
+        "MODEL_NAME": cfg.model_name,
+    }
+    if cfg.scenario == "overload":
+        common["CHATQ_QUEUE_MAX"] = str(cfg.overload_queue_max)
+    elif cfg.queue_max is not None:
+        common["CHATQ_QUEUE_MAX"] = str(cfg.queue_max)
+    if kind == "chatq":
+        env = {
+            **common,
+            "INFERENCE_ENGINE": "vllm",
+            "WORKER_SLOTS": str(e.max_num_seqs),
+            "VLLM_DTYPE": e.dtype,
+            "VLLM_GPU_MEMORY_UTILIZATION": str(e.gpu_memory_utilization),
+            "VLLM_ENFORCE_EAGER": "1" if e.enforce_eager else "0",
+            "VLLM_MAX_MODEL_LEN": str(e.max_model_len),
+        }
+        return ChatqTarget(
+            name=kind, kind=kind, model=cfg.model_name, env_extra=env, logdir=logdir,
+            start_timeout=cfg.start_timeout_s,
+        )
+    if kind == "synthetic":
+        s = cfg.synth
+        slots = e.max_num_seqs if cfg.scenario == "overload" else s.slots
+        env = {
+            **common,
+            "INFERENCE_ENGINE": "synthetic",
+            "WORKER_SLOTS": str(slots),
+            "SYNTH_TOKENS_PER_S": f"{s.tokens_per_s:g}",
+            "SYNTH_TTFT_MS": f"{s.ttft_ms:g}",
+        }
+        return ChatqTarget(
+            name=kind, kind=kind, model=cfg.model_name, env_extra=env, logdir=logdir,
+            start_timeout=cfg.start_timeout_s, synth=s,
+        )
+    raise ValueError(f"unknown target {kind!r}; choose from chatq, vllm-server, synthetic")
+
+
+def external_target(cfg: RunConfig) -> Target:
+    assert cfg.url is not None
+    return ExternalTarget(
+        name=cfg.label, kind="external", base_url=cfg.url.rstrip("/"), api_key=cfg.api_key,
+        model=cfg.model_name, worker_metrics_url=cfg.metrics_url,
+    )

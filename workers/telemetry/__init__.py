@@ -1,0 +1,1 @@
+"""GPU stats (NVML), queue depth and consumer lag, workers → Prometheus."""
