@@ -101,14 +101,14 @@ class Supervisor:
     def start(self) -> None:
         s = self.s
         url = urlparse(s.nats_url)
-        if os.environ.get("CHATQ_EMBEDDED_NATS", "1") != "0":
+        if s.embedded_nats:
             fd = self._log("nats")
             with os.fdopen(fd, "ab") as log:
                 self.nats = NatsServer(
                     s.home / "nats", port=url.port or 4222, host=url.hostname or "127.0.0.1"
                 ).start(log)
             print(f"chatq: NATS JetStream on {s.nats_url} (data in {s.home / 'nats'})", flush=True)
-        dsn = os.environ.get("DATABASE_URL")
+        dsn = s.database_url
         if not dsn:
             self.postgres = EmbeddedPostgres(s.home / "postgres")
             dsn = self.postgres.start()

@@ -24,6 +24,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     home: Path
     dev_mode: bool
     nats_url: str
+    embedded_nats: bool
+    database_url: str | None
     # API
     host: str
     port: int
@@ -57,6 +59,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Synthetic engine
     synth_tokens_per_s: float
     synth_ttft_s: float
+    # Telemetry
+    telemetry_port: int
+    telemetry_interval_s: float
 
     @property
     def models_dir(self) -> Path:
@@ -148,6 +153,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         home=home,
         dev_mode=dev_mode,
         nats_url=env.text("NATS_URL", "nats://127.0.0.1:4222"),
+        embedded_nats=env.flag("CHATQ_EMBEDDED_NATS", True),
+        database_url=env.optional("DATABASE_URL"),
         host=env.text("CHATQ_HOST", "127.0.0.1"),
         port=env.integer("CHATQ_PORT", 8080),
         api_keys=api_keys,
@@ -176,4 +183,6 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         vllm_max_model_len=env.integer("VLLM_MAX_MODEL_LEN", 4096, minimum=64),
         synth_tokens_per_s=env.number("SYNTH_TOKENS_PER_S", 20.0, minimum=0.001),
         synth_ttft_s=env.number("SYNTH_TTFT_MS", 50.0) / 1000,
+        telemetry_port=env.integer("TELEMETRY_PORT", 9102),
+        telemetry_interval_s=env.number("TELEMETRY_INTERVAL_S", 5.0, minimum=0.1),
     )

@@ -9,6 +9,7 @@ tokens come from the usage chunk (stream_options.include_usage).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,7 @@ class RequestResult:
     e2e: float | None = None
     chunk_times: list[float] = field(default_factory=list)  # content chunks, incl. the first
     chunk_chars: list[int] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)  # only when the client can count them
     output_tokens: int | None = None
     prompt_tokens: int | None = None
     finish_reason: str | None = None
@@ -95,6 +97,7 @@ class RequestResult:
             "retry_after": self.retry_after,
             "chunk_times": [round(t, 6) for t in self.chunk_times],
             "chunk_chars": self.chunk_chars,
+            "chunk_tokens": self.chunk_tokens or None,
         }
 
 
@@ -118,6 +121,7 @@ class ChatClient:
         api_key: str | None,
         max_tokens: int,
         temperature: float,
+        token_counter: Callable[[str], int] | None = None,
     ) -> None:
         self.http = http
         self.url = base_url.rstrip("/") + "/v1/chat/completions"
@@ -127,6 +131,7 @@ class ChatClient:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.max_tokens = max_tokens
         self.temperature = temperature
+        self.token_counter = token_counter
 
     def body(self, prompt: str, max_tokens: int | None = None) -> bytes:
         return msgspec.json.encode(
@@ -155,7 +160,7 @@ class ChatClient:
                     result.error = _status_class(response.status_code)
                     result.detail = text[:300]
                     return result
-                await _read_stream(response, result)
+                await _read_stream(response, result, self.token_counter)
         except httpx.TimeoutException as exc:
             result.error, result.detail = "timeout", f"{type(exc).__name__}: {exc}"[:300]
         except httpx.TransportError as exc:
@@ -173,7 +178,9 @@ def _status_class(status: int) -> str:
     return "http_4xx"
 
 
-async def _read_stream(response: httpx.Response, result: RequestResult) -> None:
+async def _read_stream(
+    response: httpx.Response, result: RequestResult, counter: Callable[[str], int] | None
+) -> None:
     """Parse the SSE stream into `result` (chunk times, usage, errors)."""
     start = result.start
     buffer = b""
@@ -186,7 +193,7 @@ async def _read_stream(response: httpx.Response, result: RequestResult) -> None:
             if cut < 0:
                 break
             event, buffer = buffer[:cut], buffer[cut + 2 :]
-            kind = _handle_event(event, now, result)
+            kind = _handle_event(event, now, result, counter)
             if kind == "done":
                 done = True
             elif kind == "error":
@@ -201,7 +208,9 @@ async def _read_stream(response: httpx.Response, result: RequestResult) -> None:
         result.detail = "the stream had no content"
 
 
-def _handle_event(event: bytes, now: float, result: RequestResult) -> str | None:
+def _handle_event(
+    event: bytes, now: float, result: RequestResult, counter: Callable[[str], int] | None
+) -> str | None:
     """One SSE event: returns 'done', 'error' or None."""
     name = None
     payloads: list[bytes] = []
@@ -237,6 +246,8 @@ def _handle_event(event: bytes, now: float, result: RequestResult) -> str | None
                 result.ttft = now
             result.chunk_times.append(now)
             result.chunk_chars.append(len(content))
+            if counter is not None:
+                result.chunk_tokens.append(counter(content))
         if choice.finish_reason is not None:
             result.finish_reason = choice.finish_reason
     if message.usage is not None:

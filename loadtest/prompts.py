@@ -59,7 +59,10 @@ def word_tokens(tokenizer: Any) -> list[str]:
     words = sorted(
         token[1:]
         for token in vocab
-        if token.startswith("Ġ") and token[1:].isascii() and token[1:].isalpha() and token[1:].islower()
+        if token.startswith("Ġ")
+        and token[1:].isascii()
+        and token[1:].isalpha()
+        and token[1:].islower()
         and 3 <= len(token) - 1 <= 10
     )
     # Keep the ones that really encode to their single token (checked on a sample is not

@@ -274,7 +274,10 @@ class VllmServerTarget(Target):
         self.base_url = f"http://127.0.0.1:{port}"
         self.api_pid = self.worker_pid = proc.pid
         _wait_http(
-            self.base_url + "/health", lambda r: r.status_code == 200, self.start_timeout, self.procs,
+            self.base_url + "/health",
+            lambda r: r.status_code == 200,
+            self.start_timeout,
+            self.procs,
             "vLLM's server",
         )
         shown = [a if a != self.api_key else "<key>" for a in argv[1:]]
@@ -314,8 +317,13 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
     e = cfg.engine
     if kind == "vllm-server":
         return VllmServerTarget(
-            name=kind, kind=kind, model=cfg.model_name, model_dir=cfg.model_dir, engine=e,
-            logdir=logdir, start_timeout=cfg.start_timeout_s,
+            name=kind,
+            kind=kind,
+            model=cfg.model_name,
+            model_dir=cfg.model_dir,
+            engine=e,
+            logdir=logdir,
+            start_timeout=cfg.start_timeout_s,
         )
     common = {
         "MODEL_ID": str(cfg.model_dir),
@@ -336,7 +344,11 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
             "VLLM_MAX_MODEL_LEN": str(e.max_model_len),
         }
         return ChatqTarget(
-            name=kind, kind=kind, model=cfg.model_name, env_extra=env, logdir=logdir,
+            name=kind,
+            kind=kind,
+            model=cfg.model_name,
+            env_extra=env,
+            logdir=logdir,
             start_timeout=cfg.start_timeout_s,
         )
     if kind == "synthetic":
@@ -350,8 +362,13 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
             "SYNTH_TTFT_MS": f"{s.ttft_ms:g}",
         }
         return ChatqTarget(
-            name=kind, kind=kind, model=cfg.model_name, env_extra=env, logdir=logdir,
-            start_timeout=cfg.start_timeout_s, synth=s,
+            name=kind,
+            kind=kind,
+            model=cfg.model_name,
+            env_extra=env,
+            logdir=logdir,
+            start_timeout=cfg.start_timeout_s,
+            synth=s,
         )
     raise ValueError(f"unknown target {kind!r}; choose from chatq, vllm-server, synthetic")
 
@@ -359,6 +376,10 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
 def external_target(cfg: RunConfig) -> Target:
     assert cfg.url is not None
     return ExternalTarget(
-        name=cfg.label, kind="external", base_url=cfg.url.rstrip("/"), api_key=cfg.api_key,
-        model=cfg.model_name, worker_metrics_url=cfg.metrics_url,
+        name=cfg.label,
+        kind="external",
+        base_url=cfg.url.rstrip("/"),
+        api_key=cfg.api_key,
+        model=cfg.model_name,
+        worker_metrics_url=cfg.metrics_url,
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 
 from chatq.logs import setup_logging
@@ -14,7 +13,7 @@ from chatq.settings import load
 def main() -> int:
     setup_logging("persistence")
     settings = load()
-    dsn = os.environ.get("DATABASE_URL")
+    dsn = settings.database_url
     if not dsn:
         print("chatq persistence: DATABASE_URL is not set", file=sys.stderr)
         return 2

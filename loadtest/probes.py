@@ -1,0 +1,109 @@
+"""Side measurements around a step: process CPU (psutil) and the worker's Prometheus counters."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import psutil
+
+WORKER_COUNTERS = ("chatq_worker_chunks_total", "chatq_worker_output_tokens_total")
+
+
+def cpu_seconds(pid: int, *, children: bool = False) -> float | None:
+    """User + system CPU seconds of a process (and, optionally, of its live descendants)."""
+    try:
+        procs = [psutil.Process(pid)]
+        if children:
+            procs += procs[0].children(recursive=True)
+    except psutil.Error:
+        return None
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += float(t.user + t.system)
+    return total
+
+
+@dataclass
+class CpuProbe:
+    """CPU use of a few processes between begin() and end(), in % of one core."""
+
+    pids: dict[str, tuple[int, bool]]  # name → (pid, include children)
+    _t0: float = 0.0
+    _c0: dict[str, float | None] | None = None
+
+    def begin(self) -> None:
+        self._t0 = time.perf_counter()
+        self._c0 = {name: cpu_seconds(pid, children=ch) for name, (pid, ch) in self.pids.items()}
+
+    def end(self) -> dict[str, float | None]:
+        wall = time.perf_counter() - self._t0
+        out: dict[str, float | None] = {}
+        for name, (pid, ch) in self.pids.items():
+            before = (self._c0 or {}).get(name)
+            after = cpu_seconds(pid, children=ch)
+            if before is None or after is None or wall <= 0:
+                out[name] = None
+            else:
+                out[name] = round(100.0 * (after - before) / wall, 1)
+        return out
+
+
+def cpu_probe(api_pid: int | None, worker_pid: int | None) -> CpuProbe:
+    pids: dict[str, tuple[int, bool]] = {"client": (os.getpid(), False)}
+    if api_pid is not None:
+        pids["api"] = (api_pid, False)
+    if worker_pid is not None and worker_pid != api_pid:
+        pids["worker"] = (worker_pid, True)
+    elif worker_pid is not None:
+        pids["server"] = (worker_pid, True)  # vLLM's server: frontend + engine core
+    return CpuProbe(pids)
+
+
+def metric_sum(text: str, name: str) -> float | None:
+    """Sum of every series of a Prometheus counter in an exposition text."""
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, _, value = line.rpartition(" ")
+        if series == name or series.startswith(name + "{"):
+            total += float(value)
+            found = True
+    return total if found else None
+
+
+async def worker_counters(http: httpx.AsyncClient, url: str | None) -> dict[str, float | None]:
+    """The worker's chunk and token counters now (None when there is no metrics URL)."""
+    if url is None:
+        return {}
+    try:
+        response = await http.get(url, timeout=5)
+        text = response.text
+    except httpx.HTTPError:
+        return dict.fromkeys(WORKER_COUNTERS)
+    return {name: metric_sum(text, name) for name in WORKER_COUNTERS}
+
+
+def counter_delta(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, Any]:
+    """Chunks, tokens and chunk messages per output token between two scrapes."""
+    if not before or not after:
+        return {}
+    chunks0, chunks1 = before.get(WORKER_COUNTERS[0]), after.get(WORKER_COUNTERS[0])
+    tokens0, tokens1 = before.get(WORKER_COUNTERS[1]), after.get(WORKER_COUNTERS[1])
+    if None in (chunks0, chunks1, tokens0, tokens1):
+        return {}
+    assert chunks0 is not None and chunks1 is not None and tokens0 is not None and tokens1 is not None
+    chunks, tokens = chunks1 - chunks0, tokens1 - tokens0
+    return {
+        "worker_chunks": chunks,
+        "worker_tokens": tokens,
+        "messages_per_token": round(chunks / tokens, 4) if tokens > 0 else None,
+    }

@@ -1,0 +1,301 @@
+"""The workloads: closed-loop steps, open-loop rate and overload, and many held streams.
+
+Each step records every request (RequestResult), the step's start and end, and the
+probes around it (process CPU, the worker's chunk and token counters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from loadtest.client import ChatClient, RequestResult, make_http_client
+from loadtest.config import DEFAULT_RATES, RunConfig, SynthConfig
+from loadtest.probes import counter_delta, cpu_probe, worker_counters
+from loadtest.prompts import PromptSet
+from loadtest.targets import Target
+
+PAUSE_BETWEEN_STEPS_S = 1.0
+STREAMS_SETTLE_S = 1.0
+
+
+@dataclass
+class StepResult:
+    target: str
+    kind: str
+    scenario: str
+    label: str
+    x: float  # concurrency, arrival rate or number of streams
+    params: dict[str, Any]
+    results: list[RequestResult]
+    t0: float  # perf_counter at the step's start
+    t1: float  # perf_counter when its last request ended
+    probes: dict[str, Any] = field(default_factory=dict)
+    window: tuple[float, float] | None = None  # steady window (streams), perf_counter
+    synth: SynthConfig | None = None
+
+
+def synthetic_token_count(text: str) -> int:
+    """The synthetic engine's tokens are one word and a space each."""
+    return text.count(" ")
+
+
+@dataclass
+class TargetRun:
+    """Runs a scenario's steps against one started target."""
+
+    target: Target
+    cfg: RunConfig
+    prompts: PromptSet
+    warmup_prompts: PromptSet
+    _counter: Iterator[int] = field(default_factory=itertools.count)
+
+    def next_prompt(self) -> tuple[int, str]:
+        """The next request's index and prompt; the same sequence for every target."""
+        index = next(self._counter)
+        return index, self.prompts[index]
+
+    def client(self, http: httpx.AsyncClient, max_tokens: int | None = None) -> ChatClient:
+        t = self.target
+        return ChatClient(
+            http,
+            t.base_url,
+            model=t.model,
+            api_key=t.api_key,
+            max_tokens=max_tokens or self.cfg.max_tokens,
+            temperature=self.cfg.temperature,
+            token_counter=synthetic_token_count if t.kind == "synthetic" else None,
+        )
+
+    async def run(self, progress: Callable[[str], None]) -> list[StepResult]:
+        cfg = self.cfg
+        steps: list[StepResult] = []
+        async with httpx.AsyncClient() as probe_http:
+            await self.warm_up(progress)
+            if cfg.scenario == "steps":
+                for n in cfg.concurrency:
+                    steps.append(await self.measure(probe_http, f"c={n}", n, self.closed_loop(n), progress))
+                    await self.between_steps()
+            elif cfg.scenario in ("rate", "overload"):
+                for rate in cfg.rates or DEFAULT_RATES[cfg.scenario]:
+                    steps.append(
+                        await self.measure(probe_http, f"r={rate:g}/s", rate, self.open_loop(rate), progress)
+                    )
+                    await self.between_steps()
+            else:
+                steps.append(await self.streams(probe_http, progress))
+        return steps
+
+    async def between_steps(self) -> None:
+        self.target.check_alive()
+        await asyncio.sleep(PAUSE_BETWEEN_STEPS_S)
+
+    async def warm_up(self, progress: Callable[[str], None]) -> None:
+        """A few requests first (not recorded): the first requests of an engine are slow."""
+        if self.cfg.warmup <= 0:
+            return
+        async with make_http_client(2, self.cfg.request_timeout_s) as http:
+            client = self.client(http)
+            for i in range(self.cfg.warmup):
+                result = await client.chat(-1 - i, self.warmup_prompts[i])
+                if not result.ok:
+                    progress(f"  warm-up request failed: {result.error} {result.detail[:200]}")
+
+    async def measure(
+        self,
+        probe_http: httpx.AsyncClient,
+        label: str,
+        x: float,
+        workload: _Workload,
+        progress: Callable[[str], None],
+    ) -> StepResult:
+        t = self.target
+        cpu = cpu_probe(t.api_pid, t.worker_pid)
+        before = await worker_counters(probe_http, t.worker_metrics_url)
+        cpu.begin()
+        t0 = time.perf_counter()
+        results, params = await workload.run()
+        t1 = max((r.end for r in results), default=time.perf_counter())
+        usage = cpu.end()
+        after = await worker_counters(probe_http, t.worker_metrics_url)
+        ok = sum(1 for r in results if r.ok)
+        progress(f"  {t.name} {label}: {len(results)} requests, {ok} ok, {t1 - t0:.1f} s")
+        return StepResult(
+            target=t.name,
+            kind=t.kind,
+            scenario=self.cfg.scenario,
+            label=label,
+            x=x,
+            params=params,
+            results=results,
+            t0=t0,
+            t1=t1,
+            probes={"cpu_percent": usage, **counter_delta(before, after)},
+            synth=t.synth,
+        )
+
+    # --- workloads ------------------------------------------------------------------
+
+    def closed_loop(self, sessions: int) -> _Workload:
+        return _ClosedLoop(self, sessions)
+
+    def open_loop(self, rate: float) -> _Workload:
+        return _OpenLoop(self, rate)
+
+    async def streams(self, probe_http: httpx.AsyncClient, progress: Callable[[str], None]) -> StepResult:
+        """Hold K streams at the synthetic engine's pace; measure over a steady window."""
+        cfg, t = self.cfg, self.target
+        k = cfg.streams
+        rate = cfg.synth.tokens_per_s
+        ramp = cfg.ramp_seconds
+        hold = cfg.step_seconds
+        max_tokens = math.ceil((ramp + STREAMS_SETTLE_S + hold + 1.0) * rate) + 1
+        cpu = cpu_probe(t.api_pid, t.worker_pid)
+        before = await worker_counters(probe_http, t.worker_metrics_url)
+        usage: dict[str, float | None] = {}
+        async with make_http_client(None, cfg.request_timeout_s) as http:
+            client = self.client(http, max_tokens)
+            t0 = time.perf_counter()
+            w0, w1 = t0 + ramp + STREAMS_SETTLE_S, t0 + ramp + STREAMS_SETTLE_S + hold
+
+            async def probe() -> None:
+                await asyncio.sleep(max(0.0, w0 - time.perf_counter()))
+                cpu.begin()
+                await asyncio.sleep(max(0.0, w1 - time.perf_counter()))
+                usage.update(cpu.end())
+
+            probing = asyncio.create_task(probe())
+            tasks: list[asyncio.Task[RequestResult]] = []
+            max_lag = 0.0
+            for i in range(k):
+                due = t0 + ramp * i / k
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                max_lag = max(max_lag, time.perf_counter() - due)
+                index, prompt = self.next_prompt()
+                tasks.append(asyncio.create_task(client.chat(index, prompt)))
+            results = list(await asyncio.gather(*tasks))
+            await probing
+        t1 = max((r.end for r in results), default=time.perf_counter())
+        after = await worker_counters(probe_http, t.worker_metrics_url)
+        ok = sum(1 for r in results if r.ok)
+        progress(f"  {t.name} K={k}: {len(results)} streams, {ok} ok, {t1 - t0:.1f} s")
+        return StepResult(
+            target=t.name,
+            kind=t.kind,
+            scenario="streams",
+            label=f"K={k}",
+            x=k,
+            params={
+                "streams": k,
+                "tokens_per_s": rate,
+                "max_tokens": max_tokens,
+                "ramp_s": ramp,
+                "settle_s": STREAMS_SETTLE_S,
+                "hold_s": hold,
+                "max_schedule_lag_ms": round(max_lag * 1000, 1),
+            },
+            results=results,
+            t0=t0,
+            t1=t1,
+            probes={"cpu_percent": usage, **counter_delta(before, after)},
+            window=(w0, w1),
+            synth=t.synth,
+        )
+
+
+class _Workload:
+    async def run(self) -> tuple[list[RequestResult], dict[str, Any]]:
+        raise NotImplementedError
+
+
+class _ClosedLoop(_Workload):
+    """N sessions, each sending its next request as soon as the previous one ended."""
+
+    def __init__(self, run: TargetRun, sessions: int) -> None:
+        self.runner = run
+        self.sessions = sessions
+
+    async def run(self) -> tuple[list[RequestResult], dict[str, Any]]:
+        cfg = self.runner.cfg
+        results: list[RequestResult] = []
+        async with make_http_client(self.sessions, cfg.request_timeout_s) as http:
+            client = self.runner.client(http)
+            end = time.perf_counter() + cfg.step_seconds
+
+            async def session() -> None:
+                while time.perf_counter() < end:
+                    index, prompt = self.runner.next_prompt()
+                    result = await client.chat(index, prompt)
+                    results.append(result)
+                    if not result.ok:
+                        await asyncio.sleep(0.05)  # a failing server must not be spun on
+
+            await asyncio.gather(*(session() for _ in range(self.sessions)))
+        return results, {"concurrency": self.sessions, "seconds": cfg.step_seconds}
+
+
+class _OpenLoop(_Workload):
+    """Requests arrive at a fixed mean rate (Poisson or evenly spaced), whatever the answers."""
+
+    def __init__(self, run: TargetRun, rate: float) -> None:
+        self.runner = run
+        self.rate = rate
+
+    def arrivals(self) -> list[float]:
+        cfg = self.runner.cfg
+        rng = random.Random(cfg.seed)
+        times: list[float] = []
+        t = 0.0
+        while True:
+            t += rng.expovariate(self.rate) if cfg.arrival == "poisson" else 1.0 / self.rate
+            if t >= cfg.step_seconds:
+                return times
+            times.append(t)
+
+    async def run(self) -> tuple[list[RequestResult], dict[str, Any]]:
+        cfg = self.runner.cfg
+        arrivals = self.arrivals()
+        tasks: list[asyncio.Task[RequestResult]] = []
+        dropped = 0
+        max_lag = 0.0
+        inflight = 0
+
+        def finished(_: asyncio.Task[RequestResult]) -> None:
+            nonlocal inflight
+            inflight -= 1
+
+        async with make_http_client(None, cfg.request_timeout_s) as http:
+            client = self.runner.client(http)
+            start = time.perf_counter()
+            for at in arrivals:
+                delay = start + at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                max_lag = max(max_lag, time.perf_counter() - start - at)
+                if inflight >= cfg.max_inflight:
+                    dropped += 1
+                    continue
+                index, prompt = self.runner.next_prompt()
+                task = asyncio.create_task(client.chat(index, prompt))
+                inflight += 1
+                task.add_done_callback(finished)
+                tasks.append(task)
+            results = list(await asyncio.gather(*tasks))
+        return results, {
+            "rate": self.rate,
+            "arrival": cfg.arrival,
+            "seconds": cfg.step_seconds,
+            "scheduled": len(arrivals),
+            "dropped_by_client": dropped,
+            "max_schedule_lag_ms": round(max_lag * 1000, 1),
+        }
