@@ -42,6 +42,7 @@ _json = msgspec.json.Encoder()
 _FIELD = re.compile(r"at `\$\.?([^`\[]*)")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
+_TAIL = b'},"finish_reason":null}]}\n\n'
 
 
 def new_request_id() -> str:
@@ -129,6 +130,18 @@ class ChatCall:
         """OpenAI-style SSE: one `data:` event per chunk, then `data: [DONE]`."""
         model = relay.job.model
         created = int(relay.job.created)
+        head = (
+            b"data: "
+            + _json.encode(
+                ChatCompletionChunk(
+                    id=self.request_id,
+                    created=created,
+                    model=model,
+                    choices=[ChunkChoice(index=0, delta=Delta(content=""), finish_reason=None)],
+                )
+            ).split(b'"content":""', 1)[0]
+            + b'"content":'
+        )
         reason: Literal["client_disconnected", "deadline", "stream_failed"] | None = "client_disconnected"
         outcome = "disconnected"
         metrics.ACTIVE_STREAMS.inc()
@@ -138,23 +151,27 @@ class ChatCall:
                 if finish == "cancelled":
                     # The worker stopped it (deadline, shutdown) while the client listened.
                     raise DeadlineExceeded("the request was stopped before it finished")
-                delta = (
-                    Delta(role="assistant", content=chunk.text)
-                    if chunk.seq == 0
-                    else Delta(content=chunk.text)
-                )
-                yield (
-                    b"data: "
-                    + _json.encode(
-                        ChatCompletionChunk(
-                            id=self.request_id,
-                            created=created,
-                            model=model,
-                            choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)],
-                        )
+                if chunk.seq == 0 or finish is not None:
+                    delta = (
+                        Delta(role="assistant", content=chunk.text)
+                        if chunk.seq == 0
+                        else Delta(content=chunk.text)
                     )
-                    + b"\n\n"
-                )
+                    yield (
+                        b"data: "
+                        + _json.encode(
+                            ChatCompletionChunk(
+                                id=self.request_id,
+                                created=created,
+                                model=model,
+                                choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)],
+                            )
+                        )
+                        + b"\n\n"
+                    )
+                else:
+                    # The hot path: only the text changes from chunk to chunk.
+                    yield head + _json.encode(chunk.text) + _TAIL
                 if finish is not None and include_usage and chunk.usage is not None:
                     yield (
                         b"data: "

@@ -65,6 +65,10 @@ class Relay:
         self.finished = False
         self.started_at = time.monotonic()
         self.first_token_at: float | None = None
+        # Labelled children resolved once, not per chunk.
+        self._ttft = metrics.TTFT.labels(model=job.model)
+        self._itl = metrics.ITL.labels(model=job.model)
+        self._e2e = metrics.E2E.labels(model=job.model)
 
     async def open(self, monitor: QueueMonitor) -> None:
         """Subscribe, then queue the job; a full queue raises Overloaded with nothing queued."""
@@ -92,7 +96,6 @@ class Relay:
     async def chunks(self) -> AsyncIterator[schemas.Chunk]:
         """The request's chunks in order; the last has a finish reason. Raises ApiError."""
         assert self._sub is not None
-        model = self.job.model
         last_at = 0.0
         while True:
             if self.next_seq == 0:
@@ -122,13 +125,13 @@ class Relay:
                 now = time.monotonic()
                 if self.first_token_at is None:
                     self.first_token_at = now
-                    metrics.TTFT.labels(model=model).observe(now - self.started_at)
+                    self._ttft.observe(now - self.started_at)
                 elif msg.tokens:
-                    metrics.ITL.labels(model=model).observe((now - last_at) / msg.tokens)
+                    self._itl.observe((now - last_at) / msg.tokens)
                 last_at = now
                 if msg.finish_reason is not None:
                     self.finished = True
-                    metrics.E2E.labels(model=model).observe(now - self.started_at)
+                    self._e2e.observe(now - self.started_at)
                 yield msg
                 if self.finished:
                     return
