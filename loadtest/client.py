@@ -8,6 +8,7 @@ tokens come from the usage chunk (stream_options.include_usage).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ class RequestResult:
     def gaps(self) -> list[float]:
         """Inter-chunk gaps (seconds) between consecutive content chunks."""
         t = self.chunk_times
-        return [b - a for a, b in zip(t, t[1:], strict=False)]
+        return [b - a for a, b in itertools.pairwise(t)]
 
     def tpot(self) -> float | None:
         """(e2e − ttft) / (output tokens − 1): time per output token after the first."""
@@ -101,10 +102,20 @@ class RequestResult:
         }
 
 
-def make_http_client(connections: int | None, timeout_s: float) -> httpx.AsyncClient:
-    """One connection pool for the whole run; None = no limit (open-loop scenarios)."""
+def make_http_client(
+    connections: int | None, timeout_s: float, keepalive: int | None = None
+) -> httpx.AsyncClient:
+    """One connection pool for the whole run; None = no limit (open-loop scenarios).
+
+    Keep `keepalive` small when there are many connections: httpcore's pool scans every
+    connection for each idle one whenever a request starts or ends (quadratic), which
+    costs seconds of client CPU with hundreds of idle connections.
+    """
     return httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        limits=httpx.Limits(
+            max_connections=connections,
+            max_keepalive_connections=connections if keepalive is None else keepalive,
+        ),
         timeout=httpx.Timeout(connect=30.0, read=timeout_s, write=30.0, pool=None),
     )
 

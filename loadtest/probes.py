@@ -14,12 +14,14 @@ import psutil
 WORKER_COUNTERS = ("chatq_worker_chunks_total", "chatq_worker_output_tokens_total")
 
 
-def cpu_seconds(pid: int, *, children: bool = False) -> float | None:
-    """User + system CPU seconds of a process (and, optionally, of its live descendants)."""
+def cpu_seconds(pid: int, *, mode: str = "self") -> float | None:
+    """User + system CPU seconds of a process: "self", "tree" (with its live descendants)
+    or "children" (its live descendants only)."""
     try:
-        procs = [psutil.Process(pid)]
-        if children:
-            procs += procs[0].children(recursive=True)
+        root = psutil.Process(pid)
+        procs = [] if mode == "children" else [root]
+        if mode in ("tree", "children"):
+            procs += root.children(recursive=True)
     except psutil.Error:
         return None
     total = 0.0
@@ -34,20 +36,20 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float | None:
 class CpuProbe:
     """CPU use of a few processes between begin() and end(), in % of one core."""
 
-    pids: dict[str, tuple[int, bool]]  # name → (pid, include children)
+    pids: dict[str, tuple[int, str]]  # name → (pid, mode of cpu_seconds)
     _t0: float = 0.0
     _c0: dict[str, float | None] | None = None
 
     def begin(self) -> None:
         self._t0 = time.perf_counter()
-        self._c0 = {name: cpu_seconds(pid, children=ch) for name, (pid, ch) in self.pids.items()}
+        self._c0 = {name: cpu_seconds(pid, mode=mode) for name, (pid, mode) in self.pids.items()}
 
     def end(self) -> dict[str, float | None]:
         wall = time.perf_counter() - self._t0
         out: dict[str, float | None] = {}
-        for name, (pid, ch) in self.pids.items():
+        for name, (pid, mode) in self.pids.items():
             before = (self._c0 or {}).get(name)
-            after = cpu_seconds(pid, children=ch)
+            after = cpu_seconds(pid, mode=mode)
             if before is None or after is None or wall <= 0:
                 out[name] = None
             else:
@@ -56,13 +58,15 @@ class CpuProbe:
 
 
 def cpu_probe(api_pid: int | None, worker_pid: int | None) -> CpuProbe:
-    pids: dict[str, tuple[int, bool]] = {"client": (os.getpid(), False)}
+    """The client itself, the API process, and the engine side: chatq's worker with its
+    vLLM engine core, or the engine core processes under vLLM's own server."""
+    pids: dict[str, tuple[int, str]] = {"client": (os.getpid(), "self")}
     if api_pid is not None:
-        pids["api"] = (api_pid, False)
+        pids["api"] = (api_pid, "self")
     if worker_pid is not None and worker_pid != api_pid:
-        pids["worker"] = (worker_pid, True)
+        pids["worker"] = (worker_pid, "tree")
     elif worker_pid is not None:
-        pids["server"] = (worker_pid, True)  # vLLM's server: frontend + engine core
+        pids["worker"] = (worker_pid, "children")  # vLLM's server: its engine core
     return CpuProbe(pids)
 
 

@@ -25,6 +25,8 @@ from loadtest.targets import Target
 
 PAUSE_BETWEEN_STEPS_S = 1.0
 STREAMS_SETTLE_S = 1.0
+OPEN_LOOP_KEEPALIVE = 32
+CHATQ_MAX_TOKENS = 4096  # chatq's default CHATQ_MAX_TOKENS
 
 
 @dataclass
@@ -56,6 +58,7 @@ class TargetRun:
     cfg: RunConfig
     prompts: PromptSet
     warmup_prompts: PromptSet
+    steps: list[StepResult] = field(default_factory=list)
     _counter: Iterator[int] = field(default_factory=itertools.count)
 
     def next_prompt(self) -> tuple[int, str]:
@@ -76,23 +79,25 @@ class TargetRun:
         )
 
     async def run(self, progress: Callable[[str], None]) -> list[StepResult]:
+        """Warm up, then measure every step; finished steps stay in self.steps on failure."""
         cfg = self.cfg
-        steps: list[StepResult] = []
         async with httpx.AsyncClient() as probe_http:
             await self.warm_up(progress)
             if cfg.scenario == "steps":
                 for n in cfg.concurrency:
-                    steps.append(await self.measure(probe_http, f"c={n}", n, self.closed_loop(n), progress))
+                    self.steps.append(
+                        await self.measure(probe_http, f"c={n}", n, self.closed_loop(n), progress)
+                    )
                     await self.between_steps()
             elif cfg.scenario in ("rate", "overload"):
                 for rate in cfg.rates or DEFAULT_RATES[cfg.scenario]:
-                    steps.append(
+                    self.steps.append(
                         await self.measure(probe_http, f"r={rate:g}/s", rate, self.open_loop(rate), progress)
                     )
                     await self.between_steps()
             else:
-                steps.append(await self.streams(probe_http, progress))
-        return steps
+                self.steps.append(await self.streams(probe_http, progress))
+        return self.steps
 
     async def between_steps(self) -> None:
         self.target.check_alive()
@@ -158,10 +163,16 @@ class TargetRun:
         ramp = cfg.ramp_seconds
         hold = cfg.step_seconds
         max_tokens = math.ceil((ramp + STREAMS_SETTLE_S + hold + 1.0) * rate) + 1
+        if max_tokens > CHATQ_MAX_TOKENS:
+            progress(
+                f"  note: streams need max_tokens={max_tokens}, above chatq's default limit "
+                f"CHATQ_MAX_TOKENS={CHATQ_MAX_TOKENS}: shorten --step-seconds or --ramp-seconds"
+            )
         cpu = cpu_probe(t.api_pid, t.worker_pid)
         before = await worker_counters(probe_http, t.worker_metrics_url)
         usage: dict[str, float | None] = {}
-        async with make_http_client(None, cfg.request_timeout_s) as http:
+        # One request per stream: no connection is worth keeping (see make_http_client).
+        async with make_http_client(None, cfg.request_timeout_s, keepalive=0) as http:
             client = self.client(http, max_tokens)
             t0 = time.perf_counter()
             w0, w1 = t0 + ramp + STREAMS_SETTLE_S, t0 + ramp + STREAMS_SETTLE_S + hold
@@ -274,7 +285,7 @@ class _OpenLoop(_Workload):
             nonlocal inflight
             inflight -= 1
 
-        async with make_http_client(None, cfg.request_timeout_s) as http:
+        async with make_http_client(None, cfg.request_timeout_s, keepalive=OPEN_LOOP_KEEPALIVE) as http:
             client = self.runner.client(http)
             start = time.perf_counter()
             for at in arrivals:

@@ -198,7 +198,7 @@ class ChatqTarget(Target):
         self.procs.append(api)
         try:
             wait_for_port("127.0.0.1", port, 60, api.proc)
-        except Exception:
+        except (RuntimeError, TimeoutError):
             raise TargetError(f"the API did not start:\n{api.tail()}") from None
         self.base_url = f"http://127.0.0.1:{port}"
         self.api_pid, self.worker_pid = api.pid, worker.pid
@@ -303,10 +303,14 @@ def _effective_settings(env: dict[str, str]) -> dict[str, Any]:
     """chatq's own reading of the environment the processes got (keys left out)."""
     import msgspec
 
+    from chatq.errors import ChatqError
     from chatq.settings import load
 
-    settings = load(env)
-    raw: dict[str, Any] = msgspec.to_builtins(settings)
+    try:
+        settings = load(env)
+    except (ChatqError, ValueError) as exc:  # recorded, never fatal: the processes started anyway
+        return {"error": repr(exc)}
+    raw: dict[str, Any] = msgspec.to_builtins(settings, enc_hook=str)
     raw.pop("api_keys", None)
     return raw
 

@@ -1,0 +1,282 @@
+"""The command line: parse, build prompts, run each target in turn, report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from loadtest.config import (
+    DEFAULT_RATES,
+    DEFAULT_TARGETS,
+    MODEL_NAME,
+    SCENARIOS,
+    TARGET_KINDS,
+    EngineConfig,
+    RunConfig,
+    Scenario,
+    SynthConfig,
+    parse_list,
+)
+from loadtest.targets import REPO_ROOT, Target, TargetError, external_target, make_target
+
+DEFAULT_OUT = REPO_ROOT / "loadtest" / "results"
+STREAMS_TOKENS_PER_S = 20.0
+OTHER_TOKENS_PER_S = 50.0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description="Streaming load test: chatq vs vLLM's own server vs chatq's synthetic engine.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--scenario", choices=SCENARIOS, default="steps")
+    p.add_argument(
+        "--targets",
+        help="comma-separated, from chatq, vllm-server, synthetic (default: chatq,vllm-server,synthetic "
+        "for steps and rate, chatq for overload, synthetic for streams)",
+    )
+    p.add_argument("--concurrency", default="1,5,10", help="steps: concurrent sessions per step")
+    p.add_argument("--step-seconds", type=float, default=30.0, help="length of each step / window")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="tokens of each prompt's text")
+    p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request")
+    p.add_argument(
+        "--rate", help="rate/overload: arrival rates in requests/s, comma-separated (default 2; overload 20)"
+    )
+    p.add_argument("--arrival", choices=("poisson", "uniform"), default="poisson")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results go to OUT/<timestamp>/")
+    p.add_argument("--url", help="measure this already running server instead of starting targets")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="with --url")
+    p.add_argument("--label", default="external", help="with --url: the target's name in the report")
+    p.add_argument("--metrics-url", help="with --url: a chatq worker's /metrics, for messages per token")
+    p.add_argument("--model-dir", type=Path, help="model directory (default: chatq's prepared SmolLM2)")
+    p.add_argument("--model-name", default=MODEL_NAME)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy: the same output everywhere")
+    p.add_argument("--num-prompts", type=int, default=1000, help="size of the seeded prompt pool")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--warmup", type=int, default=2, help="unrecorded requests per target before measuring")
+    p.add_argument("--streams", type=int, default=1000, help="streams: concurrent streams held")
+    p.add_argument("--ramp-seconds", type=float, default=5.0, help="streams: time to open them all")
+    p.add_argument(
+        "--synth-tokens-per-s", type=float, help=f"synthetic engine pace (default {OTHER_TOKENS_PER_S:g}; "
+        f"streams {STREAMS_TOKENS_PER_S:g})",
+    )  # fmt: skip
+    p.add_argument("--synth-ttft-ms", type=float, default=50.0, help="synthetic engine time to first token")
+    p.add_argument("--synth-slots", type=int, default=2000, help="synthetic WORKER_SLOTS (overload: --slots)")
+    p.add_argument("--slots", type=int, default=16, help="vLLM max_num_seqs = chatq WORKER_SLOTS")
+    p.add_argument("--queue-max", type=int, help="CHATQ_QUEUE_MAX for chatq targets (default: chatq's)")
+    p.add_argument("--overload-queue-max", type=int, default=4, help="CHATQ_QUEUE_MAX in overload")
+    p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--start-timeout", type=float, default=600.0)
+    p.add_argument("--max-inflight", type=int, default=5000, help="open loop: arrivals beyond are dropped")
+    return p
+
+
+def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> RunConfig:
+    scenario: Scenario = args.scenario
+    if args.url:
+        targets: tuple[str, ...] = (args.label,)
+    elif args.targets:
+        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+        unknown = [t for t in targets if t not in TARGET_KINDS]
+        if unknown:
+            raise SystemExit(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGET_KINDS)}")
+    else:
+        targets = DEFAULT_TARGETS[scenario]
+    if scenario == "streams" and not args.url and targets != ("synthetic",):
+        raise SystemExit("--scenario streams measures the synthetic target only (--targets synthetic)")
+    rates: tuple[float, ...] = ()
+    if scenario in ("rate", "overload"):
+        rates = parse_list(args.rate, float) if args.rate else DEFAULT_RATES[scenario]
+    tokens_per_s = args.synth_tokens_per_s or (
+        STREAMS_TOKENS_PER_S if scenario == "streams" else OTHER_TOKENS_PER_S
+    )
+    if args.prompt_tokens < 1 or args.max_tokens < 1 or args.step_seconds <= 0:
+        raise SystemExit("--prompt-tokens, --max-tokens and --step-seconds must be positive")
+    return RunConfig(
+        scenario=scenario,
+        targets=targets,
+        concurrency=parse_list(args.concurrency, int),
+        rates=rates,
+        arrival=args.arrival,
+        step_seconds=args.step_seconds,
+        prompt_tokens=args.prompt_tokens,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        num_prompts=args.num_prompts,
+        seed=args.seed,
+        warmup=args.warmup,
+        streams=args.streams,
+        ramp_seconds=args.ramp_seconds,
+        queue_max=args.queue_max,
+        overload_queue_max=args.overload_queue_max,
+        request_timeout_s=args.request_timeout,
+        start_timeout_s=args.start_timeout,
+        max_inflight=args.max_inflight,
+        model_dir=model_dir,
+        model_name=args.model_name,
+        out_dir=out_dir,
+        url=args.url,
+        api_key=args.api_key,
+        label=args.label,
+        metrics_url=args.metrics_url,
+        engine=EngineConfig(max_num_seqs=args.slots),
+        synth=SynthConfig(tokens_per_s=tokens_per_s, ttft_ms=args.synth_ttft_ms, slots=args.synth_slots),
+    )
+
+
+def default_model_dir() -> Path:
+    """chatq's default model, prepared under CHATQ_HOME/models (built once if missing)."""
+    from chatq.model_prep import prepare_default_model
+
+    home = Path(os.environ.get("CHATQ_HOME") or REPO_ROOT / ".chatq")
+    return prepare_default_model(home / "models")
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Unwinds through the `with target:` blocks, so every started process is stopped,
+    # and the report of what was measured so far is still written.
+    raise KeyboardInterrupt
+
+
+def run_target(target: Target, cfg: RunConfig, prompts: Any, warm: Any, into: list[Any]) -> None:
+    """Run the scenario against a started target; its finished steps go to `into`, even on failure."""
+    from loadtest.scenarios import TargetRun
+
+    runner = TargetRun(target, cfg, prompts, warm)
+    try:
+        import uvloop
+
+        loop_factory: Any = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as loop:
+            loop.run(runner.run(_say))
+    finally:
+        into += runner.steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = (args.out / stamp).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model_dir.resolve() if args.model_dir else default_model_dir()
+    cfg = build_config(args, out_dir, model_dir)
+
+    from loadtest import report
+    from loadtest.chart import write_chart
+    from loadtest.prompts import build_prompts, load_tokenizer
+    from loadtest.stats import paired, summarize
+
+    machine = report.machine()
+    _say(f"loadtest: scenario {cfg.scenario}, targets {', '.join(cfg.targets)}; results in {out_dir}")
+    started = time.monotonic()
+    tokenizer = load_tokenizer(model_dir)
+    prompts = build_prompts(tokenizer, tokens=cfg.prompt_tokens, count=cfg.num_prompts, seed=cfg.seed)
+    warm = build_prompts(tokenizer, tokens=cfg.prompt_tokens, count=max(1, cfg.warmup), seed=cfg.seed + 1)
+    _say(
+        f"prompts: {len(prompts.prompts)} × {prompts.tokens} tokens "
+        f"(+{prompts.template_overhead} chat-template tokens) in {time.monotonic() - started:.1f} s"
+    )
+
+    steps: list[Any] = []
+    described: dict[str, Any] = {}
+    failures: dict[str, str] = {}
+    interrupted = False
+    for name in cfg.targets:
+        target = external_target(cfg) if cfg.url else make_target(name, cfg)
+        _say(f"[{name}] starting ...")
+        load_before = [round(x, 2) for x in os.getloadavg()]
+        try:
+            with target:
+                _say(f"[{name}] ready at {target.base_url} after {target.start_seconds} s")
+                run_target(target, cfg, prompts, warm, steps)
+        except (TargetError, OSError) as exc:
+            failures[name] = str(exc)
+            _say(f"[{name}] FAILED: {exc}")
+        except KeyboardInterrupt:
+            failures[name] = "interrupted"
+            interrupted = True
+            _say(f"[{name}] interrupted; writing the report of what was measured")
+        finally:
+            described[name] = {
+                **target.describe(),
+                "load_average_before": load_before,
+                "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            }
+            if name in failures:
+                described[name]["failure"] = failures[name]
+        _say(f"[{name}] stopped")
+        if interrupted:
+            break
+
+    rows = [
+        {
+            "target": s.target,
+            "kind": s.kind,
+            "label": s.label,
+            "x": s.x,
+            "params": s.params,
+            "summary": summarize(s),
+        }
+        for s in steps
+    ]
+    report.print_tables(cfg.scenario, rows, _say)
+
+    json_path = out_dir / "report.json"
+    samples_path = out_dir / "requests.jsonl"
+    chart_path = out_dir / "chart.png"
+    title = (
+        f"chatq loadtest — {cfg.scenario}, prompt {cfg.prompt_tokens} tok, max_tokens {cfg.max_tokens}, "
+        f"{machine['cores']} cores, {machine['date']}"
+    )
+    files: dict[str, str] = {"samples": samples_path.name}
+    if rows:
+        write_chart(chart_path, cfg.scenario, rows, title)
+        files["chart"] = chart_path.name
+    report.write_samples(samples_path, steps)
+    report.write_json(
+        json_path,
+        {
+            "tool": "chatq loadtest",
+            "format": 1,
+            "scenario": cfg.scenario,
+            "config": {**cfg.to_json(), "prompts": prompts.describe()},
+            "machine": machine,
+            "targets": described,
+            "steps": rows,
+            "ratios": {
+                "numerator": report.RATIO_NUMERATOR,
+                "denominator": report.RATIO_DENOMINATOR,
+                "by_step": report.ratios(rows),
+                "paired_by_step": paired(steps),
+            },
+            "files": files,
+            "failures": failures,
+            "wall_seconds": round(time.monotonic() - started, 1),
+        },
+    )
+    _say(f"report:  {json_path}")
+    _say(f"samples: {samples_path}")
+    if "chart" in files:
+        _say(f"chart:   {chart_path}")
+    return 130 if interrupted else 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
