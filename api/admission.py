@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from api import metrics
 from broker.bus import Bus, ConsumerDepth
@@ -13,13 +14,19 @@ from chatq.errors import Overloaded, UpstreamUnavailable
 
 MAX_RETRY_AFTER_S = 60
 DEFAULT_RETRY_AFTER_S = 5
+# The drain rate is measured over this window: long enough that the burst of jobs an
+# idle worker takes at once does not read as the steady rate.
+RATE_WINDOW_S = 10.0
+MIN_RATE_SPAN_S = 2.0
 
 
 @dataclass
 class _ModelQueue:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     depth: ConsumerDepth | None = None
-    drain_rate: float = 0.0  # jobs handed to workers per second, smoothed
-    lock: asyncio.Lock | None = None
+    # Admissions since `depth` was read: the cached reading does not know them yet.
+    admitted_since: int = 0
+    started: deque[tuple[float, int]] = field(default_factory=deque)  # (at, jobs started)
 
 
 class QueueMonitor:
@@ -31,44 +38,60 @@ class QueueMonitor:
         self._cache_s = cache_s
         self._queues: dict[str, _ModelQueue] = {}
 
+    def _fresh(self, queue: _ModelQueue) -> bool:
+        return queue.depth is not None and time.monotonic() - queue.depth.at < self._cache_s
+
     async def depth(self, model: str) -> ConsumerDepth:
-        queue = self._queues.setdefault(model, _ModelQueue(lock=asyncio.Lock()))
-        depth = queue.depth
-        if depth is not None and time.monotonic() - depth.at < self._cache_s:
-            return depth
-        assert queue.lock is not None
-        async with queue.lock:  # one consumer-info request at a time per model
-            depth = queue.depth
-            if depth is not None and time.monotonic() - depth.at < self._cache_s:
-                return depth
-            try:
-                fresh = await self._bus.consumer_depth(model)
-            except Exception as exc:
-                raise UpstreamUnavailable(f"the job queue is unreachable: {type(exc).__name__}") from exc
-            if depth is not None and fresh.at > depth.at:
-                rate = max(0, fresh.delivered - depth.delivered) / (fresh.at - depth.at)
-                queue.drain_rate = rate if queue.drain_rate == 0 else 0.7 * queue.drain_rate + 0.3 * rate
-            queue.depth = fresh
-            metrics.QUEUE_DEPTH.labels(model=model).set(fresh.pending)
-            return fresh
+        """The model's queue depth, at most cache_s old."""
+        queue = self._queues.setdefault(model, _ModelQueue())
+        if not self._fresh(queue):
+            async with queue.lock:  # one consumer-info request at a time per model
+                if not self._fresh(queue):
+                    await self._refresh(model, queue)
+        assert queue.depth is not None
+        return queue.depth
+
+    async def _refresh(self, model: str, queue: _ModelQueue) -> None:
+        try:
+            fresh = await self._bus.consumer_depth(model)
+        except Exception as exc:
+            raise UpstreamUnavailable(f"the job queue is unreachable: {type(exc).__name__}") from exc
+        queue.depth = fresh
+        queue.admitted_since = 0
+        queue.started.append((fresh.at, fresh.started))
+        while len(queue.started) > 2 and fresh.at - queue.started[1][0] >= RATE_WINDOW_S:
+            queue.started.popleft()
+        metrics.QUEUE_DEPTH.labels(model=model).set(fresh.pending)
+
+    def drain_rate(self, model: str) -> float | None:
+        """Jobs per second that workers start (ack at the first token), over the window."""
+        queue = self._queues.get(model)
+        if queue is None or len(queue.started) < 2:
+            return None
+        (t0, n0), (t1, n1) = queue.started[0], queue.started[-1]
+        if t1 - t0 < MIN_RATE_SPAN_S:
+            return None
+        return max(0, n1 - n0) / (t1 - t0)
 
     def retry_after(self, model: str, excess: int) -> int:
         """Seconds until `excess` queued jobs have drained at the observed rate."""
-        queue = self._queues.get(model)
-        rate = queue.drain_rate if queue else 0.0
-        if rate <= 0:
+        rate = self.drain_rate(model)
+        if not rate:
             return DEFAULT_RETRY_AFTER_S
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil(excess / rate)))
 
     async def admit(self, model: str) -> None:
         """Raise Overloaded when the model's queue holds its bound of waiting jobs."""
         depth = await self.depth(model)
-        if depth.pending >= self._bound:
+        queue = self._queues[model]
+        waiting = depth.pending + queue.admitted_since
+        if waiting >= self._bound:
             metrics.REJECTED.labels(model=model, reason="queue_depth").inc()
             raise Overloaded(
-                f"the queue for model {model!r} is full ({depth.pending} waiting); retry later",
-                retry_after=self.retry_after(model, depth.pending - self._bound + 1),
+                f"the queue for model {model!r} is full ({waiting} waiting); retry later",
+                retry_after=self.retry_after(model, waiting - self._bound + 1),
             )
+        queue.admitted_since += 1
 
     def refused(self, model: str) -> Overloaded:
         """The error for a publish the full JOBS stream refused."""

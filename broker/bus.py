@@ -27,11 +27,11 @@ class JobRefused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ConsumerDepth:
-    """A job consumer's backlog: waiting jobs, jobs in flight, jobs handed out so far."""
+    """A job consumer's backlog: jobs waiting, in flight, and started (acked) so far."""
 
     pending: int
     in_flight: int
-    delivered: int
+    started: int
     at: float
 
 
@@ -143,7 +143,8 @@ class Bus:
         return ConsumerDepth(
             pending=int(info.num_pending or 0),
             in_flight=int(info.num_ack_pending or 0),
-            delivered=int(info.delivered.consumer_seq or 0) if info.delivered else 0,
+            # Workers ack at the first token, so the ack floor counts jobs started.
+            started=int(info.ack_floor.consumer_seq or 0) if info.ack_floor else 0,
             at=time.monotonic(),
         )
 

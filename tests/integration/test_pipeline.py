@@ -398,3 +398,26 @@ async def test_garbage_on_the_queue_cannot_crash_the_worker(stack: Stack) -> Non
         )
     assert resp.status_code == 200
     assert resp.json()["choices"][0]["message"]["content"] == expected_text("still alive", 3)
+
+
+async def test_a_burst_cannot_overshoot_the_queue_bound(stack: Stack, tmp_path: Path) -> None:
+    """Even with the depth reading cached, admissions since the reading count against the bound."""
+    env = {**stack.env, "CHATQ_QUEUE_DEPTH_CACHE_S": "30", "CHATQ_MODELS": "burst-model"}
+    api, url = start_api(env, tmp_path, name="burst-api")
+    try:
+        async with (
+            httpx.AsyncClient(base_url=url, headers=auth(), timeout=30) as client,
+            AsyncExitStack() as held,
+        ):
+            statuses = []
+            for _ in range(6):
+                resp = await held.enter_async_context(
+                    client.stream(
+                        "POST", "/v1/chat/completions", json=chat_body("burst", model="burst-model")
+                    )
+                )
+                statuses.append(resp.status_code)
+            assert statuses == [200, 200, 200, 429, 429, 429]
+            assert await jobs_in_queue(stack.nats.url, "burst-model") == 3
+    finally:
+        api.stop()
