@@ -145,6 +145,10 @@ class Relay:
                     raise worker_error(msg)
             # Started: a worker took the job; nothing to relay yet.
 
+    def waiting(self) -> int:
+        """Stream messages already received and not yet read."""
+        return self._sub.waiting() if self._sub is not None else 0
+
     async def close(self, reason: Literal["client_disconnected", "deadline", "stream_failed"] | None) -> None:
         """Unsubscribe; if the stream did not finish, cancel it where it is (queue or worker)."""
         # Runs from a cancelled scope when the client has gone: shield the clean-up.

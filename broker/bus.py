@@ -69,6 +69,9 @@ class StreamSubscription:
         message: schemas.StreamMsg = schemas.decode_stream(data)
         return message
 
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
     async def close(self) -> None:
         if self._sub is not None:
             sub, self._sub = self._sub, None
