@@ -6,7 +6,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Literal, TypeVar
 
 import msgspec
 from litestar import Request, post
@@ -42,6 +42,7 @@ _json = msgspec.json.Encoder()
 _FIELD = re.compile(r"at `\$\.?([^`\[]*)")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
+BodyT = TypeVar("BodyT", bound=msgspec.Struct)
 _TAIL = b'},"finish_reason":null}]}\n\n'
 
 
@@ -49,7 +50,7 @@ def new_request_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def decode_body(body: bytes, kind: type[msgspec.Struct]) -> msgspec.Struct:
+def decode_body(body: bytes, kind: type[BodyT]) -> BodyT:
     """Decode and validate a JSON body; a 400 names the offending field."""
     if not body:
         raise InvalidRequest("the request body is empty; send a JSON object")
@@ -257,13 +258,17 @@ def _stream(content: AsyncIterator[bytes], request_id: str) -> Stream:
     )
 
 
+async def _begin(request: Request, kind: type[BodyT]) -> tuple[str, BodyT]:  # type: ignore[type-arg]
+    """A new request id (kept for error bodies) and the validated body."""
+    request_id = new_request_id()
+    request.state.request_id = request_id
+    return request_id, decode_body(await request.body(), kind)
+
+
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request, services: NamedDependency[Services]) -> Response[bytes] | Stream:  # type: ignore[type-arg]
     """OpenAI-compatible chat completions, streaming or not."""
-    request_id = new_request_id()
-    request.state.request_id = request_id
-    body = decode_body(await request.body(), ChatCompletionRequest)
-    assert isinstance(body, ChatCompletionRequest)
+    request_id, body = await _begin(request, ChatCompletionRequest)
     call = ChatCall(services, request_id)
     job = call.job(
         model=body.model,
@@ -290,10 +295,7 @@ async def chat_completions(request: Request, services: NamedDependency[Services]
 @post("/api/chat", status_code=200)
 async def simple_chat(request: Request, services: NamedDependency[Services]) -> Stream:  # type: ignore[type-arg]
     """The original plan's endpoint: {messages, model, temperature, max_tokens} → SSE."""
-    request_id = new_request_id()
-    request.state.request_id = request_id
-    body = decode_body(await request.body(), SimpleChatRequest)
-    assert isinstance(body, SimpleChatRequest)
+    request_id, body = await _begin(request, SimpleChatRequest)
     call = ChatCall(services, request_id)
     job = call.job(
         model=body.model,
