@@ -61,11 +61,15 @@ class StreamSubscription:
 
     async def next(self, timeout: float) -> schemas.StreamMsg | None:
         """The next message, or None when nothing arrived within timeout seconds."""
-        try:
-            async with asyncio.timeout(timeout):
-                data = await self._queue.get()
-        except TimeoutError:
-            return None
+        if self._queue.empty():
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await self._queue.get()
+            except TimeoutError:
+                return None
+        else:
+            # Under load the message is often here already: no timer, no suspension.
+            data = self._queue.get_nowait()
         message: schemas.StreamMsg = schemas.decode_stream(data)
         return message
 

@@ -421,3 +421,42 @@ async def test_a_burst_cannot_overshoot_the_queue_bound(stack: Stack, tmp_path: 
             assert await jobs_in_queue(stack.nats.url, "burst-model") == 3
     finally:
         api.stop()
+
+
+async def test_a_publish_the_full_stream_refuses_is_a_429(fresh_nats: NatsServer, tmp_path: Path) -> None:
+    """JOBS_MAX_MSGS is the hard bound: JetStream refuses the publish, the client gets 429, not 500."""
+    env = base_env(
+        fresh_nats.url, tmp_path / "home", CHATQ_MODELS="capped", JOBS_MAX_MSGS="2", CHATQ_QUEUE_MAX="100"
+    )
+    api, url = start_api(env, tmp_path)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=url, headers=auth(), timeout=30) as client,
+            AsyncExitStack() as held,
+        ):
+            for _ in range(2):
+                resp = await held.enter_async_context(
+                    client.stream("POST", "/v1/chat/completions", json=chat_body("x", model="capped"))
+                )
+                assert resp.status_code == 200
+            refused = await client.post("/v1/chat/completions", json=chat_body("x", model="capped"))
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["code"] == "queue_full"
+            assert int(refused.headers["Retry-After"]) >= 1
+            assert await jobs_in_queue(fresh_nats.url, "capped") == 2
+    finally:
+        api.stop()
+
+
+def test_a_worker_whose_engine_cannot_start_fails_loudly(tmp_path: Path) -> None:
+    """No silent fallback to the synthetic engine: the worker exits and says why."""
+    env = base_env("nats://127.0.0.1:1", tmp_path / "home", MODEL_ID=str(tmp_path / "no-such-model"))
+    worker, _ = start_worker(env, tmp_path, name="broken")
+    try:
+        code = worker.proc.wait(timeout=120)
+    finally:
+        worker.kill()
+    assert code != 0
+    log = worker.log.read_text()
+    assert "no-such-model" in log
+    assert "synthetic" not in log.lower()
