@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import time
 import uuid
@@ -10,6 +12,7 @@ from typing import Literal, TypeVar
 
 import msgspec
 from litestar import Request, post
+from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
 from litestar.response import Response, Stream
 
@@ -103,6 +106,8 @@ class ChatCall:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stops) > 4:
             raise InvalidRequest("at most 4 stop sequences", param="stop")
+        if any(not s for s in stops):
+            raise InvalidRequest("a stop sequence cannot be empty", param="stop")
         now = time.time()
         return schemas.Job(
             request_id=self.request_id,
@@ -250,12 +255,21 @@ class ChatCall:
         )
 
 
-def _stream(content: AsyncIterator[bytes], request_id: str) -> Stream:
+def _stream(content: AsyncIterator[bytes], relay: Relay, request_id: str) -> Stream:
     return Stream(
         content,
         media_type="text/event-stream",
         headers={**_SSE_HEADERS, "X-Request-Id": request_id},
+        # A client gone before the first byte never starts the generator, so its
+        # clean-up never runs: this does it (a no-op once the stream closed itself).
+        background=BackgroundTask(relay.close, "client_disconnected"),
     )
+
+
+async def _until_disconnect(request: Request) -> None:  # type: ignore[type-arg]
+    """Return when the client closes the connection (the body was already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _begin(request: Request, kind: type[BodyT]) -> tuple[str, BodyT]:  # type: ignore[type-arg]
@@ -283,8 +297,18 @@ async def chat_completions(request: Request, services: NamedDependency[Services]
     relay = await call.open(job)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(call.sse(relay, include_usage=include_usage), request_id)
-    completion = await call.complete(relay)
+        return _stream(call.sse(relay, include_usage=include_usage), relay, request_id)
+    # A client that gives up on a non-streaming answer must stop the engine too.
+    answer = asyncio.ensure_future(call.complete(relay))
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not answer.done():
+        answer.cancel()  # its clean-up cancels the request in the queue or the worker
+        with contextlib.suppress(asyncio.CancelledError):
+            await answer
+        return Response(b"", status_code=499)
+    completion = answer.result()
     return Response(
         _json.encode(completion),
         media_type="application/json",
@@ -304,4 +328,4 @@ async def simple_chat(request: Request, services: NamedDependency[Services]) -> 
         max_tokens=body.max_tokens,
     )
     relay = await call.open(job)
-    return _stream(call.sse(relay, include_usage=True), request_id)
+    return _stream(call.sse(relay, include_usage=True), relay, request_id)

@@ -63,6 +63,7 @@ class Relay:
         self.worker_id: str | None = None
         self.next_seq = 0
         self.finished = False
+        self._closed = False
         self.started_at = time.monotonic()
         self.first_token_at: float | None = None
         # Labelled children resolved once, not per chunk.
@@ -151,6 +152,9 @@ class Relay:
 
     async def close(self, reason: Literal["client_disconnected", "deadline", "stream_failed"] | None) -> None:
         """Unsubscribe; if the stream did not finish, cancel it where it is (queue or worker)."""
+        if self._closed:
+            return
+        self._closed = True
         # Runs from a cancelled scope when the client has gone: shield the clean-up.
         with anyio.CancelScope(shield=True):
             if self._sub is not None:

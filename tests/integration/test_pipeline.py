@@ -222,6 +222,12 @@ def test_client_disconnect_aborts_the_engine_request(stack: Stack) -> None:
             "max_tokens",
         ),
         (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ["ok", ""]},
+            400,
+            "invalid_request",
+            "stop",
+        ),
+        (
             {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]},
             404,
             "model_not_found",
@@ -460,3 +466,29 @@ def test_a_worker_whose_engine_cannot_start_fails_loudly(tmp_path: Path) -> None
     log = worker.log.read_text()
     assert "no-such-model" in log
     assert "synthetic" not in log.lower()
+
+
+def test_a_non_streaming_client_that_gives_up_stops_the_engine(stack: Stack) -> None:
+    metrics_url = f"http://127.0.0.1:{stack.worker_metrics}/metrics"
+
+    def aborts() -> float:
+        try:
+            return metric_value(
+                httpx.get(metrics_url).text, "chatq_engine_aborts_total", reason="client_disconnected"
+            )
+        except KeyError:
+            return 0.0
+
+    before = aborts()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            stack.url + "/v1/chat/completions",
+            json=chat_body("patience", max_tokens=2000, stream=False),
+            headers=auth(),
+            timeout=httpx.Timeout(10, read=1.0),
+        )
+    deadline = time.monotonic() + 10
+    while aborts() <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert aborts() == before + 1
+    assert metric_value(httpx.get(metrics_url).text, "chatq_worker_active_requests", model=MODEL) == 0

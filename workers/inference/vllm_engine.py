@@ -116,14 +116,17 @@ class VllmEngine:
                 f"{self._max_model_len} tokens",
             )
         s = request.sampling
-        params = SamplingParams(
-            temperature=s.temperature,
-            top_p=s.top_p,
-            max_tokens=min(s.max_tokens, room),
-            stop=s.stop or None,
-            seed=s.seed,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        try:
+            params = SamplingParams(
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=min(s.max_tokens, room),
+                stop=s.stop or None,
+                seed=s.seed,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except ValueError as exc:  # vLLM's validation: the request's fault, not the engine's
+            raise RequestRejected("invalid_request", str(exc)) from exc
         prompt_tokens = len(prompt_ids)
         # Cancelling this generator cancels AsyncLLM.generate, which aborts the request
         # in the engine core: its KV cache and batch slot are free on the next step.

@@ -27,6 +27,14 @@ from workers.inference.engine import Engine, GenerationRequest, RequestRejected
 
 log = logging.getLogger(__name__)
 
+
+def _deliveries(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.num_delivered)
+    except Exception:  # noqa: BLE001 - not a JetStream message: treat as the first try
+        return 1
+
+
 # How long an idle worker's pull request waits on the interactive queue before it looks
 # at the background queue; the background look is short, so interactive jobs barely wait.
 INTERACTIVE_POLL_S = 1.0
@@ -44,6 +52,8 @@ class ActiveRequest:
     task: asyncio.Task[None] | None = None
     last_progress: float = field(default_factory=time.monotonic)
     last_beat: float = float("-inf")
+    # Set once the engine is done: a cancel arriving later must not cut the finish short.
+    generated: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,17 +232,19 @@ class InferenceWorker:
             outcome = "rejected"
             await self._ack(active)
             await self._fail(active, exc.code, exc.message)
-        except Exception as exc:
+        except Exception:
             outcome = "failed"
             log.exception("job %s failed", rid)
-            if not active.acked:
+            if not active.acked and _deliveries(active.msg) < topology.MAX_DELIVER:
                 # Before the first token nothing reached the client: another worker may
-                # succeed, so hand the job back (JetStream stops after max_deliver tries).
+                # succeed, so hand the job back.
                 with contextlib.suppress(Exception):
                     await active.msg.nak(delay=1.0)
                 active.acked = True
             else:
-                await self._fail(active, "engine_error", f"the engine failed: {exc!r}")
+                # Past its last try, or mid-stream: the client must hear it now.
+                await self._ack(active)
+                await self._fail(active, "engine_error", "the engine failed on this request")
         finally:
             active.chunks.close()
             self.active.pop(rid, None)
@@ -269,6 +281,7 @@ class InferenceWorker:
             if task is not None:
                 task.uncancel()
         finally:
+            active.generated = True
             # Closing the generator aborts the engine request if it is still running.
             await generator.aclose()
         usage = schemas.Usage(prompt_tokens=prompt_tokens, completion_tokens=chunks.completion_tokens)
@@ -291,6 +304,10 @@ class InferenceWorker:
                 )
             )
             return "cancelled"
+        if finish == "cancelled":
+            # The engine aborted it on its own (not a cancel of ours): say so, not "stop".
+            await self._fail(active, "engine_error", "the engine aborted this request")
+            return "failed"
         reason: FinishReason = "length" if finish == "length" else "stop"
         await chunks.finish(reason, usage)
         await self.bus.publish_event(
@@ -332,7 +349,7 @@ class InferenceWorker:
     def cancel(self, request_id: str, reason: str) -> bool:
         """Abort a running request; the engine frees its slot on its next step."""
         active = self.active.get(request_id)
-        if active is None or active.cancel_reason is not None or active.task is None:
+        if active is None or active.cancel_reason is not None or active.task is None or active.generated:
             return False
         active.cancel_reason = reason
         active.task.cancel()

@@ -74,6 +74,11 @@ VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (request_id) DO NOTHING
 ANSWER_POSITION = 1_000_000
 
 
+def _text(value: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL: store U+FFFD instead of failing forever."""
+    return value.replace("\x00", "\ufffd") if value else value
+
+
 def _ts(seconds: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
 
@@ -82,7 +87,7 @@ def _row(event: schemas.Event) -> dict[str, object]:
     row: dict[str, object] = {
         "request_id": event.request_id,
         "model": event.model,
-        "user_id": event.user,
+        "user_id": _text(event.user),
         "accepted_at": None,
         "finished_at": None,
         "worker_id": None,
@@ -155,12 +160,12 @@ class Store:
                 if isinstance(event, schemas.Accepted):
                     for position, message in enumerate(event.messages):
                         await conn.execute(
-                            _MESSAGE, (event.request_id, position, message.role, message.content)
+                            _MESSAGE, (event.request_id, position, message.role, _text(message.content))
                         )
                 elif isinstance(event, schemas.Completed | schemas.Cancelled):
                     if event.text:
                         await conn.execute(
-                            _MESSAGE, (event.request_id, ANSWER_POSITION, "assistant", event.text)
+                            _MESSAGE, (event.request_id, ANSWER_POSITION, "assistant", _text(event.text))
                         )
                     # Partial output of a cancelled stream is billed too.
                     await conn.execute(
@@ -168,7 +173,7 @@ class Store:
                         (
                             event.request_id,
                             event.model,
-                            event.user,
+                            _text(event.user),
                             event.usage.prompt_tokens,
                             event.usage.completion_tokens,
                             _ts(event.time),
