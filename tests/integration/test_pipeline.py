@@ -495,3 +495,15 @@ def test_a_non_streaming_client_that_gives_up_stops_the_engine(stack: Stack) -> 
         time.sleep(0.1)
     assert aborts() == before + 1
     assert metric_value(httpx.get(metrics_url).text, "chatq_worker_active_requests", model=MODEL) == 0
+
+
+def test_api_metrics_count_what_happened(stack: Stack) -> None:
+    """Runs after the tests above in this module: their traffic shows on /metrics."""
+    text = httpx.get(stack.url + "/metrics", timeout=10).text
+    assert metric_value(text, "chatq_requests_total", model=MODEL, outcome="completed") >= 3
+    assert metric_value(text, "chatq_ttft_seconds_count", model=MODEL) >= 3
+    assert metric_value(text, "chatq_inter_token_seconds_count", model=MODEL) >= 10
+    assert metric_value(text, "chatq_e2e_seconds_count", model=MODEL) >= 3
+    assert metric_value(text, "chatq_rejected_total", model="unserved", reason="queue_depth") >= 1
+    assert metric_value(text, "chatq_cancellations_total", model=MODEL, reason="client_disconnected") >= 1
+    assert metric_value(text, "chatq_queue_depth", model="unserved") >= 0
