@@ -88,6 +88,15 @@ def chat_body(
     }
 
 
+def disconnect_aborts(stack: Stack) -> float:
+    """Engine requests the module's worker aborted because the client left."""
+    text = httpx.get(f"http://127.0.0.1:{stack.worker_metrics}/metrics").text
+    try:
+        return metric_value(text, "chatq_engine_aborts_total", reason="client_disconnected")
+    except KeyError:  # the counter appears with the first abort
+        return 0.0
+
+
 def expected_text(content: str, tokens: int) -> str:
     seed = prompt_seed(content)
     return "".join(synthetic_token(seed, i) for i in range(tokens))
@@ -159,16 +168,7 @@ def test_api_chat_endpoint_streams_the_same_chunks(stack: Stack) -> None:
 
 def test_client_disconnect_aborts_the_engine_request(stack: Stack) -> None:
     metrics_url = f"http://127.0.0.1:{stack.worker_metrics}/metrics"
-
-    def aborts() -> float:
-        try:
-            return metric_value(
-                httpx.get(metrics_url).text, "chatq_engine_aborts_total", reason="client_disconnected"
-            )
-        except KeyError:
-            return 0.0
-
-    before = aborts()
+    before = disconnect_aborts(stack)
     with httpx.stream(
         "POST",
         stack.url + "/v1/chat/completions",
@@ -181,9 +181,9 @@ def test_client_disconnect_aborts_the_engine_request(stack: Stack) -> None:
         request_id = first.json()["id"]
         # Leave mid-stream: closing the response drops the connection.
     deadline = time.monotonic() + 10
-    while aborts() <= before and time.monotonic() < deadline:
+    while disconnect_aborts(stack) <= before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert aborts() == before + 1
+    assert disconnect_aborts(stack) == before + 1
     text = httpx.get(metrics_url).text
     assert metric_value(text, "chatq_worker_active_requests", model=MODEL) == 0
     cancelled = asyncio.run(find_event(stack.nats.url, request_id, "cancelled"))
@@ -473,16 +473,7 @@ def test_a_worker_whose_engine_cannot_start_fails_loudly(tmp_path: Path) -> None
 
 def test_a_non_streaming_client_that_gives_up_stops_the_engine(stack: Stack) -> None:
     metrics_url = f"http://127.0.0.1:{stack.worker_metrics}/metrics"
-
-    def aborts() -> float:
-        try:
-            return metric_value(
-                httpx.get(metrics_url).text, "chatq_engine_aborts_total", reason="client_disconnected"
-            )
-        except KeyError:
-            return 0.0
-
-    before = aborts()
+    before = disconnect_aborts(stack)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             stack.url + "/v1/chat/completions",
@@ -491,9 +482,9 @@ def test_a_non_streaming_client_that_gives_up_stops_the_engine(stack: Stack) -> 
             timeout=httpx.Timeout(10, read=1.0),
         )
     deadline = time.monotonic() + 10
-    while aborts() <= before and time.monotonic() < deadline:
+    while disconnect_aborts(stack) <= before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert aborts() == before + 1
+    assert disconnect_aborts(stack) == before + 1
     assert metric_value(httpx.get(metrics_url).text, "chatq_worker_active_requests", model=MODEL) == 0
 
 
