@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from chatq.errors import ChatqError
-from chatq.servers import EmbeddedPostgres, NatsServer
+from chatq.servers import EmbeddedPostgres, NatsServer, port_free
 from chatq.settings import Settings, load
 
 SERVICES = ("nats", "worker", "api", "persistence", "telemetry")
@@ -98,9 +98,28 @@ class Supervisor:
         )
         os.close(fd)
 
+    def _check_ports(self, nats_host: str, nats_port: int) -> None:
+        """Fail before starting anything if a port chatq needs is taken."""
+        s = self.s
+        wanted = [
+            ("CHATQ_PORT", s.host, s.port),
+            ("WORKER_METRICS_PORT", s.host, s.worker_metrics_port),
+            ("TELEMETRY_PORT", s.host, s.telemetry_port),
+        ]
+        if s.embedded_nats:
+            wanted.append(("NATS_URL", nats_host, nats_port))
+        for name, host, port in wanted:
+            if port and not port_free(host, port):
+                raise ChatqError(
+                    f"{host}:{port} is already in use ({name}); stop what uses it or choose "
+                    "another port"
+                    + (" (or CHATQ_EMBEDDED_NATS=0 to use that NATS server)" if name == "NATS_URL" else "")
+                )
+
     def start(self) -> None:
         s = self.s
         url = urlparse(s.nats_url)
+        self._check_ports(url.hostname or "127.0.0.1", url.port or 4222)
         if s.embedded_nats:
             fd = self._log("nats")
             with os.fdopen(fd, "ab") as log:

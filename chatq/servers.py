@@ -18,6 +18,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_free(host: str, port: int) -> bool:
+    """True when nothing listens on host:port and it can be bound."""
+    with socket.socket() as s:
+        # Servers bind with SO_REUSEADDR: leftover TIME_WAIT connections do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Wait until something listens on host:port; fail early if proc exits."""
     deadline = time.monotonic() + timeout

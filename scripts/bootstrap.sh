@@ -31,7 +31,11 @@ STAMP="$VENV/.chatq-installed-$(cat "$ROOT/pyproject.toml" | sha1sum | cut -c1-1
 if [ ! -f "$STAMP" ]; then
   echo "chatq: installing chatq[$EXTRAS] (vLLM's $ENGINE build; the first time takes a few minutes)" >&2
   "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2 || true
-  if ! "$VENV/bin/python" -m pip install --progress-bar on -e "$ROOT[$EXTRAS]" >&2; then
+  # pip's full output goes to a log; the terminal sees what is being fetched.
+  LOG="$VENV/chatq-install.log"
+  if ! "$VENV/bin/python" -m pip install -e "$ROOT[$EXTRAS]" 2>&1 | tee "$LOG" \
+      | { grep -E --line-buffered "^(Collecting|Installing collected|Successfully installed|ERROR)" >&2 || true; }; then
+    echo "chatq: the install failed; pip's output is in $LOG" >&2
     if [ "$ENGINE" = cpu ]; then
       cat >&2 <<'MSG'
 chatq: installing vLLM's CPU build failed. It needs torch==2.13.0 (CPU build), which
