@@ -65,6 +65,7 @@ class RunConfig:
     warmup: int = 2
     streams: int = 1000
     ramp_seconds: float = 5.0
+    lean_client: bool = True  # streams: the raw asyncio client (loadtest/rawclient.py)
     queue_max: int | None = None  # CHATQ_QUEUE_MAX for chatq targets; None = chatq's default
     overload_queue_max: int = 4
     request_timeout_s: float = 600.0

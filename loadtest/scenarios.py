@@ -21,6 +21,7 @@ from loadtest.client import ChatClient, RequestResult, make_http_client
 from loadtest.config import DEFAULT_RATES, RunConfig, SynthConfig
 from loadtest.probes import counter_delta, cpu_probe, worker_counters
 from loadtest.prompts import PromptSet
+from loadtest.rawclient import RawChatClient
 from loadtest.targets import Target
 
 PAUSE_BETWEEN_STEPS_S = 1.0
@@ -174,6 +175,8 @@ class TargetRun:
         # One request per stream: no connection is worth keeping (see make_http_client).
         async with make_http_client(None, cfg.request_timeout_s, keepalive=0) as http:
             client = self.client(http, max_tokens)
+            # The lean client by default: httpx's per-event cost would starve the server.
+            raw = RawChatClient(t.base_url, b"", t.api_key) if cfg.lean_client else None
             t0 = time.perf_counter()
             w0, w1 = t0 + ramp + STREAMS_SETTLE_S, t0 + ramp + STREAMS_SETTLE_S + hold
 
@@ -193,7 +196,10 @@ class TargetRun:
                     await asyncio.sleep(delay)
                 max_lag = max(max_lag, time.perf_counter() - due)
                 index, prompt = self.next_prompt()
-                tasks.append(asyncio.create_task(client.chat(index, prompt)))
+                if raw is not None:
+                    tasks.append(asyncio.create_task(raw.chat(index, client.body(prompt, max_tokens))))
+                else:
+                    tasks.append(asyncio.create_task(client.chat(index, prompt)))
             results = list(await asyncio.gather(*tasks))
             await probing
         t1 = max((r.end for r in results), default=time.perf_counter())

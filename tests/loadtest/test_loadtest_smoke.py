@@ -60,3 +60,29 @@ def test_steps_against_synthetic(tmp_path: Path) -> None:
     assert (run / "chart.png").stat().st_size > 1000
     assert str(run / "report.json") in proc.stdout
     assert "latency and throughput" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_streams_with_the_lean_client(tmp_path: Path) -> None:
+    """The streams scenario's raw asyncio client sees every stream's chunks."""
+    cmd = [
+        sys.executable, "-m", "loadtest",
+        "--targets", "synthetic", "--scenario", "streams", "--streams", "20",
+        "--synth-tokens-per-s", "20", "--ramp-seconds", "1", "--step-seconds", "2",
+        "--num-prompts", "50", "--warmup", "1", "--out", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = list(tmp_path.iterdir())
+    report = json.loads((run / "report.json").read_text())
+    (step,) = report["steps"]
+    s = step["summary"]
+    assert s["requests"] == 20
+    assert s["ok"] == 20
+    assert s["errors_total"] == 0
+    samples = [json.loads(line) for line in (run / "requests.jsonl").read_text().splitlines()]
+    for sample in samples:
+        # 20 tokens/s for over 4 s: each stream saw dozens of one-token chunks, in time order.
+        assert len(sample["chunk_times"]) > 40
+        assert sample["chunk_times"] == sorted(sample["chunk_times"])
+        assert set(sample["chunk_tokens"]) == {1}
