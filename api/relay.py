@@ -123,7 +123,10 @@ class Relay:
                 if msg.seq > self.next_seq:
                     log.warning(
                         "%s: expected chunk %d, got %d from %s",
-                        self.job.request_id, self.next_seq, msg.seq, msg.worker_id,
+                        self.job.request_id,
+                        self.next_seq,
+                        msg.seq,
+                        msg.worker_id,
                     )
                     raise StreamFailed(f"chunk {self.next_seq} of the stream was lost", code="stream_gap")
                 self.next_seq += 1
