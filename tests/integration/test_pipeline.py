@@ -488,13 +488,50 @@ def test_a_non_streaming_client_that_gives_up_stops_the_engine(stack: Stack) -> 
     assert metric_value(httpx.get(metrics_url).text, "chatq_worker_active_requests", model=MODEL) == 0
 
 
-def test_api_metrics_count_what_happened(stack: Stack) -> None:
-    """Runs after the tests above in this module: their traffic shows on /metrics."""
-    text = httpx.get(stack.url + "/metrics", timeout=10).text
-    assert metric_value(text, "chatq_requests_total", model=MODEL, outcome="completed") >= 3
-    assert metric_value(text, "chatq_ttft_seconds_count", model=MODEL) >= 3
-    assert metric_value(text, "chatq_inter_token_seconds_count", model=MODEL) >= 10
-    assert metric_value(text, "chatq_e2e_seconds_count", model=MODEL) >= 3
-    assert metric_value(text, "chatq_rejected_total", model="unserved", reason="queue_depth") >= 1
-    assert metric_value(text, "chatq_cancellations_total", model=MODEL, reason="client_disconnected") >= 1
-    assert metric_value(text, "chatq_queue_depth", model="unserved") >= 0
+async def test_api_metrics_count_what_happened(stack: Stack) -> None:
+    """A completed stream, a disconnect and a 429 each show on the API's /metrics."""
+
+    def read() -> str:
+        return httpx.get(stack.url + "/metrics", timeout=10).text
+
+    def value(text: str, name: str, **labels: str) -> float:
+        try:
+            return metric_value(text, name, **labels)
+        except KeyError:
+            return 0.0
+
+    names = [
+        ("chatq_requests_total", {"model": MODEL, "outcome": "completed"}),
+        ("chatq_ttft_seconds_count", {"model": MODEL}),
+        ("chatq_inter_token_seconds_count", {"model": MODEL}),
+        ("chatq_e2e_seconds_count", {"model": MODEL}),
+        ("chatq_rejected_total", {"model": "unserved", "reason": "queue_depth"}),
+        ("chatq_cancellations_total", {"model": MODEL, "reason": "client_disconnected"}),
+    ]
+    before = read()
+    async with httpx.AsyncClient(base_url=stack.url, headers=auth(), timeout=30) as client:
+        done = await client.post("/v1/chat/completions", json=chat_body("count me", max_tokens=5))
+        assert done.status_code == 200
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=chat_body("leave", max_tokens=500)
+        ) as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data:"):
+                    break  # one chunk, then hang up
+        async with AsyncExitStack() as held:
+            refused = None
+            for _ in range(4):
+                resp = await held.enter_async_context(
+                    client.stream("POST", "/v1/chat/completions", json=chat_body("wait", model="unserved"))
+                )
+                refused = resp
+            assert refused is not None and refused.status_code == 429
+    deadline = time.monotonic() + 5
+    after = read()
+    while value(after, *names[-1][:1], **names[-1][1]) <= value(before, *names[-1][:1], **names[-1][1]):
+        assert time.monotonic() < deadline, "the cancellation was not counted"
+        await asyncio.sleep(0.1)
+        after = read()
+    for name, labels in names:
+        assert value(after, name, **labels) > value(before, name, **labels), name
+    assert metric_value(after, "chatq_queue_depth", model="unserved") >= 0
