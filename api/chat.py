@@ -136,18 +136,16 @@ class ChatCall:
         """OpenAI-style SSE: one `data:` event per chunk, then `data: [DONE]`."""
         model = relay.job.model
         created = int(relay.job.created)
-        head = (
-            b"data: "
-            + _json.encode(
-                ChatCompletionChunk(
-                    id=self.request_id,
-                    created=created,
-                    model=model,
-                    choices=[ChunkChoice(index=0, delta=Delta(content=""), finish_reason=None)],
-                )
-            ).split(b'"content":""', 1)[0]
-            + b'"content":'
-        )
+
+        def event(choices: list[ChunkChoice], usage: UsageOut | None = None) -> bytes:
+            chunk = ChatCompletionChunk(
+                id=self.request_id, created=created, model=model, choices=choices, usage=usage
+            )
+            return b"data: " + _json.encode(chunk) + b"\n\n"
+
+        # Everything of a plain content event up to its text, encoded once per request.
+        empty = event([ChunkChoice(index=0, delta=Delta(content=""), finish_reason=None)])
+        head = empty.split(b'"content":""', 1)[0] + b'"content":'
         reason: Literal["client_disconnected", "deadline", "stream_failed"] | None = "client_disconnected"
         outcome = "disconnected"
         metrics.ACTIVE_STREAMS.inc()
@@ -161,37 +159,14 @@ class ChatCall:
                     # The worker stopped it (deadline, shutdown) while the client listened.
                     raise DeadlineExceeded("the request was stopped before it finished")
                 if chunk.seq == 0 or finish is not None:
-                    delta = (
-                        Delta(role="assistant", content=chunk.text)
-                        if chunk.seq == 0
-                        else Delta(content=chunk.text)
-                    )
-                    parts.append(
-                        self._event(
-                            ChatCompletionChunk(
-                                id=self.request_id,
-                                created=created,
-                                model=model,
-                                choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)],
-                            )
-                        )
-                    )
+                    delta = Delta(role="assistant" if chunk.seq == 0 else None, content=chunk.text)
+                    parts.append(event([ChunkChoice(index=0, delta=delta, finish_reason=finish)]))
                 else:
                     # The hot path: only the text changes from chunk to chunk.
                     parts.append(head + _json.encode(chunk.text) + _TAIL)
                 if finish is not None:
                     if include_usage and chunk.usage is not None:
-                        parts.append(
-                            self._event(
-                                ChatCompletionChunk(
-                                    id=self.request_id,
-                                    created=created,
-                                    model=model,
-                                    choices=[],
-                                    usage=_usage(chunk.usage),
-                                )
-                            )
-                        )
+                        parts.append(event([], _usage(chunk.usage)))
                     parts.append(DONE)
                 if not relay.waiting():
                     yield b"".join(parts)
@@ -213,10 +188,6 @@ class ChatCall:
             metrics.ACTIVE_STREAMS.dec()
             metrics.REQUESTS.labels(model=model, outcome=outcome).inc()
             await relay.close(reason)
-
-    @staticmethod
-    def _event(chunk: ChatCompletionChunk) -> bytes:
-        return b"data: " + _json.encode(chunk) + b"\n\n"
 
     async def complete(self, relay: Relay) -> ChatCompletion:
         """Collect the whole answer for a non-streaming request."""
