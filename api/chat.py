@@ -40,6 +40,7 @@ from chatq.errors import (
     StreamFailed,
     error_body,
 )
+from schemas.messages import Priority
 
 _json = msgspec.json.Encoder()
 _FIELD = re.compile(r"at `\$\.?([^`\[]*)")
@@ -92,6 +93,7 @@ class ChatCall:
         stop: str | list[str] | None = None,
         seed: int | None = None,
         user: str | None = None,
+        priority: Priority = "interactive",
     ) -> schemas.Job:
         settings = self.services.settings
         known = self.services.known_models()
@@ -122,12 +124,13 @@ class ChatCall:
             ),
             created=now,
             deadline=now + settings.request_timeout_s,
+            priority=priority,
             user=user,
         )
 
     async def open(self, job: schemas.Job) -> Relay:
         services = self.services
-        await services.monitor.admit(job.model)
+        await services.monitor.admit(job.model, job.priority)
         relay = Relay(services.bus, job, watchdog_s=services.settings.watchdog_s, spawn=services.spawn)
         await relay.open(services.monitor)
         return relay
@@ -264,6 +267,7 @@ async def chat_completions(request: Request, services: NamedDependency[Services]
         stop=body.stop,
         seed=body.seed,
         user=body.user,
+        priority=body.priority,
     )
     relay = await call.open(job)
     if body.stream:

@@ -53,6 +53,9 @@ class ChatCompletionRequest(msgspec.Struct, frozen=True):
     seed: int | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
     user: str | None = None
+    # chatq's extension (openai SDK: extra_body={"priority": "background"}): background
+    # jobs (titles, batch work) wait until no interactive job does.
+    priority: Literal["interactive", "background"] = "interactive"
 
 
 class SimpleChatRequest(msgspec.Struct, frozen=True):

@@ -78,7 +78,7 @@ class Relay:
             self._seq = await self.bus.publish_job(self.job)
         except JobRefused:
             await self._sub.close()
-            raise monitor.refused(self.job.model) from None
+            raise monitor.refused(self.job.model, self.job.priority) from None
         except Exception as exc:
             await self._sub.close()
             raise UpstreamUnavailable(f"the job queue is unreachable: {type(exc).__name__}") from exc

@@ -206,3 +206,19 @@ async def jobs_in_queue(nats_url: str, model: str) -> int:
         return sum((info.state.subjects or {}).values())
     finally:
         await nc.close()
+
+
+def wait_for_model(base_url: str, model: str, timeout: float, procs: list[Proc] | None = None) -> None:
+    """Wait until /health counts a ready worker for `model`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs or []:
+            if p.proc.poll() is not None:
+                raise RuntimeError(f"{p.name} exited with {p.proc.returncode}:\n{p.tail()}")
+        try:
+            if httpx.get(base_url + "/health", timeout=2).json()["services"]["workers"]["models"].get(model):
+                return
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"no ready worker for {model} after {timeout} s")

@@ -26,6 +26,7 @@ from tests.helpers import (
     sse_events,
     start_api,
     start_worker,
+    wait_for_model,
     wait_for_workers,
 )
 from workers.inference.synthetic import prompt_seed, synthetic_token
@@ -316,7 +317,7 @@ def test_worker_killed_before_first_token_is_replaced(stack: Stack) -> None:
     first, first_metrics = start_worker(slow_env, stack.logdir, name="doomed-before")
     content = "survive a crash"
     try:
-        wait_for_workers(stack.url, 2, 60, [first])
+        wait_for_model(stack.url, "killed-before", 60, [first])
         with httpx.stream(
             "POST",
             stack.url + "/v1/chat/completions",
@@ -356,7 +357,7 @@ def test_worker_killed_after_first_token_gives_an_error_event(stack: Stack) -> N
     slow_env = {**stack.env, "MODEL_NAME": "killed-after", "SYNTH_TOKENS_PER_S": "5"}
     doomed, _ = start_worker(slow_env, stack.logdir, name="doomed-after")
     try:
-        wait_for_workers(stack.url, 2, 60, [doomed])
+        wait_for_model(stack.url, "killed-after", 60, [doomed])
         with httpx.stream(
             "POST",
             stack.url + "/v1/chat/completions",
@@ -535,3 +536,32 @@ async def test_api_metrics_count_what_happened(stack: Stack) -> None:
     for name, labels in names:
         assert value(after, name, **labels) > value(before, name, **labels), name
     assert metric_value(after, "chatq_queue_depth", model="unserved") >= 0
+
+
+async def test_interactive_jobs_go_before_background_jobs(stack: Stack) -> None:
+    """One busy slot: of a waiting background and a waiting interactive job, the interactive runs first."""
+    env = {**stack.env, "MODEL_NAME": "prio", "WORKER_SLOTS": "1", "SYNTH_TOKENS_PER_S": "50"}
+    worker, _ = start_worker(env, stack.logdir, name="one-slot")
+    try:
+        await asyncio.to_thread(wait_for_model, stack.url, "prio", 60, [worker])
+        first_chunk: dict[str, float] = {}
+
+        async def ask(client: httpx.AsyncClient, name: str, priority: str, tokens: int) -> None:
+            body = {**chat_body(name, model="prio", max_tokens=tokens), "priority": priority}
+            async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+                assert resp.status_code == 200
+                async for line in resp.aiter_lines():
+                    if line.startswith("data:") and name not in first_chunk:
+                        first_chunk[name] = time.monotonic()
+
+        async with httpx.AsyncClient(base_url=stack.url, headers=auth(), timeout=60) as client:
+            busy = asyncio.create_task(ask(client, "busy", "interactive", 50))
+            while "busy" not in first_chunk:
+                await asyncio.sleep(0.01)
+            later = asyncio.create_task(ask(client, "later", "background", 3))
+            await asyncio.sleep(0.2)  # queued first
+            sooner = asyncio.create_task(ask(client, "sooner", "interactive", 3))
+            await asyncio.gather(busy, later, sooner)
+        assert first_chunk["sooner"] < first_chunk["later"]
+    finally:
+        worker.stop()
