@@ -60,7 +60,8 @@ class QueueMonitor:
         queue.depth = fresh
         queue.admitted_since = 0
         queue.started.append((fresh.at, fresh.started))
-        while len(queue.started) > 2 and fresh.at - queue.started[1][0] >= RATE_WINDOW_S:
+        # Samples older than the window go, even after an idle spell with no readings.
+        while len(queue.started) > 1 and fresh.at - queue.started[0][0] > RATE_WINDOW_S:
             queue.started.popleft()
         if priority == "interactive":
             metrics.QUEUE_DEPTH.labels(model=model).set(fresh.pending)

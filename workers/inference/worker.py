@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
@@ -23,9 +23,15 @@ from broker.bus import Bus
 from schemas.messages import FinishReason, Priority
 from workers.inference import metrics
 from workers.inference.chunker import ChunkStream
-from workers.inference.engine import Engine, GenerationRequest, RequestRejected
+from workers.inference.engine import Delta, Engine, GenerationRequest, RequestRejected
 
 log = logging.getLogger(__name__)
+
+
+async def _nothing() -> AsyncIterator[Delta]:
+    """The output of a request cancelled before it reached the engine."""
+    return
+    yield
 
 
 def _deliveries(msg: Msg) -> int:
@@ -52,7 +58,9 @@ class ActiveRequest:
     task: asyncio.Task[None] | None = None
     last_progress: float = field(default_factory=time.monotonic)
     last_beat: float = float("-inf")
-    # Set once the engine is done: a cancel arriving later must not cut the finish short.
+    # Set when the request enters the engine, and once the engine is done: a cancel
+    # interrupts only in between (before, the flag is enough; after, the finish runs).
+    in_engine: bool = False
     generated: bool = False
 
 
@@ -260,9 +268,12 @@ class InferenceWorker:
         finish: str | None = None
         ttft: float | None = None
         request = GenerationRequest(request_id=rid, messages=job.messages, sampling=job.sampling)
-        generator = self.engine.generate(request)
+        generator = None
         try:
-            async for delta in generator:
+            if active.cancel_reason is None:  # cancelled before it ever reached the engine
+                active.in_engine = True
+                generator = self.engine.generate(request)
+            async for delta in generator or _nothing():
                 prompt_tokens = delta.prompt_tokens
                 if ttft is None and delta.tokens:
                     ttft = time.monotonic() - active.fetched_at
@@ -283,7 +294,8 @@ class InferenceWorker:
         finally:
             active.generated = True
             # Closing the generator aborts the engine request if it is still running.
-            await generator.aclose()
+            if generator is not None:
+                await generator.aclose()
         usage = schemas.Usage(prompt_tokens=prompt_tokens, completion_tokens=chunks.completion_tokens)
         metrics.TOKENS.labels(**self._labels).inc(chunks.completion_tokens)
         metrics.CHUNKS.labels(**self._labels).inc(chunks.seq + 1)
@@ -352,7 +364,10 @@ class InferenceWorker:
         if active is None or active.cancel_reason is not None or active.task is None or active.generated:
             return False
         active.cancel_reason = reason
-        active.task.cancel()
+        # Interrupt only a request in the engine: a task cancelled before it first runs
+        # would never run its clean-up (slot, ack); before the engine, the flag suffices.
+        if active.in_engine:
+            active.task.cancel()
         return True
 
     async def on_cancel(self, data: bytes) -> None:

@@ -1,0 +1,108 @@
+"""The worker's cancel handling, with fakes at the NATS boundary and the synthetic engine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import schemas
+from workers.inference.synthetic import SyntheticEngine
+from workers.inference.worker import InferenceWorker, WorkerConfig
+
+
+class FakeBus:
+    def __init__(self) -> None:
+        self.stream: list[schemas.StreamMsg] = []
+        self.events: list[schemas.Event] = []
+
+    async def publish_stream(self, request_id: str, message: schemas.StreamMsg) -> None:
+        self.stream.append(message)
+
+    async def publish_event(self, event: schemas.Event) -> None:
+        self.events.append(event)
+
+
+class FakeMsg:
+    def __init__(self, job: schemas.Job) -> None:
+        self.data = schemas.encode(job)
+        self.calls: list[str] = []
+
+    async def ack(self) -> None:
+        self.calls.append("ack")
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.calls.append("nak")
+
+    async def in_progress(self) -> None:
+        self.calls.append("in_progress")
+
+    async def term(self) -> None:
+        self.calls.append("term")
+
+
+def make(slots: int = 2) -> tuple[InferenceWorker, FakeBus, SyntheticEngine]:
+    engine = SyntheticEngine(model="m", tokens_per_s=50, ttft_s=0.01, slots=slots)
+    bus = FakeBus()
+    config = WorkerConfig(
+        worker_id="w", ack_wait_s=30, heartbeat_s=1, chunk_max_tokens=16, chunk_max_delay_s=0.015
+    )
+    return InferenceWorker(bus, engine, config), bus, engine  # type: ignore[arg-type]
+
+
+def job(rid: str, max_tokens: int = 100) -> schemas.Job:
+    now = time.time()
+    return schemas.Job(
+        request_id=rid,
+        model="m",
+        messages=[schemas.ChatMessage("user", "hi")],
+        sampling=schemas.Sampling(max_tokens=max_tokens),
+        created=now,
+        deadline=now + 60,
+    )
+
+
+async def settle(worker: InferenceWorker, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while worker.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+async def test_a_cancel_that_arrives_with_the_job_frees_the_slot_and_acks() -> None:
+    worker, bus, engine = make()
+    msg: Any = FakeMsg(job("r1"))
+    worker._start_job(msg)
+    assert worker.cancel("r1", "client_disconnected")  # before the job's task ever ran
+    await settle(worker)
+    assert worker.active == {}
+    assert worker.free_slots == 2
+    assert msg.calls.count("ack") == 1 and "nak" not in msg.calls
+    (event,) = bus.events
+    assert isinstance(event, schemas.Cancelled) and event.usage.completion_tokens == 0
+    assert engine.running == set() and engine.aborted == []  # never reached the engine
+
+
+async def test_a_cancel_mid_stream_aborts_the_engine_and_reports_partial_usage() -> None:
+    worker, bus, engine = make()
+    msg: Any = FakeMsg(job("r2", max_tokens=1000))
+    worker._start_job(msg)
+    while not any(isinstance(m, schemas.Chunk) for m in bus.stream):
+        await asyncio.sleep(0.01)
+    assert worker.cancel("r2", "client_disconnected")
+    await settle(worker)
+    assert worker.active == {} and engine.aborted == ["r2"]
+    (event,) = bus.events
+    assert isinstance(event, schemas.Cancelled)
+    assert 0 < event.usage.completion_tokens < 1000
+    last = bus.stream[-1]
+    assert isinstance(last, schemas.Chunk) and last.finish_reason == "cancelled"
+
+
+async def test_a_cancel_after_the_engine_finished_changes_nothing() -> None:
+    worker, bus, _ = make()
+    msg: Any = FakeMsg(job("r3", max_tokens=2))
+    worker._start_job(msg)
+    await settle(worker)
+    assert not worker.cancel("r3", "deadline")
+    (event,) = bus.events
+    assert isinstance(event, schemas.Completed) and event.usage.completion_tokens == 2
