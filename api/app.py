@@ -31,7 +31,6 @@ from chatq.errors import (
     ApiError,
     ClientError,
     ConfigError,
-    InvalidRequest,
     RequestTooLarge,
     ServerError,
     error_body,
@@ -181,6 +180,3 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
         request_max_body_size=settings.max_request_bytes,
         openapi_config=None,
     )
-
-
-__all__ = ["InvalidRequest", "create_app"]

@@ -66,13 +66,17 @@ class NatsServer:
         self.port = port or free_port()
         self.monitor_port = monitor_port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
-    def start(self, log: IO[bytes] | None = None, timeout: float = 15.0) -> NatsServer:
+    def start(self, log: IO[bytes] | Path | None = None, timeout: float = 15.0) -> NatsServer:
+        """Start the server, its output appended to `log` (a file or a path)."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(log, Path):
+            log = self._log = open(log, "ab")
         self.proc = subprocess.Popen(
             [
                 nats_server_binary(),
@@ -93,14 +97,16 @@ class NatsServer:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
 
 class EmbeddedPostgres:

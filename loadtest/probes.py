@@ -70,15 +70,17 @@ def cpu_probe(api_pid: int | None, worker_pid: int | None) -> CpuProbe:
     return CpuProbe(pids)
 
 
-def metric_sum(text: str, name: str) -> float | None:
-    """Sum of every series of a Prometheus counter in an exposition text."""
+def metric_sum(text: str, name: str, **labels: str) -> float | None:
+    """Sum of a Prometheus series in an exposition text, filtered by labels; None if absent."""
     total = 0.0
     found = False
     for line in text.splitlines():
         if line.startswith("#") or not line.startswith(name):
             continue
         series, _, value = line.rpartition(" ")
-        if series == name or series.startswith(name + "{"):
+        if series != name and not series.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
             total += float(value)
             found = True
     return total if found else None

@@ -337,6 +337,7 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
         common["CHATQ_QUEUE_MAX"] = str(cfg.overload_queue_max)
     elif cfg.queue_max is not None:
         common["CHATQ_QUEUE_MAX"] = str(cfg.queue_max)
+    synth = None
     if kind == "chatq":
         env = {
             **common,
@@ -347,34 +348,27 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
             "VLLM_ENFORCE_EAGER": "1" if e.enforce_eager else "0",
             "VLLM_MAX_MODEL_LEN": str(e.max_model_len),
         }
-        return ChatqTarget(
-            name=kind,
-            kind=kind,
-            model=cfg.model_name,
-            env_extra=env,
-            logdir=logdir,
-            start_timeout=cfg.start_timeout_s,
-        )
-    if kind == "synthetic":
-        s = cfg.synth
-        slots = e.max_num_seqs if cfg.scenario == "overload" else s.slots
+    elif kind == "synthetic":
+        synth = cfg.synth
+        slots = e.max_num_seqs if cfg.scenario == "overload" else synth.slots
         env = {
             **common,
             "INFERENCE_ENGINE": "synthetic",
             "WORKER_SLOTS": str(slots),
-            "SYNTH_TOKENS_PER_S": f"{s.tokens_per_s:g}",
-            "SYNTH_TTFT_MS": f"{s.ttft_ms:g}",
+            "SYNTH_TOKENS_PER_S": f"{synth.tokens_per_s:g}",
+            "SYNTH_TTFT_MS": f"{synth.ttft_ms:g}",
         }
-        return ChatqTarget(
-            name=kind,
-            kind=kind,
-            model=cfg.model_name,
-            env_extra=env,
-            logdir=logdir,
-            start_timeout=cfg.start_timeout_s,
-            synth=s,
-        )
-    raise ValueError(f"unknown target {kind!r}; choose from chatq, vllm-server, synthetic")
+    else:
+        raise ValueError(f"unknown target {kind!r}; choose from chatq, vllm-server, synthetic")
+    return ChatqTarget(
+        name=kind,
+        kind=kind,
+        model=cfg.model_name,
+        env_extra=env,
+        logdir=logdir,
+        start_timeout=cfg.start_timeout_s,
+        synth=synth,
+    )
 
 
 def external_target(cfg: RunConfig) -> Target:

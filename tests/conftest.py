@@ -14,7 +14,7 @@ from chatq.servers import NatsServer
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """One JetStream-enabled nats-server for the whole session."""
     store = tmp_path_factory.mktemp("nats")
-    server = NatsServer(store).start(open(store / "nats.log", "ab"))
+    server = NatsServer(store).start(store / "nats.log")
     yield server
     server.stop()
 
@@ -27,6 +27,6 @@ def nats_url(nats_server: NatsServer) -> str:
 @pytest.fixture
 def fresh_nats(tmp_path: Path) -> Iterator[NatsServer]:
     """A nats-server of the test's own, for tests that fill or inspect the queue."""
-    server = NatsServer(tmp_path / "nats").start(open(tmp_path / "nats.log", "ab"))
+    server = NatsServer(tmp_path / "nats").start(tmp_path / "nats.log")
     yield server
     server.stop()

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from chatq.servers import free_port, wait_for_port
+from loadtest.probes import metric_sum
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-0123456789abcdef"
@@ -145,21 +146,11 @@ def sse_events(lines: Iterator[str]) -> Iterator[SseEvent]:
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of a Prometheus series in an exposition text, filtered by labels."""
-    total = 0.0
-    found = False
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        series, _, value = line.rpartition(" ")
-        if series != name and not series.startswith(name + "{"):
-            continue
-        if all(f'{k}="{v}"' in series for k, v in labels.items()):
-            total += float(value)
-            found = True
-    if not found:
+    """Sum of a Prometheus series, filtered by labels; KeyError when it is absent."""
+    value = metric_sum(text, name, **labels)
+    if value is None:
         raise KeyError(f"{name} {labels} not in metrics")
-    return total
+    return value
 
 
 async def find_event(nats_url: str, request_id: str, kind: str, timeout: float = 10.0) -> Any:

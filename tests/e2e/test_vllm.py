@@ -46,7 +46,7 @@ class VllmStack:
 @pytest.fixture(scope="module")
 def vllm_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmStack]:
     root = tmp_path_factory.mktemp("vllm")
-    nats = NatsServer(root / "nats").start(open(root / "nats.log", "ab"))
+    nats = NatsServer(root / "nats").start(root / "nats.log")
     from chatq.settings import load
 
     # The prepared model lives in the default CHATQ_HOME (./test prepares it once);

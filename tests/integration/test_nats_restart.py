@@ -12,7 +12,7 @@ from tests.helpers import auth, base_env, sse_events, start_api, start_worker, w
 
 
 def test_a_job_queued_before_a_nats_restart_is_answered_after_it(tmp_path: Path) -> None:
-    nats = NatsServer(tmp_path / "nats").start(open(tmp_path / "nats.log", "ab"))
+    nats = NatsServer(tmp_path / "nats").start(tmp_path / "nats.log")
     env = base_env(
         nats.url,
         tmp_path / "home",
@@ -41,7 +41,7 @@ def test_a_job_queued_before_a_nats_restart_is_answered_after_it(tmp_path: Path)
             assert resp.status_code == 200  # accepted: the job is in JetStream, no worker yet
             nats.stop()
             time.sleep(1.0)
-            nats.start(open(tmp_path / "nats.log", "ab"))  # same port, same store
+            nats.start(tmp_path / "nats.log")  # same port, same store
             # Chunks published while the API is still reconnecting would be lost (core
             # NATS); the relay would then end the stream with stream_gap. Here the API is
             # back before any worker exists, as after a real NATS restart.

@@ -29,7 +29,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("persist")
-    server = NatsServer(root / "nats").start(open(root / "nats.log", "ab"))
+    server = NatsServer(root / "nats").start(root / "nats.log")
 
     async def topo() -> None:
         nc = await nats.connect(server.url)

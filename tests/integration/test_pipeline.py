@@ -49,7 +49,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
-    nats = NatsServer(root / "nats").start(open(root / "nats.log", "ab"))
+    nats = NatsServer(root / "nats").start(root / "nats.log")
     env = base_env(
         nats.url,
         root / "home",
