@@ -1,4 +1,30 @@
-"""Admission control: refuse work (429 + Retry-After) when a model's queue is over its bound."""
+"""Admission control: refuse work (429 + Retry-After) when a model's queue is over its bound.
+
+A model's queue depth is the `num_pending` of its JetStream consumer. Admitting against
+that reading alone would let a burst overshoot the bound: the jobs admitted a moment ago
+are still on their way to the stream. So each process also counts its own admissions
+that no reading has shown yet ("unseen") on top of the reading:
+
+    waiting = reading.pending + unseen admissions of this process
+
+An admission stops being unseen once a reading shows it has landed: the consumer's
+`arrived` count (delivered plus pending) grows by one per job stored, and that growth
+retires the oldest unseen admissions. Jobs that landed and were then taken by a worker
+are neither pending nor unseen, so a finished request never counts as waiting. (The count
+is not exact: a redelivery adds one, so may retire an admission early; a job withdrawn
+before delivery takes one away, so an admission may stay unseen until UNSEEN_TTL_S.)
+
+The reading is cached for `cache_s` so that a burst does not cost one consumer-info
+request per request, but a refusal is never based on a cached reading: when the cached
+reading says "full", admit() asks again (one request in flight per queue, shared by
+every request that is waiting for it) and decides on a reading taken after it was called.
+
+Across API processes the count is not shared: a process sees another's jobs only once
+they have landed. Two processes whose readings both come before the other's burst lands
+can each admit up to the bound, so with N processes the queue can briefly hold up to N
+times the bound (the JetStream per-subject limit, JOBS_MAX_MSGS, is the exact hard cap).
+Once the jobs have landed, every process sees them and refuses.
+"""
 
 from __future__ import annotations
 
@@ -19,14 +45,25 @@ DEFAULT_RETRY_AFTER_S = 5
 # idle worker takes at once does not read as the steady rate.
 RATE_WINDOW_S = 10.0
 MIN_RATE_SPAN_S = 2.0
+# An admission that no reading has shown this long after it is taken as landed, so that
+# one whose job never lands (its publish failed), or whose landing the `arrived` count
+# missed (a job withdrawn from the queue before delivery offsets one arrival), cannot
+# hold a place in the queue for ever. A publish is acknowledged, or has failed, well
+# within this (the JetStream API timeout is 5 s).
+UNSEEN_TTL_S = 6.0
 
 
 @dataclass
 class _ModelQueue:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     depth: ConsumerDepth | None = None
-    # Admissions since `depth` was read: the cached reading does not know them yet.
-    admitted_since: int = 0
+    # Readings requested so far, and which of them `depth` is: a reading numbered above
+    # the count an admit() saw when called was requested after it, so it reflects
+    # everything that happened before.
+    readings: int = 0
+    reading: int = 0
+    # When each admission of this process that no reading has shown yet was made (monotonic).
+    unseen: deque[float] = field(default_factory=deque)
     started: deque[tuple[float, int]] = field(default_factory=deque)  # (at, jobs started)
 
 
@@ -39,12 +76,15 @@ class QueueMonitor:
         self._cache_s = cache_s
         self._queues: dict[tuple[str, Priority], _ModelQueue] = {}
 
+    def _queue(self, model: str, priority: Priority) -> _ModelQueue:
+        return self._queues.setdefault((model, priority), _ModelQueue())
+
     def _fresh(self, queue: _ModelQueue) -> bool:
         return queue.depth is not None and time.monotonic() - queue.depth.at < self._cache_s
 
     async def depth(self, model: str, priority: Priority = "interactive") -> ConsumerDepth:
         """The queue depth of a model and priority, at most cache_s old."""
-        queue = self._queues.setdefault((model, priority), _ModelQueue())
+        queue = self._queue(model, priority)
         if not self._fresh(queue):
             async with queue.lock:  # one consumer-info request at a time per queue
                 if not self._fresh(queue):
@@ -52,19 +92,40 @@ class QueueMonitor:
         assert queue.depth is not None
         return queue.depth
 
+    async def _read_after(self, model: str, priority: Priority, queue: _ModelQueue, seen: int) -> None:
+        """Make sure the queue holds a reading requested after `seen` readings had been."""
+        async with queue.lock:
+            # Whoever held the lock may have just taken one: a burst shares a reading.
+            if queue.reading <= seen:
+                await self._refresh(model, priority, queue)
+
     async def _refresh(self, model: str, priority: Priority, queue: _ModelQueue) -> None:
+        queue.readings += 1
+        number = queue.readings
         try:
             fresh = await self._bus.consumer_depth(model, priority)
         except Exception as exc:
             raise UpstreamUnavailable(f"the job queue is unreachable: {type(exc).__name__}") from exc
-        queue.depth = fresh
-        queue.admitted_since = 0
+        if queue.depth is not None:
+            # Jobs stored since the last reading: the oldest of our unseen admissions have
+            # landed (another process's jobs may be taken for ours; they are in `pending`).
+            for _ in range(min(max(0, fresh.arrived - queue.depth.arrived), len(queue.unseen))):
+                queue.unseen.popleft()
+        queue.depth, queue.reading = fresh, number
         queue.started.append((fresh.at, fresh.started))
         # Samples older than the window go, even after an idle spell with no readings.
         while len(queue.started) > 1 and fresh.at - queue.started[0][0] > RATE_WINDOW_S:
             queue.started.popleft()
         if priority == "interactive":
             metrics.QUEUE_DEPTH.labels(model=model).set(fresh.pending)
+
+    def _waiting(self, queue: _ModelQueue) -> int:
+        """Jobs waiting: the last reading's plus this process's admissions it does not show."""
+        assert queue.depth is not None
+        expired = time.monotonic() - UNSEEN_TTL_S
+        while queue.unseen and queue.unseen[0] < expired:
+            queue.unseen.popleft()
+        return queue.depth.pending + len(queue.unseen)
 
     def drain_rate(self, model: str, priority: Priority = "interactive") -> float | None:
         """Jobs per second that workers start (ack at the first token), over the window."""
@@ -84,20 +145,32 @@ class QueueMonitor:
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil(excess / rate)))
 
     async def admit(self, model: str, priority: Priority = "interactive") -> None:
-        """Raise Overloaded when the queue holds its bound of waiting jobs."""
-        depth = await self.depth(model, priority)
-        queue = self._queues[(model, priority)]
-        waiting = depth.pending + queue.admitted_since
+        """Raise Overloaded when the queue holds its bound of waiting jobs.
+
+        The caller publishes the job next; until a reading shows it, it counts as waiting.
+        """
+        queue = self._queue(model, priority)
+        seen = queue.readings
+        await self.depth(model, priority)
+        waiting = self._waiting(queue)
+        if waiting >= self._bound:
+            # Never refuse on a cached reading: it may predate workers taking jobs. The
+            # requests that would be refused meanwhile share the next reading.
+            await self._read_after(model, priority, queue, seen)
+            waiting = self._waiting(queue)
         if waiting >= self._bound:
             metrics.REJECTED.labels(model=model, reason="queue_depth").inc()
             raise Overloaded(
                 f"the queue for model {model!r} is full ({waiting} waiting); retry later",
                 retry_after=self.retry_after(model, waiting - self._bound + 1, priority),
             )
-        queue.admitted_since += 1
+        queue.unseen.append(time.monotonic())
 
     def refused(self, model: str, priority: Priority = "interactive") -> Overloaded:
-        """The error for a publish the full JOBS stream refused."""
+        """The error for a publish the full JOBS stream refused (after admit() let it in)."""
+        queue = self._queues.get((model, priority))
+        if queue is not None and queue.unseen:
+            queue.unseen.pop()  # that job will never land
         metrics.REJECTED.labels(model=model, reason="stream_full").inc()
         return Overloaded(
             f"the queue for model {model!r} is at its hard limit; retry later",

@@ -27,12 +27,18 @@ class JobRefused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ConsumerDepth:
-    """A job consumer's backlog: jobs waiting, in flight, and started (acked) so far."""
+    """A job consumer's backlog: jobs waiting, in flight, and started (acked) so far.
+
+    `arrived` counts the jobs that have reached the consumer so far (delivered, with
+    redeliveries, plus still pending): between two readings it grows by the jobs stored
+    in between, which is how admission recognises its own jobs once they have landed.
+    """
 
     pending: int
     in_flight: int
     started: int
     at: float
+    arrived: int = 0
 
 
 async def connect(url: str, name: str) -> Client:
@@ -147,12 +153,14 @@ class Bus:
 
     async def consumer_depth(self, model: str, priority: Priority = "interactive") -> ConsumerDepth:
         info = await self.js.consumer_info(names.JOBS_STREAM, names.jobs_consumer(model, priority))
+        pending = int(info.num_pending or 0)
         return ConsumerDepth(
-            pending=int(info.num_pending or 0),
+            pending=pending,
             in_flight=int(info.num_ack_pending or 0),
             # Workers ack at the first token, so the ack floor counts jobs started.
             started=int(info.ack_floor.consumer_seq or 0) if info.ack_floor else 0,
             at=time.monotonic(),
+            arrived=pending + (int(info.delivered.consumer_seq or 0) if info.delivered else 0),
         )
 
     async def jobs_in_stream(self) -> int:
