@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import msgspec
 from litestar import Litestar, Request, Response, Router, get
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException
@@ -19,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.admission import QueueMonitor
 from api.auth import ApiKeys, api_key_guard
-from api.chat import chat_completions, simple_chat
+from api.chat import chat_completions, completions, new_request_id, simple_chat
 from api.openai_types import ModelCard, ModelList
 from api.registry import WorkerRegistry
 from api.relay import Spawn
@@ -31,6 +32,7 @@ from chatq.errors import (
     ApiError,
     ClientError,
     ConfigError,
+    ModelNotFound,
     RequestTooLarge,
     ServerError,
     error_body,
@@ -49,9 +51,13 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 Connect = Callable[[str, str], Awaitable[Client]]
 
 
+SERVED = "/v1/chat/completions, /v1/completions, /v1/models"
+
+
 def _error_response(request: Request, exc: ApiError) -> Response[bytes]:  # type: ignore[type-arg]
-    request_id = getattr(request.state, "request_id", None)
-    headers = {"X-Request-Id": request_id} if request_id else {}
+    # Every error carries a request id, also those raised before a handler ran (auth, routing).
+    request_id = getattr(request.state, "request_id", None) or new_request_id()
+    headers = {"X-Request-Id": request_id}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     return Response(
@@ -68,8 +74,17 @@ def _http_error(request: Request, exc: HTTPException) -> Response[bytes]:  # typ
     mapped: ApiError
     if status == 413:
         mapped = RequestTooLarge("the request body is larger than this server accepts")
+    elif status == 404 and request.url.path.startswith("/v1/"):
+        mapped = ClientError(
+            f"chatq does not serve {request.method} {request.url.path}; it serves {SERVED}",
+            code="unsupported_endpoint",
+        )
+    elif status == 405:
+        mapped = ClientError(
+            f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed"
+        )
     elif status < 500:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "invalid_request")
+        code = {404: "not_found"}.get(status, "invalid_request")
         mapped = ClientError(str(exc.detail), code=code)
     else:
         mapped = ServerError(str(exc.detail))
@@ -119,6 +134,17 @@ def list_models(services: NamedDependency[Services]) -> Response[bytes]:
     return Response(_json.encode(body), media_type="application/json")
 
 
+@get("/v1/models/{model_id:path}", sync_to_thread=False)
+def get_model(model_id: str, services: NamedDependency[Services]) -> Response[bytes]:
+    """One served model, or 404 model_not_found."""
+    model_id = model_id.lstrip("/")
+    if model_id not in services.known_models():
+        raise ModelNotFound(f"the model {model_id!r} does not exist", param="model")
+    return Response(
+        _json.encode(ModelCard(id=model_id, created=int(time.time()))), media_type="application/json"
+    )
+
+
 @get("/metrics", sync_to_thread=False)
 def prometheus_metrics() -> Response[bytes]:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -165,7 +191,7 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
 
     protected = Router(
         path="/",
-        route_handlers=[chat_completions, simple_chat, list_models],
+        route_handlers=[chat_completions, completions, simple_chat, list_models, get_model],
         guards=[api_key_guard],
     )
     return Litestar(
@@ -178,5 +204,12 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
             Exception: _unexpected,
         },
         request_max_body_size=settings.max_request_bytes,
+        cors_config=CORSConfig(
+            allow_origins=list(settings.cors_origins),
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
+        if settings.cors_origins
+        else None,
         openapi_config=None,
     )

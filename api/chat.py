@@ -1,13 +1,19 @@
-"""Chat endpoints: POST /v1/chat/completions (OpenAI) and POST /api/chat (SSE)."""
+"""Generation endpoints: POST /v1/chat/completions, /v1/completions (OpenAI) and /api/chat.
+
+The API reads only what it acts on (model, stream, limits, messages), queues the
+client's body as it came, and relays the engine's own OpenAI output byte for byte.
+Nothing is sent before the engine has accepted the request, so everything the engine
+refuses (a prompt longer than the context, a bad parameter) is a 4xx, never a 200
+followed by an error event.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Literal, TypeVar
 
 import msgspec
@@ -18,18 +24,7 @@ from litestar.response import Response, Stream
 
 import schemas
 from api import metrics
-from api.openai_types import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    Choice,
-    ChunkChoice,
-    Delta,
-    InMessage,
-    OutMessage,
-    SimpleChatRequest,
-    UsageOut,
-)
+from api.openai_types import ChatRequestHead, CompletionRequestHead, InMessage, SimpleChatRequest
 from api.relay import Relay
 from api.services import Services
 from chatq.errors import (
@@ -39,15 +34,19 @@ from chatq.errors import (
     ModelNotFound,
     StreamFailed,
     error_body,
+    invalid_field,
 )
-from schemas.messages import Priority
+from schemas.messages import Endpoint, Priority
 
 _json = msgspec.json.Encoder()
-_FIELD = re.compile(r"at `\$\.?([^`\[]*)")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-DONE = b"data: [DONE]\n\n"
 BodyT = TypeVar("BodyT", bound=msgspec.Struct)
-_TAIL = b'},"finish_reason":null}]}\n\n'
+T = TypeVar("T")
+CloseReason = Literal["client_disconnected", "deadline", "stream_failed"] | None
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
 
 
 def new_request_id() -> str:
@@ -55,14 +54,13 @@ def new_request_id() -> str:
 
 
 def decode_body(body: bytes, kind: type[BodyT]) -> BodyT:
-    """Decode and validate a JSON body; a 400 names the offending field."""
+    """Decode and check a JSON body; a 400 names the offending field."""
     if not body:
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
-        match = _FIELD.search(str(exc))
-        raise InvalidRequest(f"invalid request: {exc}", param=match.group(1) if match else None) from None
+        raise InvalidRequest(f"invalid request: {exc}", param=invalid_field(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
@@ -71,61 +69,60 @@ def sse_error(exc: ApiError, request_id: str) -> bytes:
     return b"event: error\ndata: " + _json.encode(error_body(exc, request_id)) + b"\n\n"
 
 
-def _usage(usage: schemas.Usage) -> UsageOut:
-    return UsageOut(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+def _without_priority(body: bytes) -> bytes:
+    """The body less chatq's own `priority` (vLLM's field of that name is an integer)."""
+    raw = msgspec.json.decode(body)
+    raw.pop("priority", None)
+    return _json.encode(raw)
 
 
 class ChatCall:
-    """One chat request through the queue: admission, job, relay, response."""
+    """One generation request through the queue: admission, job, relay, response."""
 
     def __init__(self, services: Services, request_id: str) -> None:
         self.services = services
         self.request_id = request_id
 
+    def model(self, model: str | None) -> str:
+        if not model:
+            raise InvalidRequest("`model` is required: name one of GET /v1/models", param="model")
+        known = self.services.known_models()
+        if model not in known:
+            raise ModelNotFound(
+                f"the model {model!r} does not exist; served models: {', '.join(known)}", param="model"
+            )
+        return model
+
     def job(
         self,
         *,
-        model: str | None,
+        model: str,
+        endpoint: Endpoint,
+        body: bytes,
+        stream: bool,
         messages: list[InMessage],
-        temperature: float | None,
-        top_p: float | None = None,
-        max_tokens: int | None = None,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
-        user: str | None = None,
+        max_tokens: int | None,
+        user: str | None,
         priority: Priority = "interactive",
     ) -> schemas.Job:
         settings = self.services.settings
-        known = self.services.known_models()
-        model = model or known[0]
-        if model not in known:
-            raise ModelNotFound(
-                f"the model {model!r} does not exist; served models: {', '.join(known)}",
-                param="model",
-            )
         if max_tokens is not None and max_tokens > settings.max_tokens_limit:
-            raise InvalidRequest(f"max_tokens may be at most {settings.max_tokens_limit}", param="max_tokens")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > 4:
-            raise InvalidRequest("at most 4 stop sequences", param="stop")
-        if any(not s for s in stops):
-            raise InvalidRequest("a stop sequence cannot be empty", param="stop")
+            raise InvalidRequest(
+                f"max_tokens may be at most {settings.max_tokens_limit} on this server", param="max_tokens"
+            )
         now = time.time()
         return schemas.Job(
             request_id=self.request_id,
             model=model,
             messages=[m.to_chat() for m in messages],
-            sampling=schemas.Sampling(
-                temperature=1.0 if temperature is None else temperature,
-                top_p=1.0 if top_p is None else top_p,
-                max_tokens=max_tokens or settings.default_max_tokens,
-                stop=stops,
-                seed=seed,
-            ),
+            sampling=schemas.Sampling(max_tokens=max_tokens or settings.default_max_tokens),
             created=now,
             deadline=now + settings.request_timeout_s,
             priority=priority,
             user=user,
+            endpoint=endpoint,
+            body=body,
+            stream=stream,
         )
 
     async def open(self, job: schemas.Job) -> Relay:
@@ -135,21 +132,9 @@ class ChatCall:
         await relay.open(services.monitor)
         return relay
 
-    async def sse(self, relay: Relay, *, include_usage: bool) -> AsyncIterator[bytes]:
-        """OpenAI-style SSE: one `data:` event per chunk, then `data: [DONE]`."""
-        model = relay.job.model
-        created = int(relay.job.created)
-
-        def event(choices: list[ChunkChoice], usage: UsageOut | None = None) -> bytes:
-            chunk = ChatCompletionChunk(
-                id=self.request_id, created=created, model=model, choices=choices, usage=usage
-            )
-            return b"data: " + _json.encode(chunk) + b"\n\n"
-
-        # Everything of a plain content event up to its text, encoded once per request.
-        empty = event([ChunkChoice(index=0, delta=Delta(content=""), finish_reason=None)])
-        head = empty.split(b'"content":""', 1)[0] + b'"content":'
-        reason: Literal["client_disconnected", "deadline", "stream_failed"] | None = "client_disconnected"
+    async def sse(self, relay: Relay) -> AsyncIterator[bytes]:
+        """The engine's SSE events as it wrote them; a failure becomes an `error` event."""
+        reason: CloseReason = "client_disconnected"
         outcome = "disconnected"
         metrics.ACTIVE_STREAMS.inc()
         # Chunks that are already waiting go out in one write: under load the API
@@ -157,20 +142,10 @@ class ChatCall:
         parts: list[bytes] = []
         try:
             async for chunk in relay.chunks():
-                finish = chunk.finish_reason
-                if finish == "cancelled":
+                if chunk.finish_reason == "cancelled":
                     # The worker stopped it (deadline, shutdown) while the client listened.
                     raise DeadlineExceeded("the request was stopped before it finished")
-                if chunk.seq == 0 or finish is not None:
-                    delta = Delta(role="assistant" if chunk.seq == 0 else None, content=chunk.text)
-                    parts.append(event([ChunkChoice(index=0, delta=delta, finish_reason=finish)]))
-                else:
-                    # The hot path: only the text changes from chunk to chunk.
-                    parts.append(head + _json.encode(chunk.text) + _TAIL)
-                if finish is not None:
-                    if include_usage and chunk.usage is not None:
-                        parts.append(event([], _usage(chunk.usage)))
-                    parts.append(DONE)
+                parts.append(chunk.data.encode())
                 if not relay.waiting():
                     yield b"".join(parts)
                     parts.clear()
@@ -179,65 +154,40 @@ class ChatCall:
             reason, outcome = None, "completed"
         except ApiError as exc:
             outcome = exc.code
-            if isinstance(exc, StreamFailed):
-                reason = "stream_failed"
-            elif isinstance(exc, DeadlineExceeded):
-                reason = "deadline"
-            else:
-                reason = None
+            reason = _close_reason(exc)
             parts.append(sse_error(exc, self.request_id))
             yield b"".join(parts)
         finally:
             metrics.ACTIVE_STREAMS.dec()
-            metrics.REQUESTS.labels(model=model, outcome=outcome).inc()
+            metrics.REQUESTS.labels(model=relay.job.model, outcome=outcome).inc()
             await relay.close(reason)
 
-    async def complete(self, relay: Relay) -> ChatCompletion:
-        """Collect the whole answer for a non-streaming request."""
+    async def complete(self, relay: Relay) -> bytes:
+        """The whole JSON answer of a non-streaming request."""
         parts: list[str] = []
-        usage = schemas.Usage(0, 0)
-        finish = "stop"
-        reason: Literal["client_disconnected", "deadline", "stream_failed"] | None = "client_disconnected"
+        reason: CloseReason = "client_disconnected"
         outcome = "disconnected"
         try:
             async for chunk in relay.chunks():
-                parts.append(chunk.text)
-                if chunk.finish_reason is not None:
-                    if chunk.finish_reason == "cancelled":
-                        raise DeadlineExceeded("the request was stopped before it finished")
-                    finish = chunk.finish_reason
-                    usage = chunk.usage or usage
+                if chunk.finish_reason == "cancelled":
+                    raise DeadlineExceeded("the request was stopped before it finished")
+                parts.append(chunk.data)
             reason, outcome = None, "completed"
-        except StreamFailed as exc:
-            reason, outcome = "stream_failed", exc.code
-            raise
-        except DeadlineExceeded as exc:
-            reason, outcome = "deadline", exc.code
-            raise
         except ApiError as exc:
-            reason, outcome = None, exc.code
+            reason, outcome = _close_reason(exc), exc.code
             raise
         finally:
             metrics.REQUESTS.labels(model=relay.job.model, outcome=outcome).inc()
             await relay.close(reason)
-        return ChatCompletion(
-            id=self.request_id,
-            created=int(relay.job.created),
-            model=relay.job.model,
-            choices=[Choice(0, OutMessage("assistant", "".join(parts)), finish)],
-            usage=_usage(usage),
-        )
+        return "".join(parts).encode()
 
 
-def _stream(content: AsyncIterator[bytes], relay: Relay, request_id: str) -> Stream:
-    return Stream(
-        content,
-        media_type="text/event-stream",
-        headers={**_SSE_HEADERS, "X-Request-Id": request_id},
-        # A client gone before the first byte never starts the generator, so its
-        # clean-up never runs: this does it (a no-op once the stream closed itself).
-        background=BackgroundTask(relay.close, "client_disconnected"),
-    )
+def _close_reason(exc: ApiError) -> CloseReason:
+    if isinstance(exc, StreamFailed):
+        return "stream_failed"
+    if isinstance(exc, DeadlineExceeded):
+        return "deadline"
+    return None
 
 
 async def _until_disconnect(request: Request) -> None:  # type: ignore[type-arg]
@@ -246,61 +196,132 @@ async def _until_disconnect(request: Request) -> None:  # type: ignore[type-arg]
         pass
 
 
-async def _begin(request: Request, kind: type[BodyT]) -> tuple[str, BodyT]:  # type: ignore[type-arg]
-    """A new request id (kept for error bodies) and the validated body."""
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:  # type: ignore[type-arg]
+    """Await work; a client that goes away first cancels it (its clean-up cancels the job)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ApiError):
+            await task
+        raise ClientGone
+    return task.result()
+
+
+async def _begin(request: Request, kind: type[BodyT]) -> tuple[str, bytes, BodyT]:  # type: ignore[type-arg]
+    """A new request id (kept for error bodies), the raw body and what the API reads of it."""
     request_id = new_request_id()
     request.state.request_id = request_id
-    return request_id, decode_body(await request.body(), kind)
+    raw = await request.body()
+    return request_id, raw, decode_body(raw, kind)
+
+
+async def _answer(request: Request, call: ChatCall, job: schemas.Job) -> Response[bytes] | Stream:  # type: ignore[type-arg]
+    """Queue the job and answer once the engine accepted it (or refused it: a 4xx)."""
+    relay = await call.open(job)
+    try:
+        await _unless_gone(request, relay.accepted())
+    except ClientGone:
+        await relay.close("client_disconnected")
+        return Response(b"", status_code=499)
+    except ApiError as exc:
+        await relay.close(_close_reason(exc))
+        raise
+    headers = {"X-Request-Id": call.request_id}
+    if job.stream:
+        return Stream(
+            call.sse(relay),
+            media_type="text/event-stream",
+            headers={**_SSE_HEADERS, **headers},
+            # A client gone before the first byte never starts the generator, so its
+            # clean-up never runs: this does it (a no-op once the stream closed itself).
+            background=BackgroundTask(relay.close, "client_disconnected"),
+        )
+    try:
+        body = await _unless_gone(request, call.complete(relay))
+    except ClientGone:
+        return Response(b"", status_code=499)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+def _queue_priority(priority: object) -> tuple[Priority, bool]:
+    """chatq's queue priority, and whether the body carries chatq's (string) field."""
+    if priority == "background":
+        return "background", True
+    return "interactive", isinstance(priority, str)
+
+
+async def _openai(request: Request, services: Services, endpoint: Endpoint) -> Response[bytes] | Stream:  # type: ignore[type-arg]
+    """An OpenAI request: read what chatq acts on, queue the body as sent, answer."""
+    head: ChatRequestHead | CompletionRequestHead
+    if endpoint == "chat":
+        request_id, raw, chat = await _begin(request, ChatRequestHead)
+        if chat.messages is None:
+            raise InvalidRequest("`messages` is required", param="messages")
+        head, messages = chat, chat.messages
+        max_tokens = chat.max_completion_tokens or chat.max_tokens
+    else:
+        request_id, raw, text = await _begin(request, CompletionRequestHead)
+        if text.prompt is None:
+            raise InvalidRequest("`prompt` is required", param="prompt")
+        prompt = text.prompt if isinstance(text.prompt, str) else _json.encode(text.prompt).decode()
+        head, messages = text, [InMessage(role="user", content=prompt)]
+        max_tokens = text.max_tokens
+    call = ChatCall(services, request_id)
+    model = call.model(head.model)
+    priority, ours = _queue_priority(head.priority)
+    job = call.job(
+        model=model,
+        endpoint=endpoint,
+        body=_without_priority(raw) if ours else raw,
+        stream=bool(head.stream),
+        messages=messages,
+        max_tokens=max_tokens,
+        user=head.user,
+        priority=priority,
+    )
+    return await _answer(request, call, job)
 
 
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request, services: NamedDependency[Services]) -> Response[bytes] | Stream:  # type: ignore[type-arg]
-    """OpenAI-compatible chat completions, streaming or not."""
-    request_id, body = await _begin(request, ChatCompletionRequest)
-    call = ChatCall(services, request_id)
-    job = call.job(
-        model=body.model,
-        messages=body.messages,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        max_tokens=body.max_completion_tokens or body.max_tokens,
-        stop=body.stop,
-        seed=body.seed,
-        user=body.user,
-        priority=body.priority,
-    )
-    relay = await call.open(job)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(call.sse(relay, include_usage=include_usage), relay, request_id)
-    # A client that gives up on a non-streaming answer must stop the engine too.
-    answer = asyncio.ensure_future(call.complete(relay))
-    gone = asyncio.ensure_future(_until_disconnect(request))
-    await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-    gone.cancel()
-    if not answer.done():
-        answer.cancel()  # its clean-up cancels the request in the queue or the worker
-        with contextlib.suppress(asyncio.CancelledError):
-            await answer
-        return Response(b"", status_code=499)
-    completion = answer.result()
-    return Response(
-        _json.encode(completion),
-        media_type="application/json",
-        headers={"X-Request-Id": request_id},
-    )
+    """OpenAI-compatible chat completions, streaming or not; served by the engine's OpenAI layer."""
+    return await _openai(request, services, "chat")
+
+
+@post("/v1/completions", status_code=200)
+async def completions(request: Request, services: NamedDependency[Services]) -> Response[bytes] | Stream:  # type: ignore[type-arg]
+    """OpenAI-compatible (legacy) text completions, streaming or not."""
+    return await _openai(request, services, "completions")
 
 
 @post("/api/chat", status_code=200)
-async def simple_chat(request: Request, services: NamedDependency[Services]) -> Stream:  # type: ignore[type-arg]
-    """The original plan's endpoint: {messages, model, temperature, max_tokens} → SSE."""
-    request_id, body = await _begin(request, SimpleChatRequest)
+async def simple_chat(request: Request, services: NamedDependency[Services]) -> Response[bytes] | Stream:  # type: ignore[type-arg]
+    """The original plan's endpoint: {messages, model, temperature, max_tokens} → SSE with usage."""
+    request_id, _, body = await _begin(request, SimpleChatRequest)
     call = ChatCall(services, request_id)
+    model = call.model(body.model or services.known_models()[0])
+    openai_body: dict[str, object] = {
+        "model": model,
+        "messages": body.messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if body.temperature is not None:
+        openai_body["temperature"] = body.temperature
+    if body.max_tokens is not None:
+        openai_body["max_tokens"] = body.max_tokens
     job = call.job(
-        model=body.model,
+        model=model,
+        endpoint="chat",
+        body=_json.encode(openai_body),
+        stream=True,
         messages=body.messages,
-        temperature=body.temperature,
         max_tokens=body.max_tokens,
+        user=None,
     )
-    relay = await call.open(job)
-    return _stream(call.sse(relay, include_usage=True), relay, request_id)
+    return await _answer(request, call, job)

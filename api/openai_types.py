@@ -1,28 +1,37 @@
-"""The OpenAI chat-completions wire format (the subset chatq serves), as msgspec Structs."""
+"""What the API reads of OpenAI requests: the fields chatq acts on, nothing more.
+
+The engine's own OpenAI layer validates and serves the whole body; these Structs
+pick out what the API needs before queueing (model, stream, limits, the messages for
+the history) and refuse the obviously malformed with a 400 naming the field. Every
+field may be sent as null, which means "not given", as OpenAI clients expect.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from schemas.messages import ChatMessage
 
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
-TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
+# chatq's queue priority (a string) or vLLM's own engine priority (an integer).
+PriorityField = Literal["interactive", "background"] | int | None
+
+_ROLES = {"system", "user", "assistant", "developer", "tool"}
 
 
-class TextPart(msgspec.Struct, frozen=True):
-    type: Literal["text"]
-    text: str
+class ContentPart(msgspec.Struct, frozen=True):
+    type: str
+    text: str | None = None
 
 
 class InMessage(msgspec.Struct, frozen=True):
-    """A chat message as clients send it: content is text or a list of text parts."""
+    """A chat message as clients send it: content is text, a list of parts, or null."""
 
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
+    role: str
+    content: str | list[ContentPart] | None = None
 
     def to_chat(self) -> ChatMessage:
         if self.content is None:
@@ -30,32 +39,36 @@ class InMessage(msgspec.Struct, frozen=True):
         elif isinstance(self.content, str):
             text = self.content
         else:
-            text = "".join(part.text for part in self.content)
-        return ChatMessage(role=self.role, content=text)
+            text = "".join(part.text or "" for part in self.content)
+        role = self.role if self.role in _ROLES else "tool"
+        return ChatMessage(role=role, content=text)  # type: ignore[arg-type]
 
 
 class StreamOptions(msgspec.Struct, frozen=True):
-    include_usage: bool = False
+    include_usage: bool | None = None
 
 
-class ChatCompletionRequest(msgspec.Struct, frozen=True):
-    """POST /v1/chat/completions; unknown fields are ignored, as OpenAI clients expect."""
+class ChatRequestHead(msgspec.Struct, frozen=True):
+    """POST /v1/chat/completions, as far as the API reads it."""
 
-    model: str
-    messages: Annotated[list[InMessage], msgspec.Meta(min_length=1)]
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
+    model: str | None = None
+    messages: Annotated[list[InMessage], msgspec.Meta(min_length=1)] | None = None
+    stream: bool | None = None
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
     user: str | None = None
-    # chatq's extension (openai SDK: extra_body={"priority": "background"}): background
-    # jobs (titles, batch work) wait until no interactive job does.
-    priority: Literal["interactive", "background"] = "interactive"
+    priority: PriorityField = None
+
+
+class CompletionRequestHead(msgspec.Struct, frozen=True):
+    """POST /v1/completions, as far as the API reads it."""
+
+    model: str | None = None
+    prompt: str | list[Any] | None = None  # text, texts, or token ids
+    stream: bool | None = None
+    max_tokens: MaxTokens | None = None
+    user: str | None = None
+    priority: PriorityField = None
 
 
 class SimpleChatRequest(msgspec.Struct, frozen=True):
@@ -67,57 +80,13 @@ class SimpleChatRequest(msgspec.Struct, frozen=True):
     max_tokens: MaxTokens | None = None
 
 
-class Delta(msgspec.Struct, omit_defaults=True):
-    role: str | None = None
-    content: str | None = None
-
-
-class ChunkChoice(msgspec.Struct):
-    index: int
-    delta: Delta
-    finish_reason: str | None
-
-
-class UsageOut(msgspec.Struct):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
-    id: str
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    object: str = "chat.completion.chunk"
-    usage: UsageOut | None = None
-
-
-class OutMessage(msgspec.Struct):
-    role: str
-    content: str
-
-
-class Choice(msgspec.Struct):
-    index: int
-    message: OutMessage
-    finish_reason: str
-
-
-class ChatCompletion(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: UsageOut
-    object: str = "chat.completion"
-
-
 class ModelCard(msgspec.Struct):
     id: str
     created: int
     owned_by: str = "chatq"
     object: str = "model"
+    root: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(msgspec.Struct):

@@ -19,19 +19,23 @@ from chatq.errors import (
     ApiError,
     DeadlineExceeded,
     InvalidRequest,
+    ModelNotFound,
+    RequestTooLarge,
     StreamFailed,
     UpstreamUnavailable,
 )
 
 log = logging.getLogger(__name__)
 
-_REJECT_CODES = {"context_length_exceeded", "invalid_messages", "invalid_request"}
-
 
 def worker_error(error: schemas.StreamError) -> ApiError:
     """The client-facing error for a worker's StreamError."""
-    if error.code in _REJECT_CODES:
-        return InvalidRequest(error.message, code=error.code)
+    if error.status == 404:
+        return ModelNotFound(error.message, code=error.code, param=error.param)
+    if error.status == 413:
+        return RequestTooLarge(error.message, code=error.code, param=error.param)
+    if 400 <= error.status < 500:
+        return InvalidRequest(error.message, code=error.code, param=error.param)
     if error.code == "deadline_exceeded":
         return DeadlineExceeded(error.message)
     return StreamFailed(error.message, code=error.code)
@@ -59,6 +63,7 @@ class Relay:
         self.watchdog_s = watchdog_s
         self._spawn = spawn
         self._sub: StreamSubscription | None = None
+        self._held: schemas.StreamMsg | None = None
         self._seq: int | None = None
         self.worker_id: str | None = None
         self.next_seq = 0
@@ -94,20 +99,42 @@ class Relay:
             )
         )
 
+    async def accepted(self) -> None:
+        """Wait until a worker's engine has accepted the job; its refusal raises (a 4xx)."""
+        assert self._sub is not None
+        while True:
+            timeout = self.job.deadline - time.time()
+            msg = await self._sub.next(timeout) if timeout > 0 else None
+            if msg is None:
+                raise DeadlineExceeded("no worker answered before the request's deadline")
+            if isinstance(msg, schemas.StreamError):
+                self.finished = True
+                raise worker_error(msg)
+            if isinstance(msg, schemas.Started):
+                return
+            if isinstance(msg, schemas.Chunk):
+                self._held = msg  # relayed by chunks()
+                return
+
     async def chunks(self) -> AsyncIterator[schemas.Chunk]:
         """The request's chunks in order; the last has a finish reason. Raises ApiError."""
         assert self._sub is not None
         last_at = 0.0
         while True:
-            if self.next_seq == 0:
-                timeout = self.job.deadline - time.time()
-                if timeout <= 0:
-                    raise DeadlineExceeded("no worker answered before the request's deadline")
+            if self._held is not None:
+                msg: schemas.StreamMsg | None = self._held
+                self._held = None
             else:
-                timeout = self.watchdog_s
-            msg = await self._sub.next(timeout)
+                if self.next_seq == 0 and self.worker_id is None:
+                    # Queued, or waiting for its first token: the job is durable until then.
+                    timeout = self.job.deadline - time.time()
+                    if timeout <= 0:
+                        raise DeadlineExceeded("no worker answered before the request's deadline")
+                else:
+                    timeout = self.watchdog_s
+                msg = await self._sub.next(timeout)
             if msg is None:
-                if self.next_seq == 0:
+                if self.next_seq == 0 and self.worker_id is None:
                     raise DeadlineExceeded("no worker answered before the request's deadline")
                 raise StreamFailed(
                     f"the worker went silent for {self.watchdog_s:g} s mid-stream",
@@ -144,9 +171,12 @@ class Relay:
                 if self.finished:
                     return
             elif isinstance(msg, schemas.Heartbeat):
-                if self.worker_id is not None and msg.worker_id == self.worker_id:
-                    if msg.next_seq > self.next_seq:
-                        raise StreamFailed(f"chunk {self.next_seq} of the stream was lost", code="stream_gap")
+                if self.worker_id is None:
+                    # A worker past its first token (acked: no redelivery from here on)
+                    # whose output is not here yet (a non-streaming answer): watch it.
+                    self.worker_id = msg.worker_id
+                if msg.worker_id == self.worker_id and msg.next_seq > self.next_seq:
+                    raise StreamFailed(f"chunk {self.next_seq} of the stream was lost", code="stream_gap")
             elif isinstance(msg, schemas.StreamError):
                 if self.worker_id is None or msg.worker_id == self.worker_id:
                     self.finished = True

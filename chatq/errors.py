@@ -20,9 +20,12 @@ ServerError                  5xx, raised while serving
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 import msgspec
+
+_FIELD = re.compile(r"at `\$\.?([^`]*)`")
 
 
 class ChatqError(Exception):
@@ -134,3 +137,9 @@ def error_body(exc: ApiError, request_id: str | None) -> ErrorBody:
             param=exc.param,
         )
     )
+
+
+def invalid_field(exc: msgspec.ValidationError) -> str | None:
+    """The field a msgspec validation error is about, as `messages.0.role`."""
+    match = _FIELD.search(str(exc))
+    return re.sub(r"\[(\d+)\]", r".\1", match.group(1)) or None if match else None

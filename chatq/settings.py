@@ -35,6 +35,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     request_timeout_s: float
     watchdog_s: float
     max_request_bytes: int
+    cors_origins: tuple[str, ...]
     max_tokens_limit: int
     default_max_tokens: int
     queue_depth_cache_s: float
@@ -56,6 +57,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     vllm_gpu_memory_utilization: float | None
     vllm_enforce_eager: bool
     vllm_max_model_len: int
+    vllm_tool_call_parser: str | None
+    vllm_extra_args: str
     # Synthetic engine
     synth_tokens_per_s: float
     synth_ttft_s: float
@@ -163,6 +166,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         request_timeout_s=env.number("CHATQ_REQUEST_TIMEOUT_S", 600.0, minimum=1.0),
         watchdog_s=watchdog_s,
         max_request_bytes=env.integer("CHATQ_MAX_REQUEST_BYTES", 1 << 20, minimum=1024),
+        cors_origins=tuple(env.items("CORS_ORIGINS")),
         max_tokens_limit=env.integer("CHATQ_MAX_TOKENS", 4096, minimum=1),
         default_max_tokens=env.integer("CHATQ_DEFAULT_MAX_TOKENS", 512, minimum=1),
         queue_depth_cache_s=env.number("CHATQ_QUEUE_DEPTH_CACHE_S", 0.25),
@@ -181,6 +185,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         vllm_gpu_memory_utilization=None if gpu_util_raw is None else float(gpu_util_raw),
         vllm_enforce_eager=env.flag("VLLM_ENFORCE_EAGER", True),
         vllm_max_model_len=env.integer("VLLM_MAX_MODEL_LEN", 4096, minimum=64),
+        vllm_tool_call_parser=env.optional("VLLM_TOOL_CALL_PARSER"),
+        vllm_extra_args=env.text("VLLM_EXTRA_ARGS", ""),
         synth_tokens_per_s=env.number("SYNTH_TOKENS_PER_S", 20.0, minimum=0.001),
         synth_ttft_s=env.number("SYNTH_TTFT_MS", 50.0) / 1000,
         telemetry_port=env.integer("TELEMETRY_PORT", 9102),

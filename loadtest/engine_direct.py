@@ -3,7 +3,7 @@
 python -m loadtest.engine_direct [--concurrency 1,5] [--requests 20] [--prompt-tokens 256]
                                  [--max-tokens 32]
 
-Starts chatq's own VllmEngine (same settings as the worker), then for each concurrency
+Starts chatq's own VllmEngine (same settings and OpenAI layer as the worker), then for each concurrency
 level keeps N requests in flight until --requests have finished, and prints TTFT and
 output tokens/s. No HTTP, no NATS: the floor that chatq and vLLM's server add to.
 """
@@ -20,26 +20,28 @@ from pathlib import Path
 from chatq.settings import load
 from loadtest.prompts import build_prompts, load_tokenizer
 from loadtest.stats import dist
-from schemas.messages import ChatMessage, Sampling
-from workers.inference.engine import GenerationRequest
+from workers.inference.engine import OpenAIRequest, Progress
 from workers.inference.vllm_engine import VllmEngine
 
 
 async def one(engine: VllmEngine, prompt: str, max_tokens: int) -> tuple[float | None, float, int]:
-    """TTFT (s), end-to-end (s) and output tokens of one request."""
-    request = GenerationRequest(
-        request_id=uuid.uuid4().hex,
-        messages=[ChatMessage("user", prompt)],
-        sampling=Sampling(temperature=0.8, max_tokens=max_tokens),
-    )
+    """TTFT (s), end-to-end (s) and output tokens of one request, through vLLM's OpenAI layer."""
+    body = {
+        "model": engine.model,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0.8,
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
+    request = OpenAIRequest(uuid.uuid4().hex, "chat", json.dumps(body).encode(), stream=True)
     start = time.perf_counter()
-    ttft: float | None = None
-    tokens = 0
-    async for delta in engine.generate(request):
-        if ttft is None and delta.tokens:
-            ttft = time.perf_counter() - start
-        tokens += delta.tokens
-    return ttft, time.perf_counter() - start, tokens
+    first: list[float] = []
+    progress = Progress(on_first_token=lambda: first.append(time.perf_counter() - start))
+    answer = await engine.serve(request, progress)
+    assert not isinstance(answer, str)
+    async for _ in answer:
+        pass
+    return (first[0] if first else None), time.perf_counter() - start, progress.completion_tokens
 
 
 async def level(

@@ -7,6 +7,7 @@ from typing import Literal
 import msgspec
 
 Priority = Literal["interactive", "background"]
+Endpoint = Literal["chat", "completions"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
@@ -46,6 +47,11 @@ class Job(msgspec.Struct, frozen=True, tag="job", tag_field="t", omit_defaults=T
     deadline: float  # unix seconds; a worker drops a job found past it
     priority: Priority = "interactive"
     user: str | None = None
+    # The client's OpenAI request body (JSON), served by the engine's own OpenAI layer;
+    # messages and sampling above are chatq's reading of it (history, limits).
+    endpoint: Endpoint = "chat"
+    body: bytes = b""
+    stream: bool = True
 
 
 # --- chat.stream.<request id> (core NATS) ----------------------------------------------
@@ -58,7 +64,12 @@ class Started(msgspec.Struct, frozen=True, tag="started", tag_field="t"):
 
 
 class Chunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="t", omit_defaults=True):
-    """Coalesced output tokens; seq counts from 0; the last chunk has finish_reason and usage."""
+    """Coalesced output; seq counts from 0; the last chunk has finish_reason and usage.
+
+    `data` is the OpenAI wire text as the engine wrote it (SSE events for a stream, the
+    JSON body otherwise), relayed to the client byte for byte; `text` is unused by
+    engines that write `data`.
+    """
 
     seq: int
     text: str
@@ -66,6 +77,7 @@ class Chunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="t", omit_defaul
     worker_id: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    data: str = ""
 
 
 class Heartbeat(msgspec.Struct, frozen=True, tag="hb", tag_field="t"):
@@ -75,12 +87,18 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="hb", tag_field="t"):
     next_seq: int
 
 
-class StreamError(msgspec.Struct, frozen=True, tag="error", tag_field="t"):
-    """The worker failed the request; the stream ends."""
+class StreamError(msgspec.Struct, frozen=True, tag="error", tag_field="t", omit_defaults=True):
+    """The worker failed or refused the request; the stream ends.
+
+    status is the HTTP status the engine gave a refusal (400 for a prompt too long, a
+    bad parameter); 0 for a failure of the worker or engine.
+    """
 
     worker_id: str
     code: str
     message: str
+    status: int = 0
+    param: str | None = None
 
 
 StreamMsg = Started | Chunk | Heartbeat | StreamError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -59,6 +60,14 @@ def job(rid: str, max_tokens: int = 100) -> schemas.Job:
         sampling=schemas.Sampling(max_tokens=max_tokens),
         created=now,
         deadline=now + 60,
+        body=json.dumps(
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": max_tokens,
+                "stream": True,
+            }
+        ).encode(),
     )
 
 
@@ -106,3 +115,23 @@ async def test_a_cancel_after_the_engine_finished_changes_nothing() -> None:
     assert not worker.cancel("r3", "deadline")
     (event,) = bus.events
     assert isinstance(event, schemas.Completed) and event.usage.completion_tokens == 2
+    assert event.text and event.finish_reason == "length"
+
+
+async def test_an_engine_refusal_is_a_stream_error_with_its_status_and_nothing_else() -> None:
+    worker, bus, _ = make()
+    bad = job("r4")
+    msg: Any = FakeMsg(msgspec_replace(bad, body=b'{"messages": "not a list"}'))
+    worker._start_job(msg)
+    await settle(worker)
+    (error,) = bus.stream
+    assert isinstance(error, schemas.StreamError) and error.status == 400
+    assert msg.calls.count("ack") == 1
+    (event,) = bus.events
+    assert isinstance(event, schemas.Failed)
+
+
+def msgspec_replace(job: schemas.Job, **changes: Any) -> schemas.Job:
+    import msgspec
+
+    return msgspec.structs.replace(job, **changes)

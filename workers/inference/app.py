@@ -14,12 +14,28 @@ from broker import names, topology
 from broker.bus import Bus
 from chatq.settings import Settings
 from workers.inference import metrics
-from workers.inference.engine import Engine, make_engine
+from workers.inference.engine import Engine
 from workers.inference.worker import InferenceWorker, WorkerConfig
 
 log = logging.getLogger("chatq.worker")
 
 DRAIN_GRACE_S = 30.0
+
+
+def make_engine(settings: Settings) -> Engine:
+    """The engine INFERENCE_ENGINE names; vLLM unless the synthetic engine is asked for."""
+    if settings.engine == "synthetic":
+        from workers.inference.synthetic import SyntheticEngine
+
+        return SyntheticEngine(
+            model=settings.model_name,
+            tokens_per_s=settings.synth_tokens_per_s,
+            ttft_s=settings.synth_ttft_s,
+            slots=settings.worker_slots or 256,
+        )
+    from workers.inference.vllm_engine import VllmEngine
+
+    return VllmEngine(settings)
 
 
 def build_app(settings: Settings, engine: Engine | None = None) -> tuple[FastStream, NatsBroker]:

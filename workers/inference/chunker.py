@@ -1,85 +1,87 @@
-"""Coalesces one request's tokens into chunks, by token count and by time."""
+"""Coalesces one request's output into chunks, by token count and by time."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
 from collections.abc import Awaitable, Callable
 
 from schemas.messages import Chunk, FinishReason, StreamMsg, Usage
 
 Publish = Callable[[StreamMsg], Awaitable[None]]
+log = logging.getLogger(__name__)
 
 
 class ChunkStream:
     """Sends a chunk when max_tokens are waiting, or max_delay after the previous chunk.
 
-    The first token always goes out at once (time to first token is what users feel);
-    after that a stream sends at most one chunk per max_delay, so a fast engine's
-    message rate stays far below one message per token.
+    The first output goes out at once (time to first token is what users feel); after
+    that a stream sends at most one chunk per max_delay, so a fast engine's message
+    rate stays far below one message per token. A send waits for the end of the
+    current event-loop step, so the events an engine writes for one step (a role and
+    the first token, say) travel together. Chunks are published in order by one task,
+    and nothing follows the final chunk.
     """
 
     __slots__ = (
+        "_drainer",
+        "_finished",
         "_loop",
         "_max_delay",
         "_max_tokens",
+        "_outbox",
         "_parts",
         "_pending",
         "_publish",
-        "_spawn",
+        "_scheduled",
         "_timer",
-        "completion_tokens",
         "last_sent",
         "seq",
-        "text_parts",
         "worker_id",
     )
 
-    def __init__(
-        self,
-        publish: Publish,
-        spawn: Callable[[Awaitable[None]], None],
-        *,
-        worker_id: str,
-        max_tokens: int,
-        max_delay: float,
-    ) -> None:
+    def __init__(self, publish: Publish, *, worker_id: str, max_tokens: int, max_delay: float) -> None:
         self._publish = publish
-        self._spawn = spawn
         self._loop = asyncio.get_running_loop()
         self._max_tokens = max_tokens
         self._max_delay = max_delay
         self._parts: list[str] = []
         self._pending = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._scheduled = False
+        self._finished = False
+        self._outbox: collections.deque[Chunk] = collections.deque()
+        self._drainer: asyncio.Task[None] | None = None
         self.worker_id = worker_id
         self.seq = 0
         self.last_sent = float("-inf")
-        self.text_parts: list[str] = []
-        self.completion_tokens = 0
 
     @property
     def started(self) -> bool:
         """True once the first chunk is out."""
         return self.seq > 0
 
-    async def add(self, text: str, tokens: int, *, last: bool = False) -> None:
-        """Take new output; send it now or arm the timer that will (the last waits for finish)."""
-        if text:
-            self._parts.append(text)
-            self.text_parts.append(text)
+    def add(self, data: str, tokens: int) -> None:
+        """Take new output (wire text and the tokens it holds); send it soon or arm the timer."""
+        if self._finished or not data:
+            return
+        self._parts.append(data)
         self._pending += tokens
-        self.completion_tokens += tokens
-        if not self._pending or last:
+        if self._scheduled:
             return
         if self._pending >= self._max_tokens or self._loop.time() - self.last_sent >= self._max_delay:
-            await self._send()
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
         elif self._timer is None:
-            self._timer = self._loop.call_at(self.last_sent + self._max_delay, self._on_timer)
+            self._timer = self._loop.call_at(self.last_sent + self._max_delay, self._flush)
 
-    def _on_timer(self) -> None:
+    def _flush(self) -> None:
+        self._scheduled = False
         self._timer = None
-        if self._pending:
-            self._spawn(self._send())
+        if self._finished or not self._parts:
+            return
+        self._queue(self._take(None, None))
 
     def _take(self, finish_reason: FinishReason | None, usage: Usage | None) -> Chunk:
         if self._timer is not None:
@@ -87,7 +89,8 @@ class ChunkStream:
             self._timer = None
         chunk = Chunk(
             seq=self.seq,
-            text="".join(self._parts),
+            text="",
+            data="".join(self._parts),
             tokens=self._pending,
             worker_id=self.worker_id,
             finish_reason=finish_reason,
@@ -99,18 +102,36 @@ class ChunkStream:
         self.last_sent = self._loop.time()
         return chunk
 
-    async def _send(self) -> None:
-        await self._publish(self._take(None, None))
+    def _queue(self, chunk: Chunk) -> None:
+        self._outbox.append(chunk)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.ensure_future(self._drain())
 
-    async def finish(self, finish_reason: FinishReason, usage: Usage) -> None:
+    async def _drain(self) -> None:
+        while self._outbox:
+            chunk = self._outbox.popleft()
+            try:
+                await self._publish(chunk)
+            except Exception as exc:  # noqa: BLE001 - the relay sees the gap and says so
+                log.warning("chunk %d of %s not published: %r", chunk.seq, self.worker_id, exc)
+
+    async def finish(self, finish_reason: FinishReason, usage: Usage, data: str = "") -> None:
         """Send what is left with the finish reason and usage: the stream's last chunk."""
-        await self._publish(self._take(finish_reason, usage))
+        if self._finished:
+            return
+        if data:
+            self._parts.append(data)
+        self._finished = True
+        self._queue(self._take(finish_reason, usage))
+        await self.flushed()
+
+    async def flushed(self) -> None:
+        """Wait until every chunk taken so far is published."""
+        if self._drainer is not None:
+            await asyncio.shield(self._drainer)
 
     def close(self) -> None:
+        self._finished = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-    @property
-    def text(self) -> str:
-        return "".join(self.text_parts)

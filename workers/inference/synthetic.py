@@ -1,21 +1,31 @@
 """A deterministic engine at a set token rate, for measuring and testing the pipeline.
 
 It is never the default and never stands in for vLLM on its own: only
-INFERENCE_ENGINE=synthetic selects it.
+INFERENCE_ENGINE=synthetic selects it. It answers chat and completions requests in
+the OpenAI wire format; of their parameters it reads only the model, the prompt,
+max_tokens, temperature, seed and the stream options.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncGenerator
+import time
+from collections.abc import AsyncIterator
 
-from workers.inference.engine import Delta, GenerationRequest, RequestRejected
+import msgspec
+
+from chatq.errors import invalid_field
+from workers.inference import openai_wire as wire
+from workers.inference.engine import Answer, OpenAIRequest, Progress, RequestRejected
 
 _WORDS = (
     "the quick brown fox jumps over the lazy dog while a queue of patient requests "
     "streams tokens through the broker to every waiting reader and back again"
 ).split()
+_decode = msgspec.json.Decoder(wire.SyntheticRequest).decode
+_encode = msgspec.json.Encoder().encode
+DEFAULT_MAX_TOKENS = 512
 
 
 def synthetic_token(request_id_seed: int, index: int) -> str:
@@ -27,10 +37,15 @@ def prompt_seed(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big")
 
 
+def _sse(payload: msgspec.Struct) -> str:
+    return "data: " + _encode(payload).decode() + "\n\n"
+
+
 class SyntheticEngine:
     """Emits max_tokens deterministic words: the first after ttft_s, then one per 1/rate s."""
 
     name = "synthetic"
+    version = "synthetic"
 
     def __init__(self, *, model: str, tokens_per_s: float, ttft_s: float, slots: int) -> None:
         self.model = model
@@ -50,23 +65,43 @@ class SyntheticEngine:
     async def stop(self) -> None:
         return None
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
-        prompt = "\n".join(m.content for m in request.messages)
-        prompt_tokens = len(prompt.split())
-        max_tokens = request.sampling.max_tokens
-        if max_tokens < 1:
-            raise RequestRejected("invalid_request", "max_tokens must be at least 1")
-        seed = (
-            prompt_seed(prompt)
-            if request.sampling.temperature == 0
-            else (
-                request.sampling.seed
-                if request.sampling.seed is not None
-                else prompt_seed(request.request_id)
+    async def serve(self, request: OpenAIRequest, progress: Progress) -> Answer:
+        try:
+            body = _decode(request.body)
+        except msgspec.ValidationError as exc:
+            raise RequestRejected("invalid_request", str(exc), param=invalid_field(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise RequestRejected("invalid_request", f"the body is not valid JSON: {exc}") from None
+        prompt = body.prompt_text
+        progress.prompt_tokens = len(prompt.split())
+        max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+        if body.temperature == 0:
+            seed = prompt_seed(prompt)
+        else:
+            seed = body.seed if body.seed is not None else prompt_seed(request.request_id)
+        tokens = self._tokens(request.request_id, seed, max_tokens, progress)
+        chat = request.endpoint == "chat"
+        rid = request.request_id if chat else "cmpl-" + request.request_id.removeprefix("chatcmpl-")
+        created = int(time.time())
+        if request.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self._stream(tokens, rid, created, chat=chat, include_usage=usage, progress=progress)
+        text = "".join([token async for token in tokens])
+        usage_out = wire.UsageOut(progress.prompt_tokens, max_tokens, progress.prompt_tokens + max_tokens)
+        if chat:
+            message = wire.OutMessage("assistant", text)
+            answer: msgspec.Struct = wire.ChatCompletion(
+                rid, created, self.model, [wire.Choice(0, message, "length")], usage_out
             )
-        )
+        else:
+            answer = wire.Completion(
+                rid, created, self.model, [wire.TextChoice(0, text, "length")], usage_out
+            )
+        return _encode(answer).decode()
+
+    async def _tokens(self, rid: str, seed: int, max_tokens: int, progress: Progress) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
-        self.running.add(request.request_id)
+        self.running.add(rid)
         finished = False
         try:
             # Sleeping to absolute times keeps the rate exact however late a wake-up is.
@@ -76,15 +111,43 @@ class SyntheticEngine:
                 delay = due - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                last = index == max_tokens - 1
-                yield Delta(
-                    text=synthetic_token(seed, index),
-                    tokens=1,
-                    prompt_tokens=prompt_tokens,
-                    finish_reason="length" if last else None,
-                )
-            finished = True
+                token = synthetic_token(seed, index)
+                progress.add(token, 1)
+                if index == max_tokens - 1:
+                    progress.finish_reason = "length"
+                    finished = True
+                yield token
         finally:
-            self.running.discard(request.request_id)
+            self.running.discard(rid)
             if not finished:
-                self.aborted.append(request.request_id)
+                self.aborted.append(rid)
+
+    async def _stream(
+        self,
+        tokens: AsyncIterator[str],
+        rid: str,
+        created: int,
+        *,
+        chat: bool,
+        include_usage: bool,
+        progress: Progress,
+    ) -> AsyncIterator[str]:
+        model = self.model
+        first = True
+        async for token in tokens:
+            last = progress.finish_reason is not None
+            finish = "length" if last else None
+            if chat:
+                delta = wire.Delta(role="assistant" if first else None, content=token)
+                yield _sse(
+                    wire.ChatCompletionChunk(rid, created, model, [wire.ChunkChoice(0, delta, finish)])
+                )
+            else:
+                yield _sse(wire.CompletionChunk(rid, created, model, [wire.TextChoice(0, token, finish)]))
+            first = False
+        if include_usage:
+            p, c = progress.prompt_tokens, progress.completion_tokens
+            usage = wire.UsageOut(p, c, p + c)
+            kind = wire.ChatCompletionChunk if chat else wire.CompletionChunk
+            yield _sse(kind(rid, created, model, [], usage=usage))
+        yield "data: [DONE]\n\n"

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
@@ -23,15 +23,9 @@ from broker.bus import Bus
 from schemas.messages import FinishReason, Priority
 from workers.inference import metrics
 from workers.inference.chunker import ChunkStream
-from workers.inference.engine import Delta, Engine, GenerationRequest, RequestRejected
+from workers.inference.engine import Answer, Engine, OpenAIRequest, Progress, RequestRejected
 
 log = logging.getLogger(__name__)
-
-
-async def _nothing() -> AsyncIterator[Delta]:
-    """The output of a request cancelled before it reached the engine."""
-    return
-    yield
 
 
 def _deliveries(msg: Msg) -> int:
@@ -62,6 +56,7 @@ class ActiveRequest:
     # interrupts only in between (before, the flag is enough; after, the finish runs).
     in_engine: bool = False
     generated: bool = False
+    first_token_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +84,7 @@ class InferenceWorker:
         self._kv: KeyValue | None = None
         self._state: str = "loading"
         self._labels = {"model": self.model}
+        self._next_status = 0.0
 
     # --- helpers --------------------------------------------------------------------
 
@@ -96,7 +92,12 @@ class InferenceWorker:
         """Run a coroutine in the background, keeping a reference until it ends."""
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._spawned_done)
+
+    def _spawned_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background task failed: %r", task.exception())
 
     @property
     def free_slots(self) -> int:
@@ -118,8 +119,10 @@ class InferenceWorker:
             free_slots=self.free_slots,
             updated=time.time(),
         )
-        with contextlib.suppress(Exception):
+        try:
             await self._kv.put(names.worker_key(self.config.worker_id), schemas.encode(status))
+        except Exception as exc:  # noqa: BLE001 - retried at the next status interval
+            log.warning("announcing %s to the workers bucket failed: %r", state, exc)
 
     async def run(self) -> None:
         """Fetch and run jobs until stop() is called."""
@@ -132,8 +135,13 @@ class InferenceWorker:
             )
         await self.announce("ready")
         housekeeping = asyncio.create_task(self._housekeeping())
+        # Without heartbeats every stream would fail its watchdog: a worker whose
+        # housekeeping died stops, to be restarted, rather than limp on.
+        housekeeping.add_done_callback(lambda _: self.stop_fetching())
         try:
             await self._pull_loop(subs)
+            if housekeeping.done() and not housekeeping.cancelled():
+                raise RuntimeError(f"the housekeeping task died: {housekeeping.exception()!r}")
         finally:
             housekeeping.cancel()
             for sub in subs.values():
@@ -202,7 +210,6 @@ class InferenceWorker:
             return
         chunks = ChunkStream(
             functools.partial(self.bus.publish_stream, job.request_id),
-            self.spawn,
             worker_id=self.config.worker_id,
             max_tokens=self.config.chunk_max_tokens,
             max_delay=self.config.chunk_max_delay_s,
@@ -211,12 +218,23 @@ class InferenceWorker:
         self.active[job.request_id] = active
         metrics.ACTIVE.labels(**self._labels).set(len(self.active))
         active.task = asyncio.create_task(self._run_job(active))
+        active.task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a job task failed outside its own error handling: %r", task.exception())
 
     async def _ack(self, active: ActiveRequest) -> None:
         if not active.acked:
             active.acked = True
-            with contextlib.suppress(Exception):
+            try:
                 await active.msg.ack()
+            except Exception as exc:  # noqa: BLE001 - logged: the job may run a second time
+                log.error(
+                    "ack of %s failed (%r): JetStream may hand it to another worker after the ack wait",
+                    active.job.request_id,
+                    exc,
+                )
 
     async def _run_job(self, active: ActiveRequest) -> None:
         job = active.job
@@ -228,7 +246,6 @@ class InferenceWorker:
                 await self._fail(active, "deadline_exceeded", "the request passed its deadline in the queue")
                 outcome = "expired"
                 return
-            await self.bus.publish_stream(rid, schemas.Started(worker_id=self.config.worker_id))
             deadline_timer = asyncio.get_running_loop().call_later(
                 max(0.0, job.deadline - time.time()), self.cancel, rid, "deadline"
             )
@@ -239,15 +256,17 @@ class InferenceWorker:
         except RequestRejected as exc:
             outcome = "rejected"
             await self._ack(active)
-            await self._fail(active, exc.code, exc.message)
+            await self._fail(active, exc.code, exc.message, status=exc.status, param=exc.param)
         except Exception:
             outcome = "failed"
             log.exception("job %s failed", rid)
             if not active.acked and _deliveries(active.msg) < topology.MAX_DELIVER:
                 # Before the first token nothing reached the client: another worker may
                 # succeed, so hand the job back.
-                with contextlib.suppress(Exception):
+                try:
                     await active.msg.nak(delay=1.0)
+                except Exception as exc:  # noqa: BLE001 - JetStream redelivers after the ack wait
+                    log.warning("nak of %s failed: %r", rid, exc)
                 active.acked = True
             else:
                 # Past its last try, or mid-stream: the client must hear it now.
@@ -260,30 +279,37 @@ class InferenceWorker:
             metrics.JOBS.labels(outcome=outcome, **self._labels).inc()
             self._slot_freed.set()
 
+    def _first_token(self, active: ActiveRequest) -> None:
+        metrics.TTFT.labels(**self._labels).observe(time.monotonic() - active.fetched_at)
+        active.first_token_at = time.monotonic()
+        # Acked only now: a worker that dies before its first token leaves the job to
+        # JetStream, which hands it to another worker.
+        self.spawn(self._ack(active))
+
     async def _generate(self, active: ActiveRequest) -> str:
         job = active.job
         rid = job.request_id
         chunks = active.chunks
-        prompt_tokens = 0
-        finish: str | None = None
-        ttft: float | None = None
-        request = GenerationRequest(request_id=rid, messages=job.messages, sampling=job.sampling)
-        generator = None
+        progress = Progress(on_first_token=functools.partial(self._first_token, active))
+        request = OpenAIRequest(request_id=rid, endpoint=job.endpoint, body=job.body, stream=job.stream)
+        answer: Answer | None = None
+        last = ""
         try:
             if active.cancel_reason is None:  # cancelled before it ever reached the engine
                 active.in_engine = True
-                generator = self.engine.generate(request)
-            async for delta in generator or _nothing():
-                prompt_tokens = delta.prompt_tokens
-                if ttft is None and delta.tokens:
-                    ttft = time.monotonic() - active.fetched_at
-                    metrics.TTFT.labels(**self._labels).observe(ttft)
-                    # Acked only now: a worker that dies before its first token leaves
-                    # the job to JetStream, which hands it to another worker.
-                    self.spawn(self._ack(active))
-                await chunks.add(delta.text, delta.tokens, last=delta.finish_reason is not None)
-                if delta.finish_reason is not None:
-                    finish = delta.finish_reason
+                answer = await self.engine.serve(request, progress)
+                # Accepted by the engine: the API may now start its response.
+                await self.bus.publish_stream(rid, schemas.Started(worker_id=self.config.worker_id))
+            if isinstance(answer, str):
+                last = answer
+            elif answer is not None:
+                sent = 0
+                async for data in answer:
+                    if last:
+                        chunks.add(last, progress.completion_tokens - sent)
+                        sent = progress.completion_tokens
+                    # The engine's last event (`data: [DONE]`) travels with the finish.
+                    last = data
         except asyncio.CancelledError:
             if active.cancel_reason is None:
                 raise
@@ -293,16 +319,21 @@ class InferenceWorker:
                 task.uncancel()
         finally:
             active.generated = True
-            # Closing the generator aborts the engine request if it is still running.
-            if generator is not None:
-                await generator.aclose()
-        usage = schemas.Usage(prompt_tokens=prompt_tokens, completion_tokens=chunks.completion_tokens)
-        metrics.TOKENS.labels(**self._labels).inc(chunks.completion_tokens)
-        metrics.CHUNKS.labels(**self._labels).inc(chunks.seq + 1)
+            # Closing the iterator aborts the engine request if it is still running.
+            if answer is not None and not isinstance(answer, str):
+                aclose = getattr(answer, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        usage = schemas.Usage(
+            prompt_tokens=progress.prompt_tokens, completion_tokens=progress.completion_tokens
+        )
+        metrics.TOKENS.labels(**self._labels).inc(progress.completion_tokens)
         await self._ack(active)
+        ttft = None if active.first_token_at is None else active.first_token_at - active.fetched_at
         if active.cancel_reason is not None:
             metrics.ABORTS.labels(reason=active.cancel_reason, **self._labels).inc()
             await chunks.finish("cancelled", usage)
+            metrics.CHUNKS.labels(**self._labels).inc(chunks.seq)
             await self.bus.publish_event(
                 schemas.Cancelled(
                     request_id=rid,
@@ -310,25 +341,26 @@ class InferenceWorker:
                     time=time.time(),
                     worker_id=self.config.worker_id,
                     reason=active.cancel_reason,
-                    text=chunks.text,
+                    text=progress.text,
                     usage=usage,
                     user=job.user,
                 )
             )
             return "cancelled"
-        if finish == "cancelled":
+        if progress.finish_reason == "cancelled":
             # The engine aborted it on its own (not a cancel of ours): say so, not "stop".
             await self._fail(active, "engine_error", "the engine aborted this request")
             return "failed"
-        reason: FinishReason = "length" if finish == "length" else "stop"
-        await chunks.finish(reason, usage)
+        reason: FinishReason = "length" if progress.finish_reason == "length" else "stop"
+        await chunks.finish(reason, usage, last)
+        metrics.CHUNKS.labels(**self._labels).inc(chunks.seq)
         await self.bus.publish_event(
             schemas.Completed(
                 request_id=rid,
                 model=job.model,
                 time=time.time(),
                 worker_id=self.config.worker_id,
-                text=chunks.text,
+                text=progress.text,
                 finish_reason=reason,
                 usage=usage,
                 ttft_s=ttft,
@@ -338,11 +370,16 @@ class InferenceWorker:
         )
         return "completed"
 
-    async def _fail(self, active: ActiveRequest, code: str, message: str) -> None:
+    async def _fail(
+        self, active: ActiveRequest, code: str, message: str, *, status: int = 0, param: str | None = None
+    ) -> None:
         job = active.job
+        await active.chunks.flushed()  # the error follows whatever output went before it
         await self.bus.publish_stream(
             job.request_id,
-            schemas.StreamError(worker_id=self.config.worker_id, code=code, message=message),
+            schemas.StreamError(
+                worker_id=self.config.worker_id, code=code, message=message, status=status, param=param
+            ),
         )
         await self.bus.publish_event(
             schemas.Failed(
@@ -384,27 +421,34 @@ class InferenceWorker:
         """Stream heartbeats, in_progress for long prefills, and the KV status."""
         tick = min(self.config.heartbeat_s, self.config.ack_wait_s / 3, 1.0) / 2
         progress_every = self.config.ack_wait_s / 3
-        next_status = 0.0
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(tick)
-            now = time.monotonic()
-            loop_now = loop.time()
-            for active in list(self.active.values()):
-                if not active.acked and now - active.last_progress >= progress_every:
-                    # A long prefill must not look like a dead worker to JetStream.
-                    active.last_progress = now
-                    self.spawn(active.msg.in_progress())
-                chunks = active.chunks
-                quiet_since = max(chunks.last_sent, active.last_beat)
-                if chunks.started and loop_now - quiet_since >= self.config.heartbeat_s:
-                    active.last_beat = loop_now
-                    self.spawn(
-                        self.bus.publish_stream(
-                            active.job.request_id,
-                            schemas.Heartbeat(worker_id=self.config.worker_id, next_seq=chunks.seq),
-                        )
+            try:
+                self._housekeeping_round(loop, progress_every)
+            except Exception:
+                log.exception("housekeeping failed")
+                raise
+
+    def _housekeeping_round(self, loop: asyncio.AbstractEventLoop, progress_every: float) -> None:
+        now = time.monotonic()
+        loop_now = loop.time()
+        for active in list(self.active.values()):
+            if not active.acked and now - active.last_progress >= progress_every:
+                # A long prefill must not look like a dead worker to JetStream.
+                active.last_progress = now
+                self.spawn(active.msg.in_progress())
+            chunks = active.chunks
+            quiet_since = max(chunks.last_sent, active.last_beat)
+            # From the first token on, silence means a lost worker to the API.
+            if active.first_token_at is not None and loop_now - quiet_since >= self.config.heartbeat_s:
+                active.last_beat = loop_now
+                self.spawn(
+                    self.bus.publish_stream(
+                        active.job.request_id,
+                        schemas.Heartbeat(worker_id=self.config.worker_id, next_seq=chunks.seq),
                     )
-            if now >= next_status:
-                next_status = now + self.config.status_interval_s
-                self.spawn(self.announce(self._state))
+                )
+        if now >= self._next_status:
+            self._next_status = now + self.config.status_interval_s
+            self.spawn(self.announce(self._state))
