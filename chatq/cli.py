@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,6 +23,16 @@ from chatq.settings import Settings, load
 
 SERVICES = ("nats", "worker", "api", "persistence", "telemetry")
 HEALTH_TIMEOUT_S = 900.0
+# A child that dies is restarted after a backoff that doubles from 1 s up to 30 s, and
+# starts again from 1 s once the child has stayed up a minute. A child that dies within
+# 10 s of its start 5 times in a row is broken, not unlucky: chatq gives up and stops.
+RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0
+FAST_CRASH_S = 10.0
+GIVE_UP_AFTER = 5
+TEND_INTERVAL_S = 0.25
+STOP_TIMEOUT_S = 45.0
 
 
 def _pidfile(s: Settings) -> Path:
@@ -29,6 +41,46 @@ def _pidfile(s: Settings) -> Path:
 
 def _logdir(s: Settings) -> Path:
     return s.home / "logs"
+
+
+def _children_file(s: Settings) -> Path:
+    return s.home / "run" / "children.json"
+
+
+def _tail(path: Path, lines: int, indent: str = "") -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except FileNotFoundError:
+        return f"{indent}(no log)"
+    return "\n".join(indent + line for line in text)
+
+
+def _killpg(pid: int) -> None:
+    """SIGKILL a child's whole process group: its id is the child's pid (start_new_session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _has_exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the child has exited, leaving it unreaped where the platform allows: while it
+    is a zombie its pid, and so its process group id, cannot be given to another process."""
+    if proc.returncode is not None:
+        return True
+    if hasattr(os, "waitid"):
+        try:
+            return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            pass
+    return proc.poll() is not None
+
+
+def _wait_exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _has_exited(proc):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -76,27 +128,83 @@ def ensure_api_key(s: Settings) -> str | None:
     return key
 
 
+@dataclass
+class Child:
+    """One supervised child process, and what the supervisor remembers about it."""
+
+    name: str
+    module: str
+    extra_env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    pid: int | None = None
+    state: str = "running"  # running | restarting | gave-up | stopped
+    started: float = 0.0  # monotonic, for its uptime
+    started_at: float = 0.0  # wall clock, for ./status
+    restarts: int = 0
+    last_exit: int | None = None
+    backoff_s: float = RESTART_BACKOFF_S
+    fast_crashes: int = 0  # in a row, each within FAST_CRASH_S of its start
+    restart_at: float | None = None  # monotonic time of the pending restart
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "pid": self.pid,
+            "state": self.state,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "started_at": self.started_at,
+        }
+
+
 class Supervisor:
-    """Starts NATS, one inference worker and the API as children, and stops them together."""
+    """Starts NATS, PostgreSQL, one inference worker, the API, persistence and telemetry;
+    restarts a child that dies (with backoff), gives up on one that keeps crashing at start,
+    and stops them together."""
 
     def __init__(self, s: Settings) -> None:
         self.s = s
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.children: dict[str, Child] = {}
         self.nats: NatsServer | None = None
         self.postgres: EmbeddedPostgres | None = None
         self._stopping = False
+        self._written: str | None = None
 
     def _log(self, name: str) -> int:
         _logdir(self.s).mkdir(parents=True, exist_ok=True)
         return os.open(_logdir(self.s) / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
-    def _spawn(self, name: str, module: str, **extra: str) -> None:
-        fd = self._log(name)
-        env = {**os.environ, "CHATQ_HOME": str(self.s.home), "NATS_URL": self.s.nats_url, **extra}
-        self.children[name] = subprocess.Popen(
-            [sys.executable, "-m", module], stdout=fd, stderr=fd, env=env, start_new_session=True
-        )
-        os.close(fd)
+    def add(self, name: str, module: str, **extra: str) -> None:
+        """Start `python -m module` as a supervised child (extra: environment variables)."""
+        self.children[name] = child = Child(name, module, extra)
+        self._spawn(child)
+
+    def _spawn(self, child: Child) -> None:
+        fd = self._log(child.name)
+        env = {**os.environ, "CHATQ_HOME": str(self.s.home), "NATS_URL": self.s.nats_url, **child.extra_env}
+        try:
+            child.proc = subprocess.Popen(
+                [sys.executable, "-m", child.module], stdout=fd, stderr=fd, env=env, start_new_session=True
+            )
+        finally:
+            os.close(fd)
+        child.pid = child.proc.pid
+        child.state = "running"
+        child.restart_at = None
+        child.started = time.monotonic()
+        child.started_at = time.time()
+        self._write_state()
+
+    def _write_state(self) -> None:
+        """children.json for ./status, rewritten (atomically) when something in it changed."""
+        text = json.dumps({name: c.summary() for name, c in self.children.items()}, indent=2)
+        if text == self._written:
+            return
+        path = _children_file(self.s)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+        self._written = text
 
     def _check_ports(self, nats_host: str, nats_port: int) -> None:
         """Fail before starting anything if a port chatq needs is taken."""
@@ -120,6 +228,7 @@ class Supervisor:
         s = self.s
         url = urlparse(s.nats_url)
         self._check_ports(url.hostname or "127.0.0.1", url.port or 4222)
+        _children_file(s).unlink(missing_ok=True)  # a previous run's
         if s.embedded_nats:
             fd = self._log("nats")
             with os.fdopen(fd, "ab") as log:
@@ -132,44 +241,84 @@ class Supervisor:
             self.postgres = EmbeddedPostgres(s.home / "postgres")
             dsn = self.postgres.start()
             print(f"chatq: PostgreSQL (embedded) in {s.home / 'postgres'}", flush=True)
-        self._spawn("worker", "workers.inference")
-        self._spawn("api", "api")
-        self._spawn("persistence", "workers.persistence", DATABASE_URL=dsn)
-        self._spawn("telemetry", "workers.telemetry")
+        self.add("worker", "workers.inference")
+        self.add("api", "api")
+        self.add("persistence", "workers.persistence", DATABASE_URL=dsn)
+        self.add("telemetry", "workers.telemetry")
         print(
             f"chatq: starting the inference worker ({s.engine}), the API, persistence and telemetry …",
             flush=True,
         )
 
+    def tend(self) -> bool:
+        """Restart the children that died, each after its backoff; False once one is given up on."""
+        now = time.monotonic()
+        ok = True
+        for child in self.children.values():
+            if child.state == "running" and child.proc is not None and _has_exited(child.proc):
+                self._exited(child, child.proc, now)
+                if child.state == "gave-up":
+                    ok = False
+                    break
+            elif child.state == "restarting" and child.restart_at is not None and now >= child.restart_at:
+                self._spawn(child)
+        self._write_state()
+        return ok
+
+    def _exited(self, child: Child, proc: subprocess.Popen[bytes], now: float) -> None:
+        """A child died: kill what is left of its process group, then schedule its restart."""
+        # Its engine processes (vLLM's engine core) are in its group: none may outlive it.
+        # The dead child is reaped only afterwards, so its pid (the group id) is not reused.
+        _killpg(proc.pid)
+        code = child.last_exit = proc.wait()
+        child.proc = None
+        uptime = now - child.started
+        if uptime >= STABLE_AFTER_S:
+            child.backoff_s = RESTART_BACKOFF_S
+        child.fast_crashes = child.fast_crashes + 1 if uptime < FAST_CRASH_S else 0
+        log = _logdir(self.s) / f"{child.name}.log"
+        if child.fast_crashes >= GIVE_UP_AFTER:
+            child.state = "gave-up"
+            print(
+                f"chatq: giving up on the {child.name}: it exited {child.fast_crashes} times in a row "
+                f"within {FAST_CRASH_S:g} s of its start (last exit code {code}); stopping chatq. "
+                f"Its log, {log}, ends with:",
+                file=sys.stderr,
+            )
+            print(_tail(log, 10, indent="  "), file=sys.stderr, flush=True)
+            return
+        delay = child.backoff_s
+        child.backoff_s = min(delay * 2, RESTART_BACKOFF_MAX_S)
+        child.restarts += 1
+        child.restart_at = now + delay
+        child.state = "restarting"
+        print(
+            f"chatq: the {child.name} exited with code {code}; restarting in {delay:g} s "
+            f"(restart {child.restarts})",
+            flush=True,
+        )
+
     def wait_healthy(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, proc in self.children.items():
-                if proc.poll() is not None:
-                    print(
-                        f"chatq: the {name} exited with code {proc.returncode}; see "
-                        f"{_logdir(self.s) / (name + '.log')}",
-                        file=sys.stderr,
-                    )
-                    return False
+        while time.monotonic() < deadline and not self._stopping:
+            if not self.tend():
+                return False
             health = _health(self.s)
             if health and health.get("status") == "healthy":
                 return True
             time.sleep(0.5)
-        print("chatq: the service did not become healthy in time", file=sys.stderr)
+        if not self._stopping:
+            print("chatq: the service did not become healthy in time", file=sys.stderr)
         return False
 
     def supervise(self) -> int:
-        """Block until a child dies or a signal arrives; then stop everything."""
+        """Keep the children up until a signal arrives or one is given up on; then stop everything."""
         code = 0
         while not self._stopping:
-            for name, proc in self.children.items():
-                if proc.poll() is not None:
-                    print(f"chatq: the {name} exited with code {proc.returncode}; stopping", file=sys.stderr)
-                    code = 1
-                    self._stopping = True
-                    break
-            time.sleep(0.5)
+            if not self.tend():
+                code = 1
+                break
+            time.sleep(TEND_INTERVAL_S)
         self.stop()
         return code
 
@@ -178,15 +327,26 @@ class Supervisor:
 
     def stop(self) -> None:
         # The API first (no new work), the worker (drains), the event consumers, then NATS.
-        for name in ("api", "worker", "persistence", "telemetry"):
-            proc = self.children.get(name)
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=45)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+        first = [n for n in ("api", "worker", "persistence", "telemetry") if n in self.children]
+        for name in first + [n for n in self.children if n not in first]:
+            child = self.children[name]
+            if child.proc is None:
+                continue
+            proc = child.proc
+            if not _has_exited(proc):
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                _wait_exited(proc, STOP_TIMEOUT_S)
+            # The child if it did not stop in time, and any grandchild left behind.
+            _killpg(proc.pid)
+            child.last_exit = proc.wait()
+            child.proc = None
+            child.state = "stopped"
+        for child in self.children.values():
+            if child.state == "restarting":
+                child.state = "stopped"
+        if self.children:
+            self._write_state()
         if self.postgres is not None:
             self.postgres.stop()
             self.postgres = None
@@ -285,12 +445,59 @@ def cmd_stop(s: Settings) -> int:
     return 0
 
 
+def _children_table(s: Settings) -> str | None:
+    """The supervisor's children.json as a table, or None when there is none."""
+    try:
+        children = json.loads(_children_file(s).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(children, dict) or not children:
+        return None
+    rows = [("PROCESS", "PID", "STATE", "RESTARTS", "LAST EXIT", "UP")]
+    now = time.time()
+    for name, c in children.items():
+        if not isinstance(c, dict):
+            continue
+        state = str(c.get("state", "?"))
+        up = "-"
+        started = c.get("started_at")
+        if state == "running" and isinstance(started, (int, float)) and started:
+            up = _duration(now - started)
+        last = c.get("last_exit")
+        rows.append(
+            (
+                str(name),
+                str(c.get("pid") or "-"),
+                state,
+                str(c.get("restarts", 0)),
+                "-" if last is None else str(last),
+                up,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def cmd_status(s: Settings) -> int:
     pid = _running_pid(s)
     if pid is None:
         print("chatq: not running")
         return 3
     print(f"chatq: running (supervisor pid {pid}), API {_api_url(s)}")
+    table = _children_table(s)
+    if table:
+        print(table)
     health = _health(s)
     print(json.dumps(health, indent=2) if health else "health: the API does not answer")
     return 0 if health and health.get("status") == "healthy" else 1
