@@ -22,12 +22,12 @@ from api.admission import QueueMonitor
 from api.auth import ApiKeys, api_key_guard
 from api.chat import chat_completions, completions, new_request_id, simple_chat
 from api.openai_types import ModelCard, ModelList
-from api.registry import WorkerRegistry
 from api.relay import Spawn
 from api.services import Services
 from broker import bus as bus_module
 from broker import topology
 from broker.bus import Bus
+from broker.workers import WorkerRegistry
 from chatq.errors import (
     ApiError,
     ClientError,

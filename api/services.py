@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from api.admission import QueueMonitor
 from api.auth import ApiKeys
-from api.registry import WorkerRegistry
 from api.relay import Spawn
 from broker.bus import Bus
+from broker.workers import WorkerRegistry
 from chatq.settings import Settings
 
 

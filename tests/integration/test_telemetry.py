@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import nats
@@ -9,7 +10,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import schemas
 from broker import names, topology
-from broker.bus import Bus
+from broker.bus import Bus, connect
+from broker.workers import WorkerRegistry
 from chatq.servers import NatsServer
 from tests.helpers import metric_value
 from workers.telemetry.collector import Gauges, Nvml, collect
@@ -43,11 +45,55 @@ async def test_queue_depth_and_workers_are_exported(fresh_nats: NatsServer) -> N
             updated=time.time(),
         )
         await kv.put("w1", schemas.encode(status))
+        workers = WorkerRegistry(bus)
+        await workers.start()
+        while "w1" not in workers.workers:
+            await asyncio.sleep(0.05)
         registry = CollectorRegistry()
-        await collect(bus.js, Gauges(registry), Nvml())
+        await collect(bus.js, Gauges(registry), Nvml(), list(workers.workers.values()))
         text = generate_latest(registry).decode()
+        await workers.stop()
     finally:
         await nc.close()
     assert metric_value(text, "chatq_queue_pending", consumer=names.jobs_consumer("m")) == 3
     assert metric_value(text, "chatq_workers", model="m", state="ready") == 1
     assert metric_value(text, "chatq_worker_free_slots", model="m") == 3
+
+
+async def test_the_worker_view_drops_silent_and_removed_workers(nats_url: str) -> None:
+    """A worker killed without a goodbye leaves the view once its heartbeats stop."""
+    nc = await connect(nats_url, "test-registry")
+    try:
+        bus = Bus(nc)
+        kv = await topology.workers_kv(bus.js)
+        workers = WorkerRegistry(bus, stale_after_s=1.0)
+        await workers.start()
+
+        def status(wid: str) -> bytes:
+            return schemas.encode(
+                schemas.WorkerStatus(
+                    worker_id=wid,
+                    model="m",
+                    engine="synthetic",
+                    state="ready",
+                    slots=1,
+                    free_slots=1,
+                    updated=time.time(),
+                )
+            )
+
+        await kv.put("alive", status("alive"))
+        await kv.put("killed", status("killed"))
+        await kv.put("leaving", status("leaving"))
+        deadline = time.monotonic() + 5
+        while len(workers.ready()) < 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await kv.delete("leaving")  # a worker that drains says goodbye
+        for _ in range(8):  # "alive" keeps announcing itself; "killed" went silent
+            await asyncio.sleep(0.25)
+            await kv.put("alive", status("alive"))
+        assert set(workers.workers) == {"alive"}
+        await workers.stop()
+    finally:
+        await nc.close()

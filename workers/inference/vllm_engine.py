@@ -199,32 +199,28 @@ class VllmEngine:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
         if self._llm is None or self._state is None:
             raise EngineError("the vLLM engine is not running")
         # vLLM names the answer "chatcmpl-<request_id>" / "cmpl-<request_id>".
         base_id = request.request_id.removeprefix("chatcmpl-")
-        handler: Any
+        token = _progress.set(progress)
         try:
             if request.endpoint == "chat":
-                handler = self._state.openai_serving_chat
                 parsed: Any = ChatCompletionRequest.model_validate_json(request.body)
-                parsed.request_id = base_id
-                create = handler.create_chat_completion
+                create = self._state.openai_serving_chat.create_chat_completion
             else:
-                handler = self._state.openai_serving_completion
                 parsed = CompletionRequest.model_validate_json(request.body)
-                parsed.request_id = base_id
-                create = handler.create_completion
+                create = self._state.openai_serving_completion.create_completion
+            parsed.request_id = base_id
+            result = await create(parsed, None)
         except pydantic.ValidationError as exc:
             errors = exc.errors()
             param = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
             raise RequestRejected("invalid_request", _pydantic_message(exc), param=param) from None
-        token = _progress.set(progress)
-        try:
-            result = await create(parsed, None)
-        except ValueError as exc:  # vLLM's own validation raised rather than answered
-            raise RequestRejected("invalid_request", str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - mapped to a status as vLLM's server maps it
+            result = create_error_response(exc)
         finally:
             _progress.reset(token)
         if isinstance(result, ErrorResponse):

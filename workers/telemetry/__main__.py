@@ -9,7 +9,8 @@ import sys
 from prometheus_client import REGISTRY, start_http_server
 
 from broker import topology
-from broker.bus import connect
+from broker.bus import Bus, connect
+from broker.workers import WorkerRegistry
 from chatq.logs import setup_logging
 from chatq.settings import Settings, load
 from workers.telemetry.collector import Gauges, Nvml, collect
@@ -23,9 +24,11 @@ async def run(settings: Settings) -> None:
     await topology.ensure_streams(js, jobs_max_msgs=settings.jobs_max_msgs)
     gauges = Gauges(REGISTRY)
     nvml = Nvml()
+    workers = WorkerRegistry(Bus(nc))
+    await workers.start()
     while True:
         try:
-            await collect(js, gauges, nvml)
+            await collect(js, gauges, nvml, list(workers.workers.values()))
         except Exception as exc:  # noqa: BLE001 - NATS restarting: try again next round
             log.warning("collect failed: %r", exc)
         await asyncio.sleep(settings.telemetry_interval_s)

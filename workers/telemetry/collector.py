@@ -8,11 +8,10 @@ import time
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import NoKeysError
 from prometheus_client import CollectorRegistry, Gauge
 
 import schemas
-from broker import names, topology
+from broker import names
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +89,10 @@ class Nvml:
                 gauges.gpu_temp.labels(**labels).set(nv.nvmlDeviceGetTemperature(handle, 0))
 
 
-async def collect(js: JetStreamContext, gauges: Gauges, nvml: Nvml) -> None:
-    """One pass over JetStream consumers, the workers bucket and the GPUs."""
+async def collect(
+    js: JetStreamContext, gauges: Gauges, nvml: Nvml, workers: list[schemas.WorkerStatus]
+) -> None:
+    """One pass over JetStream consumers, the live workers and the GPUs."""
     for info in await js.consumers_info(names.JOBS_STREAM):
         name = info.name
         gauges.pending.labels(consumer=name).set(info.num_pending or 0)
@@ -99,20 +100,11 @@ async def collect(js: JetStreamContext, gauges: Gauges, nvml: Nvml) -> None:
         gauges.redelivered.labels(consumer=name).set(info.num_redelivered or 0)
     for info in await js.consumers_info(names.EVENTS_STREAM):
         gauges.events_lag.labels(consumer=info.name).set(info.num_pending or 0)
-    kv = await topology.workers_kv(js)
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        keys = []
     counts: dict[tuple[str, str], int] = {}
     free: dict[str, int] = {}
-    for key in keys:
-        with contextlib.suppress(Exception):
-            entry = await kv.get(key)
-            if entry.value:
-                status = schemas.decode_worker_status(entry.value)
-                counts[(status.model, status.state)] = counts.get((status.model, status.state), 0) + 1
-                free[status.model] = free.get(status.model, 0) + status.free_slots
+    for status in workers:
+        counts[(status.model, status.state)] = counts.get((status.model, status.state), 0) + 1
+        free[status.model] = free.get(status.model, 0) + status.free_slots
     gauges.workers.clear()
     for (model, state), count in counts.items():
         gauges.workers.labels(model=model, state=state).set(count)

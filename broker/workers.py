@@ -1,0 +1,92 @@
+"""The live view of inference workers, watched on the workers KV bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.kv import KeyValue
+
+import schemas
+from broker import names, topology
+from broker.bus import Bus
+
+log = logging.getLogger(__name__)
+
+# Workers announce themselves every couple of seconds; one silent for longer than this
+# is gone (killed, say) even though its key lives on until the bucket's TTL.
+STALE_AFTER_S = 5.0
+# With workers up, updates arrive every few seconds: a watcher quiet for longer may have
+# lost its consumer (a NATS restart) and is made anew.
+QUIET_WATCH_S = 10.0
+
+
+class WorkerRegistry:
+    """Which workers are up, for which models, with how many free slots."""
+
+    def __init__(self, bus: Bus, *, stale_after_s: float = STALE_AFTER_S) -> None:
+        self._bus = bus
+        self._stale_after_s = stale_after_s
+        self._kv: KeyValue | None = None
+        self._entries: dict[str, schemas.WorkerStatus] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def workers(self) -> dict[str, schemas.WorkerStatus]:
+        """The workers heard from within the last STALE_AFTER_S."""
+        oldest = time.time() - self._stale_after_s
+        return {wid: w for wid, w in self._entries.items() if w.updated >= oldest}
+
+    def _apply(self, entry: KeyValue.Entry) -> None:
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            self._entries = {k: w for k, w in self._entries.items() if entry.key != names.worker_key(k)}
+            return
+        try:
+            status = schemas.decode_worker_status(entry.value)
+        except Exception as exc:  # noqa: BLE001 - a malformed entry must not stop the watch
+            log.warning("ignoring a malformed worker entry %s: %r", entry.key, exc)
+            return
+        self._entries[status.worker_id] = status
+
+    async def _watch_once(self) -> None:
+        if self._kv is None:
+            self._kv = await topology.workers_kv(self._bus.js)
+        watcher = await self._kv.watchall()
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=QUIET_WATCH_S)  # type: ignore[no-untyped-call]
+                except (NatsTimeout, TimeoutError):
+                    return  # quiet for long: start a fresh watch
+                if entry is not None:  # None marks the end of the initial values
+                    self._apply(entry)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._watch_once()
+            except Exception as exc:  # noqa: BLE001 - NATS may be restarting; watched again
+                log.warning("watching the workers bucket failed (%r); retrying", exc)
+                self._kv = None
+                await asyncio.sleep(1.0)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def models(self) -> set[str]:
+        return {w.model for w in self.workers.values()}
+
+    def ready(self) -> list[schemas.WorkerStatus]:
+        return [w for w in self.workers.values() if w.state == "ready"]
