@@ -26,6 +26,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str
     embedded_nats: bool
     database_url: str | None
+    # Persistence worker
+    database_connect_timeout_s: int
+    database_statement_timeout_ms: int
+    persistence_max_deliver: int
     # API
     host: str
     port: int
@@ -34,6 +38,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     queue_max: int
     request_timeout_s: float
     watchdog_s: float
+    stream_buffer_bytes: int
     max_request_bytes: int
     cors_origins: tuple[str, ...]
     max_tokens_limit: int
@@ -80,6 +85,10 @@ class _Env:
 
     def text(self, name: str, default: str) -> str:
         return self._env.get(name, "").strip() or default
+
+    def given(self, name: str) -> bool:
+        """Whether the variable is set at all (set empty counts: it turns a default off)."""
+        return name in self._env
 
     def optional(self, name: str) -> str | None:
         return self._env.get(name, "").strip() or None
@@ -158,6 +167,10 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         nats_url=env.text("NATS_URL", "nats://127.0.0.1:4222"),
         embedded_nats=env.flag("CHATQ_EMBEDDED_NATS", True),
         database_url=env.optional("DATABASE_URL"),
+        # libpq counts connect_timeout in whole seconds and treats anything under 2 as 2.
+        database_connect_timeout_s=env.integer("DATABASE_CONNECT_TIMEOUT_S", 5, minimum=2),
+        database_statement_timeout_ms=env.integer("DATABASE_STATEMENT_TIMEOUT_MS", 10_000),
+        persistence_max_deliver=env.integer("PERSISTENCE_MAX_DELIVER", 5, minimum=1),
         host=env.text("CHATQ_HOST", "127.0.0.1"),
         port=env.integer("CHATQ_PORT", 8080),
         api_keys=api_keys,
@@ -165,6 +178,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         queue_max=env.integer("CHATQ_QUEUE_MAX", 64, minimum=1),
         request_timeout_s=env.number("CHATQ_REQUEST_TIMEOUT_S", 600.0, minimum=1.0),
         watchdog_s=watchdog_s,
+        stream_buffer_bytes=env.integer("STREAM_BUFFER_BYTES", 4 << 20, minimum=4096),
         max_request_bytes=env.integer("CHATQ_MAX_REQUEST_BYTES", 1 << 20, minimum=1024),
         cors_origins=tuple(env.items("CORS_ORIGINS")),
         max_tokens_limit=env.integer("CHATQ_MAX_TOKENS", 4096, minimum=1),
@@ -185,7 +199,13 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         vllm_gpu_memory_utilization=None if gpu_util_raw is None else float(gpu_util_raw),
         vllm_enforce_eager=env.flag("VLLM_ENFORCE_EAGER", True),
         vllm_max_model_len=env.integer("VLLM_MAX_MODEL_LEN", 4096, minimum=64),
-        vllm_tool_call_parser=env.optional("VLLM_TOOL_CALL_PARSER"),
+        # The bundled model gets vLLM's Hermes parser (<tool_call> JSON), so tool calls work
+        # out of the box; another model names its own parser (or none, to turn tools off).
+        vllm_tool_call_parser=(
+            env.optional("VLLM_TOOL_CALL_PARSER")
+            if model_id or env.given("VLLM_TOOL_CALL_PARSER")
+            else "hermes"
+        ),
         vllm_extra_args=env.text("VLLM_EXTRA_ARGS", ""),
         synth_tokens_per_s=env.number("SYNTH_TOKENS_PER_S", 20.0, minimum=0.001),
         synth_ttft_s=env.number("SYNTH_TTFT_MS", 50.0) / 1000,

@@ -174,3 +174,56 @@ def test_client_disconnect_aborts_the_vllm_request(vllm_stack: VllmStack) -> Non
     cancelled = asyncio.run(find_event(vllm_stack.nats.url, request_id, "cancelled"))
     assert cancelled.reason == "client_disconnected"
     assert 3 <= cancelled.usage.completion_tokens < 1500
+
+
+# --- clients nobody here wrote ----------------------------------------------------------
+
+
+def test_langchain_chat_openai_invoke_stream_and_structured_output(vllm_stack: VllmStack) -> None:
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    llm = ChatOpenAI(
+        model=MODEL,
+        base_url=vllm_stack.url + "/v1",
+        api_key=API_KEY,
+        temperature=0,
+        max_tokens=32,
+        max_retries=0,
+    )
+    assert "Paris" in str(llm.invoke("What is the capital of France?").content)
+    streamed = "".join(str(chunk.content) for chunk in llm.stream("What is the capital of France?"))
+    assert "Paris" in streamed
+
+    class City(BaseModel):
+        city: str
+        country: str
+
+    # Tool calls go through (tests/e2e/test_parity.py compares them with vLLM's server), but
+    # this 135M model writes malformed arguments ("arguments": "Paris") that LangChain's
+    # bind_tools rejects; structured output, constrained by vLLM's grammar, is reliable.
+    roomy = llm.model_copy(update={"max_tokens": 150})
+    structured = roomy.with_structured_output(City, method="json_schema").invoke("Paris is in which country?")
+    assert isinstance(structured, City) and structured.city
+
+
+def test_litellm_completion_text_completion_and_a_context_error_it_does_not_retry(
+    vllm_stack: VllmStack,
+) -> None:
+    import litellm
+
+    common = {"api_base": vllm_stack.url + "/v1", "api_key": API_KEY, "temperature": 0, "max_tokens": 32}
+    answer = litellm.completion(model=f"openai/{MODEL}", messages=QUESTION, **common)
+    assert "Paris" in answer.choices[0].message.content
+    chunks = litellm.completion(model=f"openai/{MODEL}", messages=QUESTION, stream=True, **common)
+    assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks)
+    text = litellm.text_completion(
+        model=f"text-completion-openai/{MODEL}", prompt="Once upon a time", **common
+    )
+    assert text.choices[0].text
+    # Too long for the context: a 400 before any byte, which litellm classifies as a
+    # context-window error (not a retryable connection error), streaming or not.
+    long = [{"role": "user", "content": "hello " * 5000}]
+    for stream in (False, True):
+        with pytest.raises(litellm.ContextWindowExceededError):
+            litellm.completion(model=f"openai/{MODEL}", messages=long, stream=stream, num_retries=0, **common)

@@ -601,3 +601,34 @@ async def test_interactive_jobs_go_before_background_jobs(stack: Stack) -> None:
         assert first_chunk["sooner"] < first_chunk["later"]
     finally:
         worker.stop()
+
+
+def test_cors_preflight_from_an_allowed_origin_needs_no_key(stack: Stack, tmp_path: Path) -> None:
+    """A browser page on an allowed origin may call the API; other origins get no CORS grant."""
+    api, url = start_api({**stack.env, "CORS_ORIGINS": "https://chat.example.com"}, tmp_path, name="cors-api")
+    try:
+        preflight = {
+            "Origin": "https://chat.example.com",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        }
+        resp = httpx.options(url + "/v1/chat/completions", headers=preflight, timeout=10)
+        assert resp.status_code in (200, 204), resp.text
+        assert resp.headers["access-control-allow-origin"] == "https://chat.example.com"
+        assert "authorization" in resp.headers["access-control-allow-headers"].lower()
+        other = httpx.options(
+            url + "/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"}, timeout=10
+        )
+        assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+        # The real request from the page still needs its key, and sees the request id header.
+        answer = httpx.post(
+            url + "/v1/chat/completions",
+            json=chat_body("hi", max_tokens=2, stream=False),
+            headers={**auth(), "Origin": "https://chat.example.com"},
+            timeout=30,
+        )
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == "https://chat.example.com"
+        assert "x-request-id" in answer.headers["access-control-expose-headers"].lower()
+    finally:
+        api.stop()

@@ -228,9 +228,10 @@ class VllmEngine:
             status = int(err.code)
             if status >= 500:
                 raise EngineError(err.message)
-            raise RequestRejected(
-                _error_code(err.message, status), err.message, status=status, param=err.param
-            )
+            message = err.message
+            if "--tool-call-parser" in message:
+                message += " (in chatq: set VLLM_TOOL_CALL_PARSER on the worker)"
+            raise RequestRejected(_error_code(message, status), message, status=status, param=err.param)
         if isinstance(result, AsyncIterator):
             return result
         body: str = result.model_dump_json()
