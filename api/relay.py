@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -14,9 +15,10 @@ import anyio
 import schemas
 from api import metrics
 from api.admission import QueueMonitor
-from broker.bus import Bus, JobRefused, StreamSubscription
+from broker.bus import DEFAULT_STREAM_BUFFER_BYTES, Bus, JobRefused, StreamOverflow, StreamSubscription
 from chatq.errors import (
     ApiError,
+    ConfigError,
     DeadlineExceeded,
     InvalidRequest,
     ModelNotFound,
@@ -24,8 +26,27 @@ from chatq.errors import (
     StreamFailed,
     UpstreamUnavailable,
 )
+from chatq.settings import load as load_settings
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def configured_buffer_bytes() -> int:
+    """STREAM_BUFFER_BYTES, read once, for a Relay not given its bound by its caller."""
+    try:
+        return load_settings().stream_buffer_bytes
+    except ConfigError as exc:  # the process started, so this is a later change (a key file)
+        log.warning("settings unreadable (%s); streams are buffered up to the default", exc)
+        return DEFAULT_STREAM_BUFFER_BYTES
+
+
+def client_too_slow() -> StreamFailed:
+    return StreamFailed(
+        "the client did not read its stream fast enough: more of the answer waited unread "
+        "than this server buffers per stream, so the request was stopped",
+        code="client_too_slow",
+    )
 
 
 def worker_error(error: schemas.StreamError) -> ApiError:
@@ -48,6 +69,11 @@ class Relay:
     Before the first chunk the job is durable in JetStream (a lost worker means a
     redelivery), so the relay waits up to the deadline; after it, silence longer than
     the watchdog means the worker is gone and the client gets an error, never a hang.
+
+    What arrives and is not read yet is bounded (`buffer_bytes`, STREAM_BUFFER_BYTES by
+    default): a client too slow for its stream overflows it, which cancels the job at
+    once (even while the response is blocked writing to that client) and ends the
+    stream with a `client_too_slow` error.
     """
 
     def __init__(
@@ -57,10 +83,12 @@ class Relay:
         *,
         watchdog_s: float,
         spawn: Spawn,
+        buffer_bytes: int | None = None,
     ) -> None:
         self.bus = bus
         self.job = job
         self.watchdog_s = watchdog_s
+        self.buffer_bytes = configured_buffer_bytes() if buffer_bytes is None else buffer_bytes
         self._spawn = spawn
         self._sub: StreamSubscription | None = None
         self._held: schemas.StreamMsg | None = None
@@ -69,6 +97,8 @@ class Relay:
         self.next_seq = 0
         self.finished = False
         self._closed = False
+        # Why the stream failed, for the Failed event (StreamFailed errors only).
+        self.failure: StreamFailed | None = None
         self.started_at = time.monotonic()
         self.first_token_at: float | None = None
         # Labelled children resolved once, not per chunk.
@@ -78,7 +108,9 @@ class Relay:
 
     async def open(self, monitor: QueueMonitor) -> None:
         """Subscribe, then queue the job; a full queue raises Overloaded with nothing queued."""
-        self._sub = await self.bus.subscribe_stream(self.job.request_id)
+        self._sub = await self.bus.subscribe_stream(
+            self.job.request_id, max_bytes=self.buffer_bytes, on_overflow=self._overflowed
+        )
         try:
             self._seq = await self.bus.publish_job(self.job)
         except JobRefused:
@@ -104,7 +136,7 @@ class Relay:
         assert self._sub is not None
         while True:
             timeout = self.job.deadline - time.time()
-            msg = await self._sub.next(timeout) if timeout > 0 else None
+            msg = await self._next(timeout) if timeout > 0 else None
             if msg is None:
                 raise DeadlineExceeded("no worker answered before the request's deadline")
             if isinstance(msg, schemas.StreamError):
@@ -132,13 +164,14 @@ class Relay:
                         raise DeadlineExceeded("no worker answered before the request's deadline")
                 else:
                     timeout = self.watchdog_s
-                msg = await self._sub.next(timeout)
+                msg = await self._next(timeout)
             if msg is None:
                 if self.next_seq == 0 and self.worker_id is None:
                     raise DeadlineExceeded("no worker answered before the request's deadline")
-                raise StreamFailed(
-                    f"the worker went silent for {self.watchdog_s:g} s mid-stream",
-                    code="worker_lost",
+                raise self._failed(
+                    StreamFailed(
+                        f"the worker went silent for {self.watchdog_s:g} s mid-stream", code="worker_lost"
+                    )
                 )
             if isinstance(msg, schemas.Chunk):
                 if self.worker_id is None:
@@ -155,7 +188,9 @@ class Relay:
                         msg.seq,
                         msg.worker_id,
                     )
-                    raise StreamFailed(f"chunk {self.next_seq} of the stream was lost", code="stream_gap")
+                    raise self._failed(
+                        StreamFailed(f"chunk {self.next_seq} of the stream was lost", code="stream_gap")
+                    )
                 self.next_seq += 1
                 now = time.monotonic()
                 if self.first_token_at is None:
@@ -176,12 +211,38 @@ class Relay:
                     # whose output is not here yet (a non-streaming answer): watch it.
                     self.worker_id = msg.worker_id
                 if msg.worker_id == self.worker_id and msg.next_seq > self.next_seq:
-                    raise StreamFailed(f"chunk {self.next_seq} of the stream was lost", code="stream_gap")
+                    raise self._failed(
+                        StreamFailed(f"chunk {self.next_seq} of the stream was lost", code="stream_gap")
+                    )
             elif isinstance(msg, schemas.StreamError):
                 if self.worker_id is None or msg.worker_id == self.worker_id:
                     self.finished = True
-                    raise worker_error(msg)
+                    raise self._failed(worker_error(msg))
             # Started: a worker took the job; nothing to relay yet.
+
+    async def _next(self, timeout: float) -> schemas.StreamMsg | None:
+        assert self._sub is not None
+        try:
+            return await self._sub.next(timeout)
+        except StreamOverflow:
+            raise self._failed(client_too_slow()) from None
+
+    def _failed(self, exc: ApiError) -> ApiError:
+        """Remember why the stream failed (for the Failed event), then raise it."""
+        if isinstance(exc, StreamFailed) and self.failure is None:
+            self.failure = exc
+        return exc
+
+    def _overflowed(self) -> None:
+        """The client fell too far behind: stop the job now, not when its write unblocks."""
+        self._failed(client_too_slow())
+        log.warning(
+            "%s: client too slow after %d chunks (bound %d bytes); cancelling the job",
+            self.job.request_id,
+            self.next_seq,
+            self.buffer_bytes,
+        )
+        self._spawn(self.close("stream_failed"))
 
     def waiting(self) -> int:
         """Stream messages already received and not yet read."""
@@ -227,8 +288,8 @@ class Relay:
                             request_id=rid,
                             model=self.job.model,
                             time=time.time(),
-                            code="worker_lost",
-                            message="the stream broke mid-way",
+                            code=self.failure.code if self.failure else "worker_lost",
+                            message=self.failure.message if self.failure else "the stream broke mid-way",
                             worker_id=self.worker_id,
                             user=self.job.user,
                         )

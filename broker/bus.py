@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats
@@ -19,6 +20,9 @@ from broker import names
 from schemas.messages import Priority
 
 log = logging.getLogger(__name__)
+
+# Unread token stream kept per request before its reader counts as too slow (4 MiB).
+DEFAULT_STREAM_BUFFER_BYTES = 4 << 20
 
 
 class JobRefused(Exception):
@@ -53,20 +57,98 @@ async def connect(url: str, name: str) -> Client:
     )
 
 
+class StreamOverflow(Exception):
+    """The reader fell further behind its token stream than the subscription's bound allows."""
+
+
 class StreamSubscription:
-    """The per-request token stream, subscribed before the job is published."""
+    """The per-request token stream, subscribed before the job is published.
 
-    __slots__ = ("_queue", "_sub")
+    Messages wait in a queue until the reader takes them, bounded by `max_msgs` and
+    `max_bytes` (of message payload): a reader that falls further behind than that
+    (a client that stops reading its SSE stream) does not make the process grow. The
+    message that would cross the bound overflows the subscription: everything buffered
+    is dropped, so is every later message, the subject is unsubscribed, `on_overflow`
+    is called (at once, from the NATS callback, so the job can be cancelled even while
+    the reader is blocked writing to its client), and `next()` raises StreamOverflow.
+    One message alone is always accepted, whatever its size (a non-streaming answer
+    arrives in one message).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "_bytes",
+        "_closing",
+        "_max_bytes",
+        "_max_msgs",
+        "_on_overflow",
+        "_queue",
+        "_sub",
+        "overflowed",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_bytes: int = DEFAULT_STREAM_BUFFER_BYTES,
+        max_msgs: int | None = None,
+        on_overflow: Callable[[], None] | None = None,
+    ) -> None:
         self._queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._sub: Subscription | None = None
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        # Small messages (heartbeats, single tokens) cost more than their payload.
+        self._max_msgs = max_msgs if max_msgs is not None else max(16, max_bytes // 64)
+        self._on_overflow = on_overflow
+        self._closing: asyncio.Task[None] | None = None
+        self.overflowed = False
 
     async def _on_msg(self, msg: Msg) -> None:
-        self._queue.put_nowait(msg.data)
+        self.put(msg.data)
+
+    def put(self, data: bytes) -> None:
+        """Buffer one message for the reader, or overflow (see the class)."""
+        if self.overflowed:
+            return
+        queue = self._queue
+        waiting = queue.qsize()
+        if waiting and (waiting >= self._max_msgs or self._bytes + len(data) > self._max_bytes):
+            self._overflow(len(data))
+            return
+        self._bytes += len(data)
+        queue.put_nowait(data)
+
+    def _overflow(self, size: int) -> None:
+        log.info(
+            "%s: the reader is too slow, %d messages (%d bytes) unread and %d more bytes "
+            "arrived; the stream is dropped",
+            self._sub.subject if self._sub is not None else "stream",
+            self._queue.qsize(),
+            self._bytes,
+            size,
+        )
+        self.overflowed = True
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._bytes = 0
+        # Wakes a reader that is waiting in next() (it raises there).
+        self._queue.put_nowait(b"")
+        if self._sub is not None:
+            # Not from here: unsubscribing stops the task that runs this callback.
+            self._closing = asyncio.get_running_loop().create_task(self.close())
+        if self._on_overflow is not None:
+            try:
+                self._on_overflow()
+            except Exception:
+                log.exception("stream overflow handler failed")
 
     async def next(self, timeout: float) -> schemas.StreamMsg | None:
-        """The next message, or None when nothing arrived within timeout seconds."""
+        """The next message, or None when nothing arrived within timeout seconds.
+
+        Raises StreamOverflow once the reader has fallen too far behind.
+        """
+        if self.overflowed:
+            raise StreamOverflow
         if self._queue.empty():
             try:
                 async with asyncio.timeout(timeout):
@@ -76,11 +158,17 @@ class StreamSubscription:
         else:
             # Under load the message is often here already: no timer, no suspension.
             data = self._queue.get_nowait()
+        if self.overflowed:
+            raise StreamOverflow
+        self._bytes -= len(data)
         message: schemas.StreamMsg = schemas.decode_stream(data)
         return message
 
     def waiting(self) -> int:
-        return self._queue.qsize()
+        return 0 if self.overflowed else self._queue.qsize()
+
+    def buffered_bytes(self) -> int:
+        return self._bytes
 
     async def close(self) -> None:
         if self._sub is not None:
@@ -146,8 +234,16 @@ class Bus:
     async def publish_stream(self, request_id: str, message: schemas.StreamMsg) -> None:
         await self.nc.publish(names.stream_subject(request_id), schemas.encode(message))
 
-    async def subscribe_stream(self, request_id: str) -> StreamSubscription:
-        stream = StreamSubscription()
+    async def subscribe_stream(
+        self,
+        request_id: str,
+        *,
+        max_bytes: int = DEFAULT_STREAM_BUFFER_BYTES,
+        max_msgs: int | None = None,
+        on_overflow: Callable[[], None] | None = None,
+    ) -> StreamSubscription:
+        """Subscribe to a request's token stream, buffered up to the bounds (StreamSubscription)."""
+        stream = StreamSubscription(max_bytes=max_bytes, max_msgs=max_msgs, on_overflow=on_overflow)
         stream._sub = await self.nc.subscribe(names.stream_subject(request_id), cb=stream._on_msg)
         return stream
 
