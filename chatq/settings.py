@@ -67,6 +67,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Synthetic engine
     synth_tokens_per_s: float
     synth_ttft_s: float
+    synth_start_s: float
     # Telemetry
     telemetry_port: int
     telemetry_interval_s: float
@@ -209,6 +210,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         vllm_extra_args=env.text("VLLM_EXTRA_ARGS", ""),
         synth_tokens_per_s=env.number("SYNTH_TOKENS_PER_S", 20.0, minimum=0.001),
         synth_ttft_s=env.number("SYNTH_TTFT_MS", 50.0) / 1000,
+        synth_start_s=env.number("SYNTH_START_S", 0.0),
         telemetry_port=env.integer("TELEMETRY_PORT", 9102),
         telemetry_interval_s=env.number("TELEMETRY_INTERVAL_S", 5.0, minimum=0.1),
     )

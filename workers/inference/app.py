@@ -32,6 +32,7 @@ def make_engine(settings: Settings) -> Engine:
             tokens_per_s=settings.synth_tokens_per_s,
             ttft_s=settings.synth_ttft_s,
             slots=settings.worker_slots or 256,
+            start_s=settings.synth_start_s,
         )
     from workers.inference.vllm_engine import VllmEngine
 

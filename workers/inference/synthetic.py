@@ -47,8 +47,11 @@ class SyntheticEngine:
     name = "synthetic"
     version = "synthetic"
 
-    def __init__(self, *, model: str, tokens_per_s: float, ttft_s: float, slots: int) -> None:
+    def __init__(
+        self, *, model: str, tokens_per_s: float, ttft_s: float, slots: int, start_s: float = 0.0
+    ) -> None:
         self.model = model
+        self._start_s = start_s
         self._interval = 1.0 / tokens_per_s
         self._ttft_s = ttft_s
         self._slots = slots
@@ -60,7 +63,8 @@ class SyntheticEngine:
         return self._slots
 
     async def start(self) -> None:
-        return None
+        """Takes start_s, as loading a model would (to test what users see meanwhile)."""
+        await asyncio.sleep(self._start_s)
 
     async def stop(self) -> None:
         return None
