@@ -9,11 +9,15 @@ from schemas.messages import Priority
 
 JOBS_STREAM = "JOBS"
 EVENTS_STREAM = "EVENTS"
+DEADLETTER_STREAM = "DEADLETTER"
 WORKERS_BUCKET = "workers"
 
 JOBS_ALL = "chat.jobs.>"
 EVENTS_ALL = "chat.events.>"
 CANCEL_ALL = "chat.cancel.*"
+DEADLETTER_ALL = "chat.deadletter.>"
+# Events the persistence worker gave up on (the raw event, with a header naming the error).
+DEADLETTER_EVENTS = "chat.deadletter.events"
 PRIORITIES: tuple[Priority, ...] = ("interactive", "background")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")

@@ -55,6 +55,22 @@ def events_stream_config() -> StreamConfig:
     )
 
 
+def deadletter_stream_config() -> StreamConfig:
+    # What a consumer gave up on, kept for a person to look at or replay; bounded, since
+    # nothing consumes it: the oldest go first once it is full.
+    return StreamConfig(
+        name=names.DEADLETTER_STREAM,
+        subjects=[names.DEADLETTER_ALL],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=30 * 24 * 3600.0,
+        max_msgs=100_000,
+        max_bytes=256 << 20,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+
+
 def jobs_consumer_config(model: str, priority: Priority, ack_wait_s: float) -> ConsumerConfig:
     name = names.jobs_consumer(model, priority)
     return ConsumerConfig(
@@ -82,9 +98,15 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 
 async def ensure_streams(js: JetStreamContext, *, jobs_max_msgs: int) -> None:
-    """Create or update the JOBS and EVENTS streams."""
+    """Create or update the JOBS, EVENTS and DEADLETTER streams."""
     await _ensure_stream(js, jobs_stream_config(jobs_max_msgs))
     await _ensure_stream(js, events_stream_config())
+    await ensure_deadletter(js)
+
+
+async def ensure_deadletter(js: JetStreamContext) -> None:
+    """Create or update the DEADLETTER stream (the persistence worker's own, at its start)."""
+    await _ensure_stream(js, deadletter_stream_config())
 
 
 async def ensure_model(js: JetStreamContext, model: str, *, ack_wait_s: float) -> None:

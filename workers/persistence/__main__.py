@@ -20,8 +20,14 @@ def main() -> int:
     from workers.persistence.app import build_app
     from workers.persistence.store import Store
 
-    app, _ = build_app(settings.nats_url, Store(dsn))
-    asyncio.run(app.run(log_level=logging.INFO))
+    store = Store(
+        dsn,
+        connect_timeout_s=settings.database_connect_timeout_s,
+        statement_timeout_ms=settings.database_statement_timeout_ms,
+    )
+    app, _ = build_app(settings.nats_url, store, max_deliver=settings.persistence_max_deliver)
+    # FastStream's "app starting / started" lines at DEBUG: the worker logs its own start line.
+    asyncio.run(app.run(log_level=logging.DEBUG))
     return 0
 
 

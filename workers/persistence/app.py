@@ -1,8 +1,19 @@
-"""Wires the persistence worker: a durable JetStream consumer on EVENTS → Store."""
+"""Wires the persistence worker: a durable JetStream consumer on EVENTS → Store.
+
+An event whose write fails for a transient reason (PostgreSQL down or restarting, a lost
+connection, a connect or statement timeout) waits in JetStream and is retried until it is
+written, however long that takes. One that fails for any other reason (it cannot be
+decoded, PostgreSQL refuses its data) is tried `max_deliver` times in all, then published
+as it came to the dead-letter subject with headers naming the error, and terminated: it
+never blocks the events behind it.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections import Counter
 
 import msgspec
 import psycopg
@@ -10,19 +21,137 @@ from faststream import AckPolicy, FastStream
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 
 import schemas
-from broker import names
-from workers.persistence.store import Store
+from broker import names, topology
+from workers.persistence.store import Store, is_transient
 
 log = logging.getLogger("chatq.persistence")
 
 RETRY_DELAY_S = 2.0
+MAX_DELIVER = 5
+SUMMARY_INTERVAL_S = 60.0
 DURABLE = "persistence"
+# Headers of a dead-lettered event (its body is the event's bytes as they were published).
+ERROR_HEADER = "Chatq-Error"
+REQUEST_ID_HEADER = "Chatq-Request-Id"
+SUBJECT_HEADER = "Chatq-Subject"
+DELIVERIES_HEADER = "Chatq-Deliveries"
+_MAX_REASON = 500
 
 
-def build_app(nats_url: str, store: Store) -> tuple[FastStream, NatsBroker]:
+def _reason(exc: BaseException) -> str:
+    """The error as one short line, fit for a NATS header and a log line."""
+    text = " ".join(str(exc).split())
+    reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return reason[:_MAX_REASON]
+
+
+def _request_id_of(body: bytes) -> str:
+    """The request id of an event that does not decode as an Event, if it has one."""
+    try:
+        raw = msgspec.msgpack.decode(body)
+    except msgspec.MsgspecError:
+        return "?"
+    rid = raw.get("request_id") if isinstance(raw, dict) else None
+    return rid if isinstance(rid, str) else "?"
+
+
+class Tally:
+    """What the worker did since the last summary line."""
+
+    def __init__(self) -> None:
+        self.written: Counter[str] = Counter()
+        self.retried = 0
+        self.dead = 0
+
+    def summary(self) -> str | None:
+        total = sum(self.written.values())
+        if not (total or self.retried or self.dead):
+            return None
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.written.items()))
+        line = f"wrote {total} events ({kinds or 'none'}), {self.retried} retries, {self.dead} dead-lettered"
+        self.written.clear()
+        self.retried = self.dead = 0
+        return line
+
+
+def build_app(
+    nats_url: str,
+    store: Store,
+    *,
+    max_deliver: int = MAX_DELIVER,
+    retry_delay_s: float = RETRY_DELAY_S,
+    summary_interval_s: float = SUMMARY_INTERVAL_S,
+) -> tuple[FastStream, NatsBroker]:
     """The persistence worker as a FastStream app; tests pass their own Store."""
-    broker = NatsBroker(nats_url, max_reconnect_attempts=-1, name="chatq-persistence")
-    app = FastStream(broker)
+    # FastStream's own lines go through our logging (one format, no colours); its two
+    # lines per message ("Received", "Processed") at DEBUG, and its other chatter below
+    # WARNING only with LOG_LEVEL=DEBUG: at INFO the log shows what this worker says.
+    faststream_log = logging.getLogger("chatq.persistence.faststream")
+    if not faststream_log.isEnabledFor(logging.DEBUG):
+        faststream_log.setLevel(logging.WARNING)
+    broker = NatsBroker(
+        nats_url,
+        max_reconnect_attempts=-1,
+        name="chatq-persistence",
+        logger=faststream_log,
+        log_level=logging.DEBUG,
+    )
+    app = FastStream(broker, logger=log)
+    tally = Tally()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def give_up_or_retry(msg: NatsMessage, request_id: str, kind: str, exc: BaseException) -> None:
+        """A non-transient failure: retry a bounded number of times, then dead-letter."""
+        reason = _reason(exc)
+        meta = msg.raw_message.metadata
+        tries = meta.num_delivered
+        if tries < max_deliver:
+            log.warning(
+                "could not write the %s event of %s (try %d of %d): %s; trying again in %g s",
+                kind,
+                request_id,
+                tries,
+                max_deliver,
+                reason,
+                retry_delay_s,
+            )
+            tally.retried += 1
+            await msg.nack(delay=retry_delay_s)
+            return
+        headers = {
+            ERROR_HEADER: reason,
+            REQUEST_ID_HEADER: request_id,
+            SUBJECT_HEADER: msg.raw_message.subject,
+            DELIVERIES_HEADER: str(tries),
+            # Dead-lettered twice (the term below lost), it is stored once.
+            "Nats-Msg-Id": f"{names.EVENTS_STREAM}-{meta.sequence.stream}",
+        }
+        try:
+            await broker.publish(
+                msg.body,
+                names.DEADLETTER_EVENTS,
+                headers=headers,
+                stream=names.DEADLETTER_STREAM,
+                timeout=5.0,
+            )
+        except Exception as pub_exc:  # noqa: BLE001 - NATS trouble: keep the event, try later
+            log.warning(
+                "could not dead-letter the %s event of %s (%r); trying later", kind, request_id, pub_exc
+            )
+            await msg.nack(delay=retry_delay_s)
+            return
+        await msg.reject()
+        tally.dead += 1
+        # A traceback only where it can help: an error of our code, not refused data.
+        log.error(
+            "dead-lettered the %s event of %s to %s after %d tries: %s",
+            kind,
+            request_id,
+            names.DEADLETTER_EVENTS,
+            tries,
+            reason,
+            exc_info=None if isinstance(exc, psycopg.Error | msgspec.MsgspecError) else exc,
+        )
 
     @broker.subscriber(
         names.EVENTS_ALL,
@@ -32,31 +161,64 @@ def build_app(nats_url: str, store: Store) -> tuple[FastStream, NatsBroker]:
         ack_policy=AckPolicy.MANUAL,
     )
     async def on_event(msg: NatsMessage) -> None:
+        kind = msg.raw_message.subject.rsplit(".", 1)[-1]
         try:
             event = schemas.decode_event(msg.body)
-        except msgspec.MsgspecError:
-            log.error("dropping a malformed event on %s", msg.raw_message.subject)
-            await msg.reject()
+        except msgspec.MsgspecError as exc:
+            await give_up_or_retry(msg, _request_id_of(msg.body), kind, exc)
             return
         try:
             await store.apply(event)
-        except (psycopg.OperationalError, OSError) as exc:
-            # PostgreSQL is down: the event waits in JetStream and comes back later.
-            log.warning("database unavailable (%s); retrying %s later", exc, event.request_id)
-            await msg.nack(delay=RETRY_DELAY_S)
-            return
-        except psycopg.Error:
-            log.exception("could not write %s; retrying later", event.request_id)
-            await msg.nack(delay=RETRY_DELAY_S * 10)
+        except Exception as exc:  # noqa: BLE001 - sorted into transient or not below
+            if not is_transient(exc):
+                await give_up_or_retry(msg, event.request_id, kind, exc)
+                return
+            # PostgreSQL is down or slow: the event waits in JetStream and comes back later.
+            log.warning(
+                "could not write for now (%s); retrying the %s event of %s in %g s",
+                _reason(exc),
+                kind,
+                event.request_id,
+                retry_delay_s,
+            )
+            tally.retried += 1
+            await msg.nack(delay=retry_delay_s)
             return
         await msg.ack()
+        tally.written[kind] += 1
+        log.debug("wrote the %s event of %s", kind, event.request_id)
+
+    async def summaries() -> None:
+        while True:
+            await asyncio.sleep(summary_interval_s)
+            if line := tally.summary():
+                log.info("last %g s: %s", summary_interval_s, line)
 
     @app.on_startup
     async def migrate() -> None:
         await store.migrate()
 
+    @app.after_startup
+    async def started() -> None:
+        await topology.ensure_deadletter(broker.connection.jetstream())
+        tasks.append(asyncio.create_task(summaries()))
+        log.info(
+            "persistence worker started: NATS %s, PostgreSQL %s; events that fail %d times for "
+            "a non-transient reason go to %s",
+            nats_url,
+            store.describe(),
+            max_deliver,
+            names.DEADLETTER_EVENTS,
+        )
+
     @app.on_shutdown
     async def close() -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if line := tally.summary():
+            log.info("at shutdown: %s", line)
         await store.close()
 
     return app, broker

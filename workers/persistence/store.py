@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 import schemas
 
@@ -128,19 +129,68 @@ def _row(event: schemas.Event) -> dict[str, object]:
     return row
 
 
-class Store:
-    """One connection; apply() writes one event in one transaction."""
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying the same write again later may succeed.
 
-    def __init__(self, dsn: str) -> None:
+    Transient: PostgreSQL unreachable, restarting or out of resources, a lost connection, a
+    connect or statement timeout (QueryCanceled), a deadlock or serialization failure: all
+    psycopg OperationalErrors, plus the socket's own errors. Everything else (a data,
+    constraint, encoding or programming error, an event the code cannot turn into a row)
+    fails the same way every time.
+    """
+    return isinstance(exc, psycopg.OperationalError | OSError | TimeoutError)
+
+
+class Store:
+    """One connection; apply() writes one event in one transaction.
+
+    One connection, reopened after a failure, rather than a psycopg_pool pool: the worker
+    is a single consumer that writes one event at a time (the lock below), so a pool would
+    only add a dependency and idle connections. A connect timeout bounds the wait for an
+    unreachable server and a statement timeout bounds each statement (a lock held by
+    someone else, a stuck server): either way the write fails as transient and is retried.
+    """
+
+    def __init__(self, dsn: str, *, connect_timeout_s: int = 5, statement_timeout_ms: int = 10_000) -> None:
         self._dsn = dsn
+        self._connect_timeout_s = connect_timeout_s
+        self._statement_timeout_ms = statement_timeout_ms
         self._conn: psycopg.AsyncConnection[object] | None = None
         # One connection carries one transaction at a time; events arrive concurrently.
         self._lock = asyncio.Lock()
 
     async def _connection(self) -> psycopg.AsyncConnection[object]:
         if self._conn is None or self._conn.closed:
-            self._conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=False)
+            conn = await psycopg.AsyncConnection.connect(
+                self._dsn, autocommit=False, connect_timeout=self._connect_timeout_s
+            )
+            try:
+                # A session setting rather than a startup `options`, which poolers such as
+                # PgBouncer refuse; 0 means no limit, as in PostgreSQL.
+                async with conn.transaction():
+                    await conn.execute(
+                        "SELECT set_config('statement_timeout', %s, false)",
+                        (f"{self._statement_timeout_ms}ms",),
+                    )
+            except BaseException:
+                await conn.close()
+                raise
+            self._conn = conn
         return self._conn
+
+    def describe(self) -> str:
+        """Where and how this store connects, for the log (never the password)."""
+        try:
+            params = conninfo_to_dict(self._dsn)
+        except psycopg.Error:
+            params = {}
+        where = f"{params.get('dbname', '?')} on {params.get('host', 'localhost')}"
+        if params.get("port"):
+            where += f":{params['port']}"
+        return (
+            f"{where} (connect timeout {self._connect_timeout_s} s, "
+            f"statement timeout {self._statement_timeout_ms} ms)"
+        )
 
     async def migrate(self) -> None:
         conn = await self._connection()
