@@ -2,35 +2,74 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 import sys
 
 import uvicorn
 
 from chatq.errors import ConfigError
 from chatq.logs import setup_logging
-from chatq.settings import load
+from chatq.settings import Settings, load
+
+log = logging.getLogger("chatq.api")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with chatq's start and stop lines instead of its own."""
+
+    def __init__(self, config: uvicorn.Config, settings: Settings, version: str) -> None:
+        super().__init__(config)
+        self._settings = settings
+        self._version = version
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.started:
+            return
+        bound = [s.getsockname() for server in self.servers for s in server.sockets]
+        where = (
+            ", ".join(f"{addr[0]}:{addr[1]}" for addr in bound)
+            or f"{self._settings.host}:{self._settings.port}"
+        )
+        log.info(
+            "chatq api %s listening on %s; models: %s",
+            self._version,
+            where,
+            ", ".join(self._settings.models),
+        )
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        log.info("chatq api stopping")
+        await super().shutdown(sockets)
 
 
 def main() -> int:
     setup_logging("api")
     settings = load()
-    from api.app import create_app
+    from api.app import VERSION, create_app
 
     try:
         app = create_app(settings)
     except ConfigError as exc:
         print(f"chatq api: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
+    # Building the Litestar app configured logging its own way: chatq's format again.
+    setup_logging("api")
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
         http="httptools",
+        # uvicorn's loggers go through chatq's format (no log_config of its own), warnings
+        # only: the start line and one line per request are chatq's (api/chat.py).
+        log_config=None,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+    _Server(config, settings, VERSION).run()
     return 0
 
 

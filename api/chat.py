@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -20,6 +21,7 @@ import msgspec
 from litestar import Request, post
 from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
+from litestar.exceptions import HTTPException
 from litestar.response import Response, Stream
 
 import schemas
@@ -38,6 +40,7 @@ from chatq.errors import (
 )
 from schemas.messages import Endpoint, Priority
 
+log = logging.getLogger("chatq.api")
 _json = msgspec.json.Encoder()
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 BodyT = TypeVar("BodyT", bound=msgspec.Struct)
@@ -51,6 +54,48 @@ class ClientGone(Exception):
 
 def new_request_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class RequestLine:
+    """The one log line of a generation request, written once, when it ends."""
+
+    def __init__(self, request_id: str, endpoint: str) -> None:
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.model: str | None = None
+        self.started = time.monotonic()
+        self.written = False
+
+    def end(self, status: int, outcome: str, usage: schemas.Usage | None = None, tokens: int = 0) -> None:
+        """Log the request's end (a no-op after the first call)."""
+        if self.written:
+            return
+        self.written = True
+        if usage is not None:
+            counted = f"{usage.prompt_tokens}+{usage.completion_tokens}"
+        else:
+            counted = str(tokens) if tokens else "-"
+        log.info(
+            "%s %s model=%s status=%d outcome=%s tokens=%s duration=%.3fs",
+            self.request_id,
+            self.endpoint,
+            self.model or "-",
+            status,
+            outcome,
+            counted,
+            time.monotonic() - self.started,
+        )
+
+
+def _ended_by(exc: BaseException) -> tuple[int, str]:
+    """The status and outcome of a request that ended with this exception."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.code
+    if isinstance(exc, HTTPException):
+        return exc.status_code, "http_error"
+    if isinstance(exc, asyncio.CancelledError):
+        return 499, "disconnected"
+    return 500, "internal_error"
 
 
 def decode_body(body: bytes, kind: type[BodyT]) -> BodyT:
@@ -79,11 +124,13 @@ def _without_priority(body: bytes) -> bytes:
 class ChatCall:
     """One generation request through the queue: admission, job, relay, response."""
 
-    def __init__(self, services: Services, request_id: str) -> None:
+    def __init__(self, services: Services, line: RequestLine) -> None:
         self.services = services
-        self.request_id = request_id
+        self.line = line
+        self.request_id = line.request_id
 
     def model(self, model: str | None) -> str:
+        self.line.model = model
         if not model:
             raise InvalidRequest("`model` is required: name one of GET /v1/models", param="model")
         known = self.services.known_models()
@@ -128,7 +175,13 @@ class ChatCall:
     async def open(self, job: schemas.Job) -> Relay:
         services = self.services
         await services.monitor.admit(job.model, job.priority)
-        relay = Relay(services.bus, job, watchdog_s=services.settings.watchdog_s, spawn=services.spawn)
+        relay = Relay(
+            services.bus,
+            job,
+            watchdog_s=services.settings.watchdog_s,
+            spawn=services.spawn,
+            buffer_bytes=services.settings.stream_buffer_bytes,
+        )
         await relay.open(services.monitor)
         return relay
 
@@ -136,6 +189,7 @@ class ChatCall:
         """The engine's SSE events as it wrote them; a failure becomes an `error` event."""
         reason: CloseReason = "client_disconnected"
         outcome = "disconnected"
+        tokens, usage = 0, None
         metrics.ACTIVE_STREAMS.inc()
         # Chunks that are already waiting go out in one write: under load the API
         # catches up with fewer sends instead of falling further behind.
@@ -145,6 +199,7 @@ class ChatCall:
                 if chunk.finish_reason == "cancelled":
                     # The worker stopped it (deadline, shutdown) while the client listened.
                     raise DeadlineExceeded("the request was stopped before it finished")
+                tokens, usage = tokens + chunk.tokens, chunk.usage or usage
                 parts.append(chunk.data.encode())
                 if not relay.waiting():
                     yield b"".join(parts)
@@ -160,24 +215,29 @@ class ChatCall:
         finally:
             metrics.ACTIVE_STREAMS.dec()
             metrics.REQUESTS.labels(model=relay.job.model, outcome=outcome).inc()
+            # The status went out with the first byte; the outcome says how it ended.
+            self.line.end(200, outcome, usage, tokens)
             await relay.close(reason)
 
     async def complete(self, relay: Relay) -> bytes:
         """The whole JSON answer of a non-streaming request."""
         parts: list[str] = []
         reason: CloseReason = "client_disconnected"
-        outcome = "disconnected"
+        outcome, status = "disconnected", 499
+        tokens, usage = 0, None
         try:
             async for chunk in relay.chunks():
                 if chunk.finish_reason == "cancelled":
                     raise DeadlineExceeded("the request was stopped before it finished")
+                tokens, usage = tokens + chunk.tokens, chunk.usage or usage
                 parts.append(chunk.data)
-            reason, outcome = None, "completed"
+            reason, outcome, status = None, "completed", 200
         except ApiError as exc:
-            reason, outcome = _close_reason(exc), exc.code
+            reason, outcome, status = _close_reason(exc), exc.code, exc.status
             raise
         finally:
             metrics.REQUESTS.labels(model=relay.job.model, outcome=outcome).inc()
+            self.line.end(status, outcome, usage, tokens)
             await relay.close(reason)
         return "".join(parts).encode()
 
@@ -212,12 +272,24 @@ async def _unless_gone(request: Request, work: Awaitable[T]) -> T:  # type: igno
     return task.result()
 
 
-async def _begin(request: Request, kind: type[BodyT]) -> tuple[str, bytes, BodyT]:  # type: ignore[type-arg]
-    """A new request id (kept for error bodies), the raw body and what the API reads of it."""
-    request_id = new_request_id()
-    request.state.request_id = request_id
+async def _begin(request: Request, kind: type[BodyT]) -> tuple[RequestLine, bytes, BodyT]:  # type: ignore[type-arg]
+    """A new request (its id kept for error bodies), the raw body and what the API reads of it."""
+    line = RequestLine(new_request_id(), request.url.path)
+    request.state.request_id = line.request_id
+    request.state.chat_line = line
     raw = await request.body()
-    return request_id, raw, decode_body(raw, kind)
+    return line, raw, decode_body(raw, kind)
+
+
+async def _logged(request: Request, work: Awaitable[T]) -> T:  # type: ignore[type-arg]
+    """Run a generation handler; a request refused before its answer began is logged here."""
+    try:
+        return await work
+    except BaseException as exc:
+        line: RequestLine | None = getattr(request.state, "chat_line", None)
+        if line is not None:
+            line.end(*_ended_by(exc))
+        raise
 
 
 async def _answer(request: Request, call: ChatCall, job: schemas.Job) -> Response[bytes] | Stream:  # type: ignore[type-arg]
@@ -227,6 +299,7 @@ async def _answer(request: Request, call: ChatCall, job: schemas.Job) -> Respons
         await _unless_gone(request, relay.accepted())
     except ClientGone:
         await relay.close("client_disconnected")
+        call.line.end(499, "disconnected")
         return Response(b"", status_code=499)
     except ApiError as exc:
         await relay.close(_close_reason(exc))
@@ -239,13 +312,19 @@ async def _answer(request: Request, call: ChatCall, job: schemas.Job) -> Respons
             headers={**_SSE_HEADERS, **headers},
             # A client gone before the first byte never starts the generator, so its
             # clean-up never runs: this does it (a no-op once the stream closed itself).
-            background=BackgroundTask(relay.close, "client_disconnected"),
+            background=BackgroundTask(_abandon, call, relay),
         )
     try:
         body = await _unless_gone(request, call.complete(relay))
     except ClientGone:
         return Response(b"", status_code=499)
     return Response(body, media_type="application/json", headers=headers)
+
+
+async def _abandon(call: ChatCall, relay: Relay) -> None:
+    """After a stream response: close the relay and log the request if its stream never ran."""
+    await relay.close("client_disconnected")
+    call.line.end(499, "disconnected")
 
 
 def _queue_priority(priority: object) -> tuple[Priority, bool]:
@@ -259,19 +338,19 @@ async def _openai(request: Request, services: Services, endpoint: Endpoint) -> R
     """An OpenAI request: read what chatq acts on, queue the body as sent, answer."""
     head: ChatRequestHead | CompletionRequestHead
     if endpoint == "chat":
-        request_id, raw, chat = await _begin(request, ChatRequestHead)
+        line, raw, chat = await _begin(request, ChatRequestHead)
         if chat.messages is None:
             raise InvalidRequest("`messages` is required", param="messages")
         head, messages = chat, chat.messages
         max_tokens = chat.max_completion_tokens or chat.max_tokens
     else:
-        request_id, raw, text = await _begin(request, CompletionRequestHead)
+        line, raw, text = await _begin(request, CompletionRequestHead)
         if text.prompt is None:
             raise InvalidRequest("`prompt` is required", param="prompt")
         prompt = text.prompt if isinstance(text.prompt, str) else _json.encode(text.prompt).decode()
         head, messages = text, [InMessage(role="user", content=prompt)]
         max_tokens = text.max_tokens
-    call = ChatCall(services, request_id)
+    call = ChatCall(services, line)
     model = call.model(head.model)
     priority, ours = _queue_priority(head.priority)
     job = call.job(
@@ -290,20 +369,24 @@ async def _openai(request: Request, services: Services, endpoint: Endpoint) -> R
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request, services: NamedDependency[Services]) -> Response[bytes] | Stream:  # type: ignore[type-arg]
     """OpenAI-compatible chat completions, streaming or not; served by the engine's OpenAI layer."""
-    return await _openai(request, services, "chat")
+    return await _logged(request, _openai(request, services, "chat"))
 
 
 @post("/v1/completions", status_code=200)
 async def completions(request: Request, services: NamedDependency[Services]) -> Response[bytes] | Stream:  # type: ignore[type-arg]
     """OpenAI-compatible (legacy) text completions, streaming or not."""
-    return await _openai(request, services, "completions")
+    return await _logged(request, _openai(request, services, "completions"))
 
 
 @post("/api/chat", status_code=200)
 async def simple_chat(request: Request, services: NamedDependency[Services]) -> Response[bytes] | Stream:  # type: ignore[type-arg]
     """The original plan's endpoint: {messages, model, temperature, max_tokens} → SSE with usage."""
-    request_id, _, body = await _begin(request, SimpleChatRequest)
-    call = ChatCall(services, request_id)
+    return await _logged(request, _simple_chat(request, services))
+
+
+async def _simple_chat(request: Request, services: Services) -> Response[bytes] | Stream:  # type: ignore[type-arg]
+    line, _, body = await _begin(request, SimpleChatRequest)
+    call = ChatCall(services, line)
     model = call.model(body.model or services.known_models()[0])
     openai_body: dict[str, object] = {
         "model": model,

@@ -334,3 +334,11 @@ async def test_the_timeouts_reach_the_session(env: Env) -> None:
             await conn.execute("SELECT pg_sleep(3)")
     finally:
         await store.close()
+
+
+def test_the_worker_log_is_plain(env: Env) -> None:
+    text = env.worker.log.read_text(errors="replace")
+    assert "\x1b[" not in text
+    assert re.search(r"INFO persistence chatq\.persistence: persistence worker started", text), text
+    # FastStream's two lines per message are not shown at INFO.
+    assert "Received" not in text and "Processed" not in text
