@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -18,7 +17,6 @@ from api.admission import QueueMonitor
 from broker.bus import DEFAULT_STREAM_BUFFER_BYTES, Bus, JobRefused, StreamOverflow, StreamSubscription
 from chatq.errors import (
     ApiError,
-    ConfigError,
     DeadlineExceeded,
     InvalidRequest,
     ModelNotFound,
@@ -26,19 +24,8 @@ from chatq.errors import (
     StreamFailed,
     UpstreamUnavailable,
 )
-from chatq.settings import load as load_settings
 
 log = logging.getLogger(__name__)
-
-
-@functools.cache
-def configured_buffer_bytes() -> int:
-    """STREAM_BUFFER_BYTES, read once, for a Relay not given its bound by its caller."""
-    try:
-        return load_settings().stream_buffer_bytes
-    except ConfigError as exc:  # the process started, so this is a later change (a key file)
-        log.warning("settings unreadable (%s); streams are buffered up to the default", exc)
-        return DEFAULT_STREAM_BUFFER_BYTES
 
 
 def client_too_slow() -> StreamFailed:
@@ -83,12 +70,12 @@ class Relay:
         *,
         watchdog_s: float,
         spawn: Spawn,
-        buffer_bytes: int | None = None,
+        buffer_bytes: int = DEFAULT_STREAM_BUFFER_BYTES,
     ) -> None:
         self.bus = bus
         self.job = job
         self.watchdog_s = watchdog_s
-        self.buffer_bytes = configured_buffer_bytes() if buffer_bytes is None else buffer_bytes
+        self.buffer_bytes = buffer_bytes
         self._spawn = spawn
         self._sub: StreamSubscription | None = None
         self._held: schemas.StreamMsg | None = None

@@ -14,7 +14,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from broker import names
@@ -121,7 +121,8 @@ async def workers_kv(js: JetStreamContext) -> KeyValue:
     """The heartbeat bucket: a worker's key vanishes WORKER_TTL_S after its last beat."""
     try:
         return await js.key_value(names.WORKERS_BUCKET)
-    except Exception:  # noqa: BLE001 - nats-py raises several types for a missing bucket
+    except (BucketNotFoundError, NotFoundError):
+        # Only a missing bucket is created here: a timeout or a lost connection is raised.
         return await js.create_key_value(
             KeyValueConfig(bucket=names.WORKERS_BUCKET, ttl=WORKER_TTL_S, history=1)
         )
