@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from chatq.servers import free_port, wait_for_port
+from chatq.servers import NatsServer, free_port, wait_for_port
 from loadtest.probes import metric_sum
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,3 +214,35 @@ def wait_for_model(base_url: str, model: str, timeout: float, procs: list[Proc] 
             pass
         time.sleep(0.2)
     raise TimeoutError(f"no ready worker for {model} after {timeout} s")
+
+
+@dataclass
+class Stack:
+    """nats-server, an API and a worker, each a real process on free loopback ports."""
+
+    nats: NatsServer
+    url: str
+    env: dict[str, str]
+    logdir: Path
+    api: Proc
+    worker: Proc
+    worker_metrics: int
+
+
+@contextmanager
+def synthetic_stack(root: Path, model: str, **env: str) -> Iterator[Stack]:
+    """A whole pipeline with the synthetic engine serving `model`; `env` adds settings."""
+    nats = NatsServer(root / "nats").start(root / "nats.log")
+    full = base_env(nats.url, root / "home", INFERENCE_ENGINE="synthetic", MODEL_NAME=model, **env)
+    procs: list[Proc] = []
+    try:
+        api, url = start_api(full, root / "logs")
+        procs.append(api)
+        worker, metrics_port = start_worker(full, root / "logs")
+        procs.append(worker)
+        wait_for_workers(url, 1, 60, [worker, api])
+        yield Stack(nats, url, full, root / "logs", api, worker, metrics_port)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        nats.stop()

@@ -10,48 +10,27 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from chatq.servers import NatsServer
-from tests.helpers import Proc, auth, base_env, sse_events, start_api, start_worker, wait_for_workers
+from tests.helpers import Proc, Stack, auth, sse_events, synthetic_stack
 
 MODEL = "synthetic-model"
 # timestamp, level, service, logger: message
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+) (\S+): ")
 
 
-@dataclass
-class Stack:
-    url: str
-    api: Proc
-    worker: Proc
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("logs")
-    nats = NatsServer(root / "nats").start(root / "nats.log")
-    env = base_env(
-        nats.url,
-        root / "home",
-        INFERENCE_ENGINE="synthetic",
-        MODEL_NAME=MODEL,
+    with synthetic_stack(
+        tmp_path_factory.mktemp("logs"),
+        MODEL,
         CHATQ_MODELS=MODEL,
         SYNTH_TOKENS_PER_S="50",
         SYNTH_TTFT_MS="20",
-    )
-    api, url = start_api(env, root / "logs")
-    worker, _ = start_worker(env, root / "logs")
-    try:
-        wait_for_workers(url, 1, 60, [worker, api])
-        yield Stack(url, api, worker)
-    finally:
-        worker.stop()
-        api.stop()
-        nats.stop()
+    ) as stack:
+        yield stack
 
 
 def request_lines(proc: Proc, request_id: str, timeout: float = 10) -> list[str]:

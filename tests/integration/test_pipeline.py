@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,7 @@ import pytest
 
 from chatq.servers import NatsServer
 from tests.helpers import (
-    Proc,
+    Stack,
     auth,
     base_env,
     find_event,
@@ -25,8 +24,8 @@ from tests.helpers import (
     sse_events,
     start_api,
     start_worker,
+    synthetic_stack,
     wait_for_model,
-    wait_for_workers,
 )
 from workers.inference.synthetic import prompt_seed, synthetic_token
 
@@ -34,26 +33,11 @@ MODEL = "synthetic-model"
 WATCHDOG_S = 2.0
 
 
-@dataclass
-class Stack:
-    nats: NatsServer
-    url: str
-    env: dict[str, str]
-    logdir: Path
-    api: Proc
-    worker: Proc
-    worker_metrics: int
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("stack")
-    nats = NatsServer(root / "nats").start(root / "nats.log")
-    env = base_env(
-        nats.url,
-        root / "home",
-        INFERENCE_ENGINE="synthetic",
-        MODEL_NAME=MODEL,
+    with synthetic_stack(
+        tmp_path_factory.mktemp("stack"),
+        MODEL,
         CHATQ_MODELS=f"{MODEL},killed-before,killed-after,unserved",
         SYNTH_TOKENS_PER_S="50",
         SYNTH_TTFT_MS="20",
@@ -63,16 +47,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         CHATQ_QUEUE_MAX="3",
         CHATQ_QUEUE_DEPTH_CACHE_S="0",
         CHATQ_MAX_REQUEST_BYTES="4096",
-    )
-    api, url = start_api(env, root / "logs")
-    worker, metrics_port = start_worker(env, root / "logs")
-    try:
-        wait_for_workers(url, 1, 60, [worker, api])
-        yield Stack(nats, url, env, root / "logs", api, worker, metrics_port)
-    finally:
-        worker.stop()
-        api.stop()
-        nats.stop()
+    ) as stack:
+        yield stack
 
 
 def chat_body(

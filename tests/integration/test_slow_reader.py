@@ -12,7 +12,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,17 +21,13 @@ import pytest
 
 import schemas
 from broker.bus import StreamOverflow, StreamSubscription
-from chatq.servers import NatsServer
 from tests.helpers import (
     API_KEY,
-    Proc,
+    Stack,
     auth,
-    base_env,
     find_event,
     sse_events,
-    start_api,
-    start_worker,
-    wait_for_workers,
+    synthetic_stack,
 )
 from workers.inference.synthetic import prompt_seed, synthetic_token
 
@@ -44,39 +39,19 @@ SLOW_MAX_TOKENS = 100_000
 NORMAL_TOKENS = 3000
 
 
-@dataclass
-class Stack:
-    nats: NatsServer
-    url: str
-    api: Proc
-    worker: Proc
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("slow-reader")
-    nats = NatsServer(root / "nats").start(root / "nats.log")
-    env = base_env(
-        nats.url,
-        root / "home",
-        INFERENCE_ENGINE="synthetic",
-        MODEL_NAME=MODEL,
+    with synthetic_stack(
+        tmp_path_factory.mktemp("slow-reader"),
+        MODEL,
         SYNTH_TOKENS_PER_S=str(TOKENS_PER_S),
         SYNTH_TTFT_MS="20",
         STREAM_BUFFER_BYTES=str(BUFFER_BYTES),
         CHATQ_MAX_TOKENS=str(SLOW_MAX_TOKENS),
         STREAM_WATCHDOG_S="5",
         STREAM_HEARTBEAT_S="0.5",
-    )
-    api, url = start_api(env, root / "logs")
-    worker, _ = start_worker(env, root / "logs")
-    try:
-        wait_for_workers(url, 1, 60, [worker, api])
-        yield Stack(nats, url, api, worker)
-    finally:
-        worker.stop()
-        api.stop()
-        nats.stop()
+    ) as stack:
+        yield stack
 
 
 def rss_bytes(pid: int) -> int:
