@@ -64,8 +64,9 @@ class WorkerRegistry:
                 if entry is not None:  # None marks the end of the initial values
                     self._apply(entry)
         finally:
+            # Bounded: a stop that waits on a stuck subscription must not hold up a shutdown.
             with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                await asyncio.wait_for(watcher.stop(), 2.0)  # type: ignore[no-untyped-call]
 
     async def _loop(self) -> None:
         while True:
@@ -82,8 +83,7 @@ class WorkerRegistry:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task], timeout=3.0)
 
     def models(self) -> set[str]:
         return {w.model for w in self.workers.values()}

@@ -142,7 +142,17 @@ def ask(base: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
             resp.read()
             return resp.status_code, normalise(resp.json())
         events = [e.data for e in sse_events(resp.iter_lines())]
-    return 200, [normalise(json.loads(d)) if d != "[DONE]" else d for d in events]
+    return 200, by_choice([normalise(json.loads(d)) if d != "[DONE]" else d for d in events])
+
+
+def by_choice(events: list[Any]) -> dict[str, list[Any]]:
+    """Stream events per choice, in order: with n > 1 the choices' events interleave by timing."""
+    grouped: dict[str, list[Any]] = {}
+    for event in events:
+        choices = event.get("choices") if isinstance(event, dict) else None
+        key = str(choices[0].get("index")) if choices else "other"
+        grouped.setdefault(key, []).append(event)
+    return grouped
 
 
 def chat(**extra: Any) -> dict[str, Any]:

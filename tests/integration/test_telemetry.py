@@ -60,40 +60,41 @@ async def test_queue_depth_and_workers_are_exported(fresh_nats: NatsServer) -> N
     assert metric_value(text, "chatq_worker_free_slots", model="m") == 3
 
 
-async def test_the_worker_view_drops_silent_and_removed_workers(nats_url: str) -> None:
+async def test_the_worker_view_drops_silent_and_removed_workers(fresh_nats: NatsServer) -> None:
     """A worker killed without a goodbye leaves the view once its heartbeats stop."""
-    nc = await connect(nats_url, "test-registry")
-    try:
-        bus = Bus(nc)
-        kv = await topology.workers_kv(bus.js)
-        workers = WorkerRegistry(bus, stale_after_s=1.0)
-        await workers.start()
+    async with asyncio.timeout(60):  # a hang is a failure, not a stuck suite
+        nc = await connect(fresh_nats.url, "test-registry")
+        try:
+            bus = Bus(nc)
+            kv = await topology.workers_kv(bus.js)
+            workers = WorkerRegistry(bus, stale_after_s=1.0)
+            await workers.start()
 
-        def status(wid: str) -> bytes:
-            return schemas.encode(
-                schemas.WorkerStatus(
-                    worker_id=wid,
-                    model="m",
-                    engine="synthetic",
-                    state="ready",
-                    slots=1,
-                    free_slots=1,
-                    updated=time.time(),
+            def status(wid: str) -> bytes:
+                return schemas.encode(
+                    schemas.WorkerStatus(
+                        worker_id=wid,
+                        model="m",
+                        engine="synthetic",
+                        state="ready",
+                        slots=1,
+                        free_slots=1,
+                        updated=time.time(),
+                    )
                 )
-            )
 
-        await kv.put("alive", status("alive"))
-        await kv.put("killed", status("killed"))
-        await kv.put("leaving", status("leaving"))
-        deadline = time.monotonic() + 5
-        while len(workers.ready()) < 3:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-        await kv.delete("leaving")  # a worker that drains says goodbye
-        for _ in range(8):  # "alive" keeps announcing itself; "killed" went silent
-            await asyncio.sleep(0.25)
             await kv.put("alive", status("alive"))
-        assert set(workers.workers) == {"alive"}
-        await workers.stop()
-    finally:
-        await nc.close()
+            await kv.put("killed", status("killed"))
+            await kv.put("leaving", status("leaving"))
+            deadline = time.monotonic() + 5
+            while len(workers.ready()) < 3:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await kv.delete("leaving")  # a worker that drains says goodbye
+            for _ in range(8):  # "alive" keeps announcing itself; "killed" went silent
+                await asyncio.sleep(0.25)
+                await kv.put("alive", status("alive"))
+            assert set(workers.workers) == {"alive"}
+            await workers.stop()
+        finally:
+            await nc.close()
