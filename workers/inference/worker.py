@@ -38,6 +38,7 @@ def _deliveries(msg: Msg) -> int:
 # How long an idle worker's pull request waits on the interactive queue before it looks
 # at the background queue; the background look is short, so interactive jobs barely wait.
 INTERACTIVE_POLL_S = 1.0
+_DONE = "data: [DONE]"
 BACKGROUND_POLL_S = 0.02
 
 
@@ -305,11 +306,11 @@ class InferenceWorker:
             elif answer is not None:
                 sent = 0
                 async for data in answer:
-                    if last:
-                        chunks.add(last, progress.completion_tokens - sent)
-                        sent = progress.completion_tokens
-                    # The engine's last event (`data: [DONE]`) travels with the finish.
-                    last = data
+                    if data.startswith(_DONE):
+                        last = data  # travels with the finish, after usage is known
+                        continue
+                    chunks.add(data, progress.completion_tokens - sent)
+                    sent = progress.completion_tokens
         except asyncio.CancelledError:
             if active.cancel_reason is None:
                 raise
