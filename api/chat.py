@@ -200,7 +200,7 @@ class ChatCall:
                     # The worker stopped it (deadline, shutdown) while the client listened.
                     raise DeadlineExceeded("the request was stopped before it finished")
                 tokens, usage = tokens + chunk.tokens, chunk.usage or usage
-                parts.append(chunk.data.encode())
+                parts.append(chunk.data)
                 if not relay.waiting():
                     yield b"".join(parts)
                     parts.clear()
@@ -221,7 +221,7 @@ class ChatCall:
 
     async def complete(self, relay: Relay) -> bytes:
         """The whole JSON answer of a non-streaming request."""
-        parts: list[str] = []
+        parts: list[bytes] = []
         reason: CloseReason = "client_disconnected"
         outcome, status = "disconnected", 499
         tokens, usage = 0, None
@@ -239,7 +239,7 @@ class ChatCall:
             metrics.REQUESTS.labels(model=relay.job.model, outcome=outcome).inc()
             self.line.end(status, outcome, usage, tokens)
             await relay.close(reason)
-        return "".join(parts).encode()
+        return b"".join(parts)
 
 
 def _close_reason(exc: ApiError) -> CloseReason:

@@ -67,8 +67,8 @@ class Chunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="t", omit_defaul
     """Coalesced output; seq counts from 0; the last chunk has finish_reason and usage.
 
     `data` is the OpenAI wire text as the engine wrote it (SSE events for a stream, the
-    JSON body otherwise), relayed to the client byte for byte; `text` is unused by
-    engines that write `data`.
+    JSON body otherwise), UTF-8, relayed to the client byte for byte without decoding;
+    `text` is unused by engines that write `data`.
     """
 
     seq: int
@@ -77,7 +77,7 @@ class Chunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="t", omit_defaul
     worker_id: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
-    data: str = ""
+    data: bytes = b""
 
 
 class Heartbeat(msgspec.Struct, frozen=True, tag="hb", tag_field="t"):

@@ -254,7 +254,7 @@ async def test_the_subscription_is_bounded() -> None:
     overflows: list[int] = []
     sub = StreamSubscription(max_bytes=1000, on_overflow=lambda: overflows.append(1))
     beat = schemas.encode(schemas.Heartbeat(worker_id="w", next_seq=0))
-    big = schemas.encode(schemas.Chunk(seq=0, text="", tokens=1, worker_id="w", data="x" * 5000))
+    big = schemas.encode(schemas.Chunk(seq=0, text="", tokens=1, worker_id="w", data=b"x" * 5000))
 
     # One message is always kept, however large (a non-streaming answer comes in one).
     sub.put(big)
@@ -288,7 +288,7 @@ async def test_the_subscription_is_bounded() -> None:
 async def test_the_subscription_is_bounded_in_bytes() -> None:
     overflows: list[int] = []
     sub = StreamSubscription(max_bytes=10_000, on_overflow=lambda: overflows.append(1))
-    chunk = schemas.encode(schemas.Chunk(seq=0, text="", tokens=1, worker_id="w", data="x" * 1000))
+    chunk = schemas.encode(schemas.Chunk(seq=0, text="", tokens=1, worker_id="w", data=b"x" * 1000))
     sent = 0
     while not sub.overflowed:
         sub.put(chunk)

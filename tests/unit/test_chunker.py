@@ -30,13 +30,13 @@ async def test_first_output_goes_out_at_once_then_output_is_coalesced() -> None:
     stream.add("Hello", 1)
     await asyncio.sleep(0)  # the end of this event-loop step
     await asyncio.sleep(0)
-    assert [c.data for c in sink.chunks] == ["Hello"]
+    assert [c.data.decode() for c in sink.chunks] == ["Hello"]
     for word in [",", " wor", "ld"]:
         stream.add(word, 1)
     await asyncio.sleep(0.01)
     assert len(sink.chunks) == 1  # held back: less than max_delay since the last chunk
     await asyncio.sleep(0.08)
-    assert [c.data for c in sink.chunks] == ["Hello", ", world"]
+    assert [c.data.decode() for c in sink.chunks] == ["Hello", ", world"]
     assert sink.chunks[1].tokens == 3
 
 
@@ -46,7 +46,7 @@ async def test_events_of_one_engine_step_travel_together() -> None:
     stream.add("role", 0)
     stream.add("first token", 1)  # written in the same step: no wait for the timer
     await asyncio.sleep(0.001)
-    assert [c.data for c in sink.chunks] == ["rolefirst token"]
+    assert [c.data.decode() for c in sink.chunks] == ["rolefirst token"]
 
 
 async def test_max_tokens_sends_without_waiting_for_the_timer() -> None:
@@ -55,7 +55,7 @@ async def test_max_tokens_sends_without_waiting_for_the_timer() -> None:
     for i in range(9):
         stream.add(str(i), 1)
         await asyncio.sleep(0.001)
-    assert [c.data for c in sink.chunks] == ["0", "1234", "5678"]
+    assert [c.data.decode() for c in sink.chunks] == ["0", "1234", "5678"]
 
 
 async def test_finish_carries_the_rest_usage_and_ordered_seqs_over_a_slow_connection() -> None:
@@ -68,7 +68,7 @@ async def test_finish_carries_the_rest_usage_and_ordered_seqs_over_a_slow_connec
     usage = schemas.Usage(prompt_tokens=3, completion_tokens=20)
     await stream.finish("stop", usage, "[DONE]")
     assert [c.seq for c in sink.chunks] == list(range(len(sink.chunks)))
-    assert "".join(c.data for c in sink.chunks) == "".join(words) + "[DONE]"
+    assert b"".join(c.data for c in sink.chunks).decode() == "".join(words) + "[DONE]"
     last = sink.chunks[-1]
     assert last.finish_reason == "stop" and last.usage == usage
     assert sum(c.tokens for c in sink.chunks) == 20
@@ -83,7 +83,7 @@ async def test_nothing_follows_the_final_chunk_and_no_chunk_is_empty() -> None:
     await stream.finish("stop", schemas.Usage(1, 2))  # takes "b" before the timer fires
     stream.add("late", 1)
     await asyncio.sleep(0.05)  # the timer's time has passed
-    assert [c.data for c in sink.chunks] == ["a", "b"]
+    assert [c.data.decode() for c in sink.chunks] == ["a", "b"]
     assert sink.chunks[-1].finish_reason == "stop"
     assert all(c.data for c in sink.chunks)
 
@@ -95,5 +95,5 @@ async def test_fast_engine_sends_far_fewer_messages_than_tokens() -> None:
         stream.add("t", 1)
         await asyncio.sleep(0.0005)
     await stream.finish("length", schemas.Usage(1, 400))
-    assert "".join(c.data for c in sink.chunks) == "t" * 400
+    assert b"".join(c.data for c in sink.chunks).decode() == "t" * 400
     assert len(sink.chunks) < 400 / 4

@@ -90,7 +90,7 @@ class ChunkStream:
         chunk = Chunk(
             seq=self.seq,
             text="",
-            data="".join(self._parts),
+            data="".join(self._parts).encode(),
             tokens=self._pending,
             worker_id=self.worker_id,
             finish_reason=finish_reason,
