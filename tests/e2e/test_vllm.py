@@ -227,3 +227,12 @@ def test_litellm_completion_text_completion_and_a_context_error_it_does_not_retr
     for stream in (False, True):
         with pytest.raises(litellm.ContextWindowExceededError):
             litellm.completion(model=f"openai/{MODEL}", messages=long, stream=stream, num_retries=0, **common)
+
+
+def test_a_parameter_vllm_would_ignore_is_refused_by_name(client: openai.OpenAI) -> None:
+    """vLLM's server logs and drops unknown fields (even its removed guided_json): chatq says 400."""
+    for extra in ({"guided_json": {"type": "object"}}, {"no_such_option": 1}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, extra_body=extra)
+        assert info.value.code == "unsupported_parameter"
+        assert info.value.body["param"] == next(iter(extra))  # type: ignore[index]

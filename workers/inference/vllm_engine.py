@@ -213,12 +213,23 @@ class VllmEngine:
             else:
                 parsed = CompletionRequest.model_validate_json(request.body)
                 create = self._state.openai_serving_completion.create_completion
+            # vLLM ignores fields it does not know (with a log line only); chatq refuses
+            # them, so that no client believes a parameter took effect when it did not.
+            unknown = sorted(parsed.model_extra or ())
+            if unknown:
+                raise RequestRejected(
+                    "unsupported_parameter",
+                    f"this server does not support the parameter(s) {', '.join(map(repr, unknown))}",
+                    param=unknown[0],
+                )
             parsed.request_id = base_id
             result = await create(parsed, None)
         except pydantic.ValidationError as exc:
             errors = exc.errors()
             param = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
             raise RequestRejected("invalid_request", _pydantic_message(exc), param=param) from None
+        except RequestRejected:
+            raise
         except Exception as exc:  # noqa: BLE001 - mapped to a status as vLLM's server maps it
             result = create_error_response(exc)
         finally:
