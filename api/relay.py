@@ -28,6 +28,10 @@ from chatq.errors import (
 log = logging.getLogger(__name__)
 
 
+def _no_answer() -> DeadlineExceeded:
+    return DeadlineExceeded("no worker answered before the request's deadline")
+
+
 def client_too_slow() -> StreamFailed:
     return StreamFailed(
         "the client did not read its stream fast enough: more of the answer waited unread "
@@ -122,10 +126,9 @@ class Relay:
         """Wait until a worker's engine has accepted the job; its refusal raises (a 4xx)."""
         assert self._sub is not None
         while True:
-            timeout = self.job.deadline - time.time()
-            msg = await self._next(timeout) if timeout > 0 else None
+            msg = await self._next(self._until_deadline())
             if msg is None:
-                raise DeadlineExceeded("no worker answered before the request's deadline")
+                raise _no_answer()
             if isinstance(msg, schemas.StreamError):
                 self.finished = True
                 raise worker_error(msg)
@@ -146,15 +149,13 @@ class Relay:
             else:
                 if self.next_seq == 0 and self.worker_id is None:
                     # Queued, or waiting for its first token: the job is durable until then.
-                    timeout = self.job.deadline - time.time()
-                    if timeout <= 0:
-                        raise DeadlineExceeded("no worker answered before the request's deadline")
+                    timeout = self._until_deadline()
                 else:
                     timeout = self.watchdog_s
                 msg = await self._next(timeout)
             if msg is None:
                 if self.next_seq == 0 and self.worker_id is None:
-                    raise DeadlineExceeded("no worker answered before the request's deadline")
+                    raise _no_answer()
                 raise self._failed(
                     StreamFailed(
                         f"the worker went silent for {self.watchdog_s:g} s mid-stream", code="worker_lost"
@@ -206,6 +207,13 @@ class Relay:
                     self.finished = True
                     raise self._failed(worker_error(msg))
             # Started: a worker took the job; nothing to relay yet.
+
+    def _until_deadline(self) -> float:
+        """Seconds left until the request's deadline; raises once it has passed."""
+        left = self.job.deadline - time.time()
+        if left <= 0:
+            raise _no_answer()
+        return left
 
     async def _next(self, timeout: float) -> schemas.StreamMsg | None:
         assert self._sub is not None

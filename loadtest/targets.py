@@ -86,7 +86,7 @@ def spawn(name: str, argv: list[str], env: dict[str, str], logdir: Path) -> Proc
     return Proc(name, proc, log)
 
 
-def _wait_http(
+def wait_http(
     url: str, ok: Any, timeout: float, procs: list[Proc], what: str, headers: dict[str, str] | None = None
 ) -> None:
     """Poll `url` until ok(response) is true; fail early when one of procs exits."""
@@ -203,7 +203,7 @@ class ChatqTarget(Target):
         self.base_url = f"http://127.0.0.1:{port}"
         self.api_pid, self.worker_pid = api.pid, worker.pid
         self.worker_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        _wait_http(
+        wait_http(
             self.base_url + "/health",
             lambda r: r.json()["services"]["workers"]["ready"] >= 1,
             self.start_timeout,
@@ -273,7 +273,7 @@ class VllmServerTarget(Target):
         self.procs.append(proc)
         self.base_url = f"http://127.0.0.1:{port}"
         self.api_pid = self.worker_pid = proc.pid
-        _wait_http(
+        wait_http(
             self.base_url + "/health",
             lambda r: r.status_code == 200,
             self.start_timeout,

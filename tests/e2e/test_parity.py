@@ -21,9 +21,9 @@ import pytest
 
 from chatq.servers import NatsServer, free_port
 from loadtest.targets import spawn as spawn_argv
+from loadtest.targets import wait_http
 from tests.helpers import (
     API_KEY,
-    Proc,
     base_env,
     sse_events,
     start_api,
@@ -61,23 +61,6 @@ class Pair:
     vllm: str
 
 
-def _wait_health(url: str, procs: list[Proc], timeout: float) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.proc.poll() is not None:
-                raise RuntimeError(f"{p.name} exited:\n{p.tail()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not healthy after {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     from vllm.platforms import current_platform
@@ -110,7 +93,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     try:
         wait_for_workers(url, 1, 600, [worker, api])
         vllm_url = f"http://127.0.0.1:{port}"
-        _wait_health(vllm_url, [vllm_server], 600)
+        wait_http(vllm_url + "/health", lambda r: r.status_code == 200, 600, [vllm_server], "vLLM's server")
         yield Pair(url, vllm_url)
     finally:
         worker.stop(60)

@@ -17,6 +17,20 @@ from tests.helpers import metric_value
 from workers.telemetry.collector import Gauges, Nvml, collect
 
 
+def worker_status(wid: str, *, slots: int = 1, free_slots: int = 1) -> bytes:
+    """A worker's announcement in the workers bucket, made now."""
+    status = schemas.WorkerStatus(
+        worker_id=wid,
+        model="m",
+        engine="synthetic",
+        state="ready",
+        slots=slots,
+        free_slots=free_slots,
+        updated=time.time(),
+    )
+    return schemas.encode(status)
+
+
 async def test_queue_depth_and_workers_are_exported(fresh_nats: NatsServer) -> None:
     nc = await nats.connect(fresh_nats.url)
     try:
@@ -35,16 +49,7 @@ async def test_queue_depth_and_workers_are_exported(fresh_nats: NatsServer) -> N
                 )
             )
         kv = await topology.workers_kv(bus.js)
-        status = schemas.WorkerStatus(
-            worker_id="w1",
-            model="m",
-            engine="synthetic",
-            state="ready",
-            slots=4,
-            free_slots=3,
-            updated=time.time(),
-        )
-        await kv.put("w1", schemas.encode(status))
+        await kv.put("w1", worker_status("w1", slots=4, free_slots=3))
         workers = WorkerRegistry(bus)
         await workers.start()
         while "w1" not in workers.workers:
@@ -70,22 +75,9 @@ async def test_the_worker_view_drops_silent_and_removed_workers(fresh_nats: Nats
             workers = WorkerRegistry(bus, stale_after_s=1.0)
             await workers.start()
 
-            def status(wid: str) -> bytes:
-                return schemas.encode(
-                    schemas.WorkerStatus(
-                        worker_id=wid,
-                        model="m",
-                        engine="synthetic",
-                        state="ready",
-                        slots=1,
-                        free_slots=1,
-                        updated=time.time(),
-                    )
-                )
-
-            await kv.put("alive", status("alive"))
-            await kv.put("killed", status("killed"))
-            await kv.put("leaving", status("leaving"))
+            await kv.put("alive", worker_status("alive"))
+            await kv.put("killed", worker_status("killed"))
+            await kv.put("leaving", worker_status("leaving"))
             deadline = time.monotonic() + 5
             while len(workers.ready()) < 3:
                 assert time.monotonic() < deadline
@@ -93,7 +85,7 @@ async def test_the_worker_view_drops_silent_and_removed_workers(fresh_nats: Nats
             await kv.delete("leaving")  # a worker that drains says goodbye
             for _ in range(8):  # "alive" keeps announcing itself; "killed" went silent
                 await asyncio.sleep(0.25)
-                await kv.put("alive", status("alive"))
+                await kv.put("alive", worker_status("alive"))
             assert set(workers.workers) == {"alive"}
             await workers.stop()
         finally:

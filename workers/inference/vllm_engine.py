@@ -10,6 +10,7 @@ tokens as they are generated (acks at the first token, usage, the stored text).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import shlex
@@ -154,8 +155,6 @@ class VllmEngine:
                 f"vLLM cannot be imported ({exc!r}); install chatq with the 'cpu' or 'gpu' "
                 "extra (./start does this), or run INFERENCE_ENGINE=synthetic for pipeline tests"
             ) from exc
-        import asyncio
-
         from chatq.model_prep import resolve_model
 
         s = self._settings

@@ -28,6 +28,12 @@ from workers.inference.engine import Answer, Engine, OpenAIRequest, Progress, Re
 log = logging.getLogger(__name__)
 
 
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A done-callback: say so when a task ended with an exception nobody awaited."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("task %s failed: %r", task.get_name(), task.exception())
+
+
 def _deliveries(msg: Msg) -> int:
     try:
         return int(msg.metadata.num_delivered)
@@ -38,8 +44,9 @@ def _deliveries(msg: Msg) -> int:
 # How long an idle worker's pull request waits on the interactive queue before it looks
 # at the background queue; the background look is short, so interactive jobs barely wait.
 INTERACTIVE_POLL_S = 1.0
-_DONE = "data: [DONE]"
 BACKGROUND_POLL_S = 0.02
+# An engine's last SSE event; it travels with the finish chunk, once usage is known.
+_DONE = "data: [DONE]"
 
 
 @dataclass(eq=False)
@@ -97,8 +104,7 @@ class InferenceWorker:
 
     def _spawned_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("background task failed: %r", task.exception())
+        _log_failure(task)
 
     @property
     def free_slots(self) -> int:
@@ -219,11 +225,7 @@ class InferenceWorker:
         self.active[job.request_id] = active
         metrics.ACTIVE.labels(**self._labels).set(len(self.active))
         active.task = asyncio.create_task(self._run_job(active))
-        active.task.add_done_callback(self._job_done)
-
-    def _job_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a job task failed outside its own error handling: %r", task.exception())
+        active.task.add_done_callback(_log_failure)
 
     async def _ack(self, active: ActiveRequest) -> None:
         if not active.acked:
@@ -307,7 +309,7 @@ class InferenceWorker:
                 sent = 0
                 async for data in answer:
                     if data.startswith(_DONE):
-                        last = data  # travels with the finish, after usage is known
+                        last = data
                         continue
                     chunks.add(data, progress.completion_tokens - sent)
                     sent = progress.completion_tokens
