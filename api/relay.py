@@ -117,6 +117,7 @@ class Relay:
                     model=self.job.model,
                     time=self.job.created,
                     user=self.job.user,
+                    meta=self.job.meta,
                     messages=self.job.messages,
                 )
             )
@@ -273,6 +274,7 @@ class Relay:
                                 text="",
                                 usage=schemas.Usage(0, 0),
                                 user=self.job.user,
+                                meta=self.job.meta,
                             )
                         )
                     )
@@ -287,6 +289,7 @@ class Relay:
                             message=self.failure.message if self.failure else "the stream broke mid-way",
                             worker_id=self.worker_id,
                             user=self.job.user,
+                            meta=self.job.meta,
                         )
                     )
                 )

@@ -16,6 +16,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 EngineKind = Literal["vllm", "synthetic"]
+Role = Literal["user", "admin"]
+ROLES: tuple[Role, ...] = ("user", "admin")
+JWT_SECRET_MIN_LENGTH = 32
+
+
+class RoleLimits(msgspec.Struct, frozen=True):
+    """A role's rate limits, per user and per API key; 0 means no limit."""
+
+    rpm: int
+    tpm: int
+    concurrency: int
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -30,6 +41,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_connect_timeout_s: int
     database_statement_timeout_ms: int
     persistence_max_deliver: int
+    # Accounts
+    jwt_secret: str | None
+    jwt_expire_minutes: int
+    api_key_cache_s: float
+    conversation_wait_s: float
+    title_jobs: bool
+    api_db_pool_max: int
+    # Rate limits (Redis)
+    redis_url: str | None
+    rate_limit_failure: Literal["open", "closed"]
+    rate_limits: dict[str, RoleLimits]
     # API
     host: str
     port: int
@@ -76,6 +98,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def models_dir(self) -> Path:
         """Where prepared models live."""
         return self.home / "models"
+
+
+def jwt_secret_problem(secret: str | None) -> str | None:
+    """Why a JWT secret is unsafe, or None: unset, short, or a well-known placeholder."""
+    if not secret:
+        return "JWT_SECRET is not set"
+    if len(secret) < JWT_SECRET_MIN_LENGTH:
+        return f"JWT_SECRET is shorter than {JWT_SECRET_MIN_LENGTH} characters"
+    lowered = secret.lower()
+    if len(set(secret)) < 8 or any(
+        word in lowered for word in ("secret", "changeme", "change-me", "change_me", "password", "default")
+    ):
+        return "JWT_SECRET looks like a placeholder, not a random value"
+    return None
 
 
 class _Env:
@@ -140,7 +176,24 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and check the settings; raises ConfigError on a missing or unsafe value."""
     env = _Env(os.environ if environ is None else environ)
     home = Path(env.text("CHATQ_HOME", str(REPO_ROOT / ".chatq"))).resolve()
-    dev_mode = env.flag("CHATQ_DEV", False)
+    # DEVELOPMENT_MODE is the original plan's name; CHATQ_DEV an older alias.
+    dev_mode = env.flag("DEVELOPMENT_MODE", env.flag("CHATQ_DEV", False))
+    jwt_secret = env.optional("JWT_SECRET")
+    secret_file = home / "jwt_secret"
+    if jwt_secret is None and secret_file.is_file():
+        jwt_secret = secret_file.read_text().strip() or None
+    failure = env.text("RATE_LIMIT_FAILURE", "open")
+    if failure not in ("open", "closed"):
+        raise ConfigError(f"RATE_LIMIT_FAILURE must be 'open' or 'closed', got {failure!r}")
+    defaults = {"user": RoleLimits(60, 100_000, 4), "admin": RoleLimits(600, 1_000_000, 32)}
+    rate_limits = {
+        role: RoleLimits(
+            rpm=env.integer(f"RATE_LIMIT_{role.upper()}_RPM", limits.rpm),
+            tpm=env.integer(f"RATE_LIMIT_{role.upper()}_TPM", limits.tpm),
+            concurrency=env.integer(f"RATE_LIMIT_{role.upper()}_CONCURRENCY", limits.concurrency),
+        )
+        for role, limits in defaults.items()
+    }
     model_id = env.optional("MODEL_ID")
     model_name = env.text("MODEL_NAME", served_name(model_id))
     engine = env.text("INFERENCE_ENGINE", "vllm")
@@ -172,6 +225,15 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         database_connect_timeout_s=env.integer("DATABASE_CONNECT_TIMEOUT_S", 5, minimum=2),
         database_statement_timeout_ms=env.integer("DATABASE_STATEMENT_TIMEOUT_MS", 10_000),
         persistence_max_deliver=env.integer("PERSISTENCE_MAX_DELIVER", 5, minimum=1),
+        jwt_secret=jwt_secret,
+        jwt_expire_minutes=env.integer("JWT_EXPIRE_MINUTES", 30, minimum=1),
+        api_key_cache_s=env.number("API_KEY_CACHE_S", 5.0),
+        conversation_wait_s=env.number("CONVERSATION_WAIT_S", 10.0),
+        title_jobs=env.flag("TITLE_JOBS", True),
+        api_db_pool_max=env.integer("API_DB_POOL_MAX", 10, minimum=1),
+        redis_url=env.optional("REDIS_URL"),
+        rate_limit_failure=failure,  # type: ignore[arg-type]
+        rate_limits=rate_limits,
         host=env.text("CHATQ_HOST", "127.0.0.1"),
         port=env.integer("CHATQ_PORT", 8080),
         api_keys=api_keys,

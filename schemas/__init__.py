@@ -5,6 +5,7 @@ old reader ignores them and a new reader fills them in.
 """
 
 from schemas.messages import (
+    ANSWER_POSITION,
     Accepted,
     Cancel,
     Cancelled,
@@ -15,6 +16,7 @@ from schemas.messages import (
     Failed,
     Heartbeat,
     Job,
+    RequestMeta,
     Sampling,
     Started,
     StreamError,
@@ -30,6 +32,7 @@ from schemas.messages import (
 )
 
 __all__ = [
+    "ANSWER_POSITION",
     "Accepted",
     "Cancel",
     "Cancelled",
@@ -40,6 +43,7 @@ __all__ = [
     "Failed",
     "Heartbeat",
     "Job",
+    "RequestMeta",
     "Sampling",
     "Started",
     "StreamError",

@@ -33,6 +33,29 @@ class Usage(msgspec.Struct, frozen=True):
         return self.prompt_tokens + self.completion_tokens
 
 
+Purpose = Literal["chat", "title"]
+# Where the answer of a request with no conversation is stored, after its prompt.
+ANSWER_POSITION = 1_000_000
+
+
+class RequestMeta(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Who asked, and where the turn belongs; copied from the job into each of its events.
+
+    user_id and key_id are chatq's account and API key (None for a service key or
+    development mode without an account); conversation_id is set for /api/chat turns,
+    whose new messages are stored from `position` on and whose answer at
+    `answer_position`. A `title` job writes its answer as the conversation's title.
+    """
+
+    user_id: int | None = None
+    key_id: int | None = None
+    conversation_id: str | None = None
+    position: int = 0
+    answer_position: int = ANSWER_POSITION
+    purpose: Purpose = "chat"
+    priority: Priority = "interactive"
+
+
 # --- chat.jobs.<model>.<priority> (JetStream JOBS) -------------------------------------
 
 
@@ -52,6 +75,7 @@ class Job(msgspec.Struct, frozen=True, tag="job", tag_field="t", omit_defaults=T
     endpoint: Endpoint = "chat"
     body: bytes = b""
     stream: bool = True
+    meta: RequestMeta = RequestMeta()
 
 
 # --- chat.stream.<request id> (core NATS) ----------------------------------------------
@@ -121,7 +145,9 @@ class Accepted(msgspec.Struct, frozen=True, tag="accepted", tag_field="t", omit_
     time: float
     user: str | None = None
     stream: bool = True
+    # The messages to store: the whole prompt, or a conversation turn's new message(s).
     messages: list[ChatMessage] = []
+    meta: RequestMeta = RequestMeta()
 
 
 class Completed(msgspec.Struct, frozen=True, tag="completed", tag_field="t", omit_defaults=True):
@@ -135,6 +161,7 @@ class Completed(msgspec.Struct, frozen=True, tag="completed", tag_field="t", omi
     ttft_s: float | None = None
     duration_s: float = 0.0
     user: str | None = None
+    meta: RequestMeta = RequestMeta()
 
 
 class Cancelled(msgspec.Struct, frozen=True, tag="cancelled", tag_field="t", omit_defaults=True):
@@ -148,6 +175,7 @@ class Cancelled(msgspec.Struct, frozen=True, tag="cancelled", tag_field="t", omi
     text: str
     usage: Usage
     user: str | None = None
+    meta: RequestMeta = RequestMeta()
 
 
 class Failed(msgspec.Struct, frozen=True, tag="failed", tag_field="t", omit_defaults=True):
@@ -158,6 +186,7 @@ class Failed(msgspec.Struct, frozen=True, tag="failed", tag_field="t", omit_defa
     message: str
     worker_id: str | None = None
     user: str | None = None
+    meta: RequestMeta = RequestMeta()
 
 
 Event = Accepted | Completed | Cancelled | Failed

@@ -347,6 +347,7 @@ class InferenceWorker:
                     text=progress.text,
                     usage=usage,
                     user=job.user,
+                    meta=job.meta,
                 )
             )
             return "cancelled"
@@ -369,6 +370,7 @@ class InferenceWorker:
                 ttft_s=ttft,
                 duration_s=time.monotonic() - active.fetched_at,
                 user=job.user,
+                meta=job.meta,
             )
         )
         return "completed"
@@ -393,6 +395,7 @@ class InferenceWorker:
                 message=message,
                 worker_id=self.config.worker_id,
                 user=job.user,
+                meta=job.meta,
             )
         )
 
