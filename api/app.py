@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response, Router, get
@@ -17,17 +18,23 @@ from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from nats.aio.client import Client
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import AsyncConnectionPool
 
+from api import accounts as accounts_routes
+from api import conversations, usage
 from api.admission import QueueMonitor
-from api.auth import ApiKeys, api_key_guard
+from api.auth import Authenticator, authenticated
 from api.chat import chat_completions, completions, new_request_id, simple_chat
 from api.openai_types import ModelCard, ModelList
+from api.ratelimit import RateLimiter
 from api.relay import Spawn
 from api.services import Services
 from broker import bus as bus_module
 from broker import topology
 from broker.bus import Bus
 from broker.workers import WorkerRegistry
+from chatq import db
+from chatq.accounts import seed_development_accounts
 from chatq.errors import (
     ApiError,
     ClientError,
@@ -37,7 +44,7 @@ from chatq.errors import (
     ServerError,
     error_body,
 )
-from chatq.settings import Settings
+from chatq.settings import Settings, jwt_secret_problem
 
 log = logging.getLogger("chatq.api")
 _json = msgspec.json.Encoder()
@@ -155,17 +162,60 @@ def _services(state: State) -> Services:
     return services
 
 
+def check_settings(settings: Settings) -> None:
+    """Refuse unsafe or unusable settings before anything starts (ConfigError says why)."""
+    if settings.dev_mode:
+        return
+    problem = jwt_secret_problem(settings.jwt_secret)
+    if problem is not None:
+        raise ConfigError(
+            f"{problem}: set JWT_SECRET to at least 32 random characters or write them to "
+            f"{settings.home / 'jwt_secret'} (./start does), or set DEVELOPMENT_MODE=true"
+        )
+    if not settings.api_keys and not settings.database_url:
+        raise ConfigError(
+            "nobody could sign in: set DATABASE_URL for accounts (./start does), or CHATQ_API_KEYS "
+            "for service keys, or DEVELOPMENT_MODE=true"
+        )
+
+
+async def _open_database(settings: Settings) -> AsyncConnectionPool[Any] | None:
+    """The API's connection pool, after migrating the schema (development mode: test accounts)."""
+    if not settings.database_url:
+        log.warning("no DATABASE_URL: accounts, conversations and usage are off; service keys only")
+        return None
+    applied = await db.migrate_url(settings.database_url)
+    if applied:
+        log.info("database migrated: %s", ", ".join(applied))
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        settings.database_url,
+        min_size=1,
+        max_size=settings.api_db_pool_max,
+        open=False,
+        kwargs={"autocommit": True},
+        name="chatq-api",
+    )
+    await pool.open(wait=True, timeout=30)
+    if settings.dev_mode:
+        async with pool.connection() as conn:
+            made = await seed_development_accounts(conn)
+        if made:
+            log.warning("DEVELOPMENT MODE: created the test accounts %s", ", ".join(made))
+    return pool
+
+
 def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> Litestar:
     """Build the API; `connect` is the NATS connector, swappable in tests."""
-    if not settings.api_keys and not settings.dev_mode:
-        raise ConfigError(
-            "no API keys are configured: set CHATQ_API_KEYS or write keys to "
-            f"{settings.home / 'api_keys'} (./start does), or set CHATQ_DEV=1 for "
-            "development mode without authentication"
-        )
+    check_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if settings.dev_mode:
+            log.warning(
+                "DEVELOPMENT MODE: calls without credentials act as admin, and the test accounts "
+                "admin/admin123 and test/test exist. Never run it like this where others can reach it."
+            )
+        pool = await _open_database(settings)
         nc = await connect(settings.nats_url, "chatq-api")
         bus = Bus(nc)
         await topology.ensure_streams(bus.js, jobs_max_msgs=settings.jobs_max_msgs)
@@ -174,13 +224,19 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
         registry = WorkerRegistry(bus)
         await registry.start()
         spawn = Spawn()
+        limiter = RateLimiter(settings.redis_url, settings.rate_limit_failure)
+        await limiter.start()
+        if settings.redis_url is None:
+            log.warning("no REDIS_URL: rate limits are off")
         app.state.services = Services(
             settings=settings,
             bus=bus,
             monitor=QueueMonitor(bus, bound=settings.queue_max, cache_s=settings.queue_depth_cache_s),
             registry=registry,
-            keys=ApiKeys(settings.api_keys, required=not (settings.dev_mode and not settings.api_keys)),
+            auth=Authenticator(settings, pool),
+            limiter=limiter,
             spawn=spawn,
+            pool=pool,
         )
         try:
             yield
@@ -188,14 +244,26 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
             await registry.stop()
             await spawn.wait()
             await bus.close()
+            await limiter.close()
+            if pool is not None:
+                await pool.close()
 
     protected = Router(
         path="/",
-        route_handlers=[chat_completions, completions, simple_chat, list_models, get_model],
-        guards=[api_key_guard],
+        route_handlers=[
+            chat_completions,
+            completions,
+            simple_chat,
+            list_models,
+            get_model,
+            *[r for r in accounts_routes.ROUTES if r is not accounts_routes.login],
+            *conversations.ROUTES,
+            *usage.ROUTES,
+        ],
+        guards=[authenticated],
     )
     return Litestar(
-        route_handlers=[protected, health, prometheus_metrics],
+        route_handlers=[protected, health, prometheus_metrics, accounts_routes.login],
         lifespan=[lifespan],
         dependencies={"services": Provide(_services, sync_to_thread=False)},
         exception_handlers={

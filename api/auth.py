@@ -1,38 +1,267 @@
-"""API-key authentication: `Authorization: Bearer <key>` (the OpenAI SDK's api_key)."""
+"""Who is calling: `Authorization: Bearer <JWT or API key>`, resolved to a Principal.
+
+- A JWT (from POST /api/auth/login) is verified with pyjwt: HS256 only, `exp` `iat` `sub`
+  `iss` `aud` required and checked. Its user is read from PostgreSQL (cached briefly), so
+  a disabled user or a changed role takes effect within API_KEY_CACHE_S.
+- An API key is looked up by its SHA-256 digest (keys are 256-bit random, so a fast hash
+  is safe where a password would need argon2), and the answer is cached for
+  API_KEY_CACHE_S: the common case costs a dict lookup, and a revoked key stops working
+  on every API process within that time.
+- Service keys (CHATQ_API_KEYS, the state folder's api_keys file) belong to no account and
+  act as an admin; they are the operator's keys and what the load test uses.
+- Development mode: a call without a token acts as the seeded `admin`; a token, when
+  given, still decides who the caller is.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import hmac
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
+import jwt
+import msgspec
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
+from psycopg_pool import AsyncConnectionPool
 
-from chatq.errors import Unauthorized
+from chatq.accounts import key_digest
+from chatq.errors import Forbidden, Unauthorized, UpstreamUnavailable
+from chatq.settings import Settings
+
+log = logging.getLogger("chatq.api.auth")
+
+ISSUER = "chatq"
+AUDIENCE = "chatq"
+ALGORITHM = "HS256"
+# Cached answers at most; random keys sent by a prober must not grow memory without end.
+_CACHE_MAX = 50_000
+_LAST_USED_EVERY_S = 60.0
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+class Principal(msgspec.Struct, frozen=True):
+    """The caller: an account (user_id), or a service key (user_id None) acting as admin."""
+
+    user_id: int | None
+    username: str
+    role: Literal["user", "admin"]
+    key_id: int | None = None
+    via: Literal["jwt", "key", "service", "development"] = "jwt"
+    exp: int | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def scopes(self) -> list[str]:
+        """The rate-limit buckets this call counts against: its user, and its key if any."""
+        scopes = [f"user:{self.user_id}" if self.user_id is not None else f"service:{self.username}"]
+        if self.key_id is not None:
+            scopes.append(f"key:{self.key_id}")
+        return scopes
+
+    def require_account(self) -> int:
+        """The caller's user id; a service key has no account to hold conversations or keys."""
+        if self.user_id is None:
+            raise Forbidden(
+                "this needs a user account: log in, or use a key made with POST /api/keys",
+                code="account_required",
+            )
+        return self.user_id
+
+    def require_admin(self) -> None:
+        if not self.is_admin:
+            raise Forbidden("only an admin may do this")
 
 
-class ApiKeys:
-    """The accepted keys, held as digests and compared in constant time."""
+class _Cached(msgspec.Struct):
+    principal: Principal | None  # None: no such key, revoked, or its user disabled
+    until: float
 
-    def __init__(self, keys: frozenset[str], *, required: bool) -> None:
-        self._digests = [_digest(k) for k in keys]
-        self.required = required
 
-    def check(self, authorization: str | None) -> None:
-        if not self.required:
-            return
-        if not authorization or not authorization.lower().startswith("bearer "):
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        given = _digest(authorization[7:].strip())
-        if not any(hmac.compare_digest(given, d) for d in self._digests):
+_KEY_QUERY = """
+SELECT k.id, k.revoked_at IS NOT NULL, u.id, u.username, u.role, u.disabled
+FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_sha256 = %s
+"""
+_USER_QUERY = "SELECT username, role, disabled FROM users WHERE id = %s"
+
+
+class Authenticator:
+    def __init__(self, settings: Settings, pool: AsyncConnectionPool[Any] | None) -> None:
+        self.settings = settings
+        self.pool = pool
+        self._service = [key_digest(k) for k in settings.api_keys]
+        self.secret = settings.jwt_secret or secrets.token_urlsafe(48)
+        self._keys: dict[bytes, _Cached] = {}
+        self._users: dict[int, _Cached] = {}
+        self._last_used: dict[int, float] = {}
+        self._development: Principal | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- tokens ---------------------------------------------------------------------
+
+    def issue(self, user_id: int, username: str, role: str) -> tuple[str, int]:
+        """A signed access token and its lifetime in seconds."""
+        now = int(time.time())
+        ttl = self.settings.jwt_expire_minutes * 60
+        claims = {
+            "sub": str(user_id),
+            "name": username,
+            "role": role,
+            "iat": now,
+            "exp": now + ttl,
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+        }
+        return jwt.encode(claims, self.secret, algorithm=ALGORITHM), ttl
+
+    def _claims(self, token: str) -> dict[str, Any]:
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self.secret,
+                algorithms=[ALGORITHM],  # pinned: never "none", never what the token says
+                audience=AUDIENCE,
+                issuer=ISSUER,
+                options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("the token has expired: log in again", code="token_expired") from None
+        except jwt.PyJWTError:
+            raise Unauthorized("invalid token", code="invalid_token") from None
+        return claims
+
+    # --- who is calling -------------------------------------------------------------
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            if self.settings.dev_mode:
+                return await self._development_admin()
+            raise Unauthorized("missing credentials: send 'Authorization: Bearer <token or API key>'")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("send 'Authorization: Bearer <token or API key>'")
+        if token.count(".") == 2:
+            claims = self._claims(token)
+            try:
+                user_id = int(claims["sub"])
+            except (TypeError, ValueError):
+                raise Unauthorized("invalid token", code="invalid_token") from None
+            principal = await self._user(user_id)
+            if principal is None:
+                raise Unauthorized("this account is disabled or gone", code="account_disabled")
+            return msgspec.structs.replace(principal, exp=int(claims["exp"]))
+        return await self._key(token)
+
+    async def _key(self, key: str) -> Principal:
+        digest = key_digest(key)
+        for service in self._service:
+            if hmac.compare_digest(digest, service):
+                return Principal(None, "service", "admin", via="service")
+        now = time.monotonic()
+        cached = self._keys.get(digest)
+        if cached is None or cached.until < now:
+            cached = _Cached(await self._lookup_key(digest), now + self.settings.api_key_cache_s)
+            if len(self._keys) >= _CACHE_MAX:
+                self._keys.clear()
+            self._keys[digest] = cached
+        if cached.principal is None:
             raise Unauthorized("invalid API key")
+        key_id = cached.principal.key_id
+        if (
+            key_id is not None
+            and now - self._last_used.get(key_id, -_LAST_USED_EVERY_S) >= _LAST_USED_EVERY_S
+        ):
+            self._last_used[key_id] = now
+            self._spawn(self._touch(key_id))
+        return cached.principal
+
+    async def _lookup_key(self, digest: bytes) -> Principal | None:
+        row = await self._fetch(_KEY_QUERY, (digest,))
+        if row is None:
+            return None
+        key_id, revoked, user_id, username, role, disabled = row
+        if revoked or disabled:
+            return None
+        return Principal(user_id, username, role, key_id=key_id, via="key")
+
+    async def _user(self, user_id: int) -> Principal | None:
+        now = time.monotonic()
+        cached = self._users.get(user_id)
+        if cached is None or cached.until < now:
+            row = await self._fetch(_USER_QUERY, (user_id,))
+            principal = None
+            if row is not None and not row[2]:
+                principal = Principal(user_id, row[0], row[1], via="jwt")
+            cached = _Cached(principal, now + self.settings.api_key_cache_s)
+            if len(self._users) >= _CACHE_MAX:
+                self._users.clear()
+            self._users[user_id] = cached
+        return cached.principal
+
+    async def _development_admin(self) -> Principal:
+        if self._development is None:
+            row = None
+            if self.pool is not None:
+                row = await self._fetch("SELECT id FROM users WHERE username = 'admin'", ())
+            user_id = None if row is None else int(row[0])
+            self._development = Principal(user_id, "admin", "admin", via="development")
+        return self._development
+
+    def forget(self, *, user_id: int | None = None) -> None:
+        """Drop cached answers on this process (after a change it made itself)."""
+        if user_id is None:
+            self._keys.clear()
+            self._users.clear()
+            return
+        self._users.pop(user_id, None)
+        self._keys = {
+            d: c for d, c in self._keys.items() if c.principal is None or c.principal.user_id != user_id
+        }
+
+    async def _fetch(self, query: str, params: tuple[object, ...]) -> tuple[Any, ...] | None:
+        if self.pool is None:
+            return None
+        try:
+            async with self.pool.connection(timeout=5.0) as conn:
+                cur = await conn.execute(query, params)
+                row: tuple[Any, ...] | None = await cur.fetchone()
+                return row
+        except Exception as exc:
+            log.warning("cannot check credentials: %r", exc)
+            raise UpstreamUnavailable(
+                "the account database is unreachable; try again shortly", code="accounts_unavailable"
+            ) from exc
+
+    async def _touch(self, key_id: int) -> None:
+        if self.pool is None:
+            return
+        try:
+            async with self.pool.connection(timeout=5.0) as conn:
+                await conn.execute("UPDATE api_keys SET last_used_at = now() WHERE id = %s", (key_id,))
+        except Exception as exc:  # noqa: BLE001 - bookkeeping only
+            log.debug("could not record a key's last use: %r", exc)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
-def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
-    """Litestar guard for the chat and model routes."""
-    keys: ApiKeys = connection.app.state.services.keys
-    keys.check(connection.headers.get("authorization"))
+Guard = Callable[[ASGIConnection, BaseRouteHandler], Awaitable[None]]  # type: ignore[type-arg]
+
+
+async def authenticated(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+    """Litestar guard: resolve the caller and keep it in the request's state."""
+    auth: Authenticator = connection.app.state.services.auth
+    connection.state.principal = await auth.authenticate(connection.headers.get("authorization"))
+
+
+def principal_of(connection: ASGIConnection) -> Principal:  # type: ignore[type-arg]
+    principal: Principal = connection.state.principal
+    return principal

@@ -25,13 +25,17 @@ from litestar.exceptions import HTTPException
 from litestar.response import Response, Stream
 
 import schemas
-from api import metrics
+from api import conversations, metrics
+from api.accounts import UserSettings, load_settings
+from api.auth import Principal, principal_of
 from api.openai_types import ChatRequestHead, CompletionRequestHead, InMessage, SimpleChatRequest
+from api.ratelimit import Ticket, estimate_prompt_tokens
 from api.relay import Relay
 from api.services import Services
 from chatq.errors import (
     ApiError,
     DeadlineExceeded,
+    Forbidden,
     InvalidRequest,
     ModelNotFound,
     StreamFailed,
@@ -122,12 +126,30 @@ def _without_priority(body: bytes) -> bytes:
 
 
 class ChatCall:
-    """One generation request through the queue: admission, job, relay, response."""
+    """One generation request through the queue: limits, admission, job, relay, response."""
 
-    def __init__(self, services: Services, line: RequestLine) -> None:
+    def __init__(self, services: Services, line: RequestLine, principal: Principal) -> None:
         self.services = services
         self.line = line
         self.request_id = line.request_id
+        self.principal = principal
+        self._ticket: Ticket | None = None
+        self.queued = False
+        # Sent before the engine's own events (an /api/chat turn names its conversation).
+        self.prelude = b""
+
+    def finish(self, usage: schemas.Usage | None, tokens: int) -> None:
+        """The request ended: charge its real tokens and free its concurrency slot (once)."""
+        ticket, self._ticket = self._ticket, None
+        if ticket is None:
+            return
+        self.services.spawn(
+            self.services.limiter.release(
+                ticket,
+                prompt_tokens=None if usage is None else usage.prompt_tokens,
+                completion_tokens=tokens if usage is None else usage.completion_tokens,
+            )
+        )
 
     def model(self, model: str | None) -> str:
         self.line.model = model
@@ -147,10 +169,11 @@ class ChatCall:
         endpoint: Endpoint,
         body: bytes,
         stream: bool,
-        messages: list[InMessage],
+        messages: list[schemas.ChatMessage],
         max_tokens: int | None,
         user: str | None,
         priority: Priority = "interactive",
+        meta: schemas.RequestMeta | None = None,
     ) -> schemas.Job:
         settings = self.services.settings
         if max_tokens is not None and max_tokens > settings.max_tokens_limit:
@@ -161,7 +184,7 @@ class ChatCall:
         return schemas.Job(
             request_id=self.request_id,
             model=model,
-            messages=[m.to_chat() for m in messages],
+            messages=messages,
             sampling=schemas.Sampling(max_tokens=max_tokens or settings.default_max_tokens),
             created=now,
             deadline=now + settings.request_timeout_s,
@@ -170,11 +193,24 @@ class ChatCall:
             endpoint=endpoint,
             body=body,
             stream=stream,
+            meta=meta
+            or schemas.RequestMeta(
+                user_id=self.principal.user_id, key_id=self.principal.key_id, priority=priority
+            ),
         )
 
     async def open(self, job: schemas.Job) -> Relay:
+        """Admit (queue depth, then the caller's rate limits) and queue the job."""
         services = self.services
         await services.monitor.admit(job.model, job.priority)
+        settings = services.settings
+        self._ticket = await services.limiter.acquire(
+            self.principal.scopes(),
+            settings.rate_limits[self.principal.role],
+            prompt_tokens=estimate_prompt_tokens(job.body),
+            request_id=job.request_id,
+            hold_s=settings.request_timeout_s + settings.watchdog_s,
+        )
         relay = Relay(
             services.bus,
             job,
@@ -182,7 +218,12 @@ class ChatCall:
             spawn=services.spawn,
             buffer_bytes=services.settings.stream_buffer_bytes,
         )
-        await relay.open(services.monitor)
+        try:
+            await relay.open(services.monitor)
+        except BaseException:
+            self.finish(None, 0)
+            raise
+        self.queued = True
         return relay
 
     async def sse(self, relay: Relay) -> AsyncIterator[bytes]:
@@ -193,7 +234,7 @@ class ChatCall:
         metrics.ACTIVE_STREAMS.inc()
         # Chunks that are already waiting go out in one write: under load the API
         # catches up with fewer sends instead of falling further behind.
-        parts: list[bytes] = []
+        parts: list[bytes] = [self.prelude] if self.prelude else []
         try:
             async for chunk in relay.chunks():
                 if chunk.finish_reason == "cancelled":
@@ -217,6 +258,7 @@ class ChatCall:
             metrics.REQUESTS.labels(model=relay.job.model, outcome=outcome).inc()
             # The status went out with the first byte; the outcome says how it ended.
             self.line.end(200, outcome, usage, tokens)
+            self.finish(usage, tokens)
             await relay.close(reason)
 
     async def complete(self, relay: Relay) -> bytes:
@@ -238,6 +280,7 @@ class ChatCall:
         finally:
             metrics.REQUESTS.labels(model=relay.job.model, outcome=outcome).inc()
             self.line.end(status, outcome, usage, tokens)
+            self.finish(usage, tokens)
             await relay.close(reason)
         return b"".join(parts)
 
@@ -300,9 +343,11 @@ async def _answer(request: Request, call: ChatCall, job: schemas.Job) -> Respons
     except ClientGone:
         await relay.close("client_disconnected")
         call.line.end(499, "disconnected")
+        call.finish(None, 0)
         return Response(b"", status_code=499)
     except ApiError as exc:
         await relay.close(_close_reason(exc))
+        call.finish(None, 0)
         raise
     headers = {"X-Request-Id": call.request_id}
     if job.stream:
@@ -325,6 +370,7 @@ async def _abandon(call: ChatCall, relay: Relay) -> None:
     """After a stream response: close the relay and log the request if its stream never ran."""
     await relay.close("client_disconnected")
     call.line.end(499, "disconnected")
+    call.finish(None, 0)
 
 
 def _queue_priority(priority: object) -> tuple[Priority, bool]:
@@ -350,7 +396,7 @@ async def _openai(request: Request, services: Services, endpoint: Endpoint) -> R
         prompt = text.prompt if isinstance(text.prompt, str) else _json.encode(text.prompt).decode()
         head, messages = text, [InMessage(role="user", content=prompt)]
         max_tokens = text.max_tokens
-    call = ChatCall(services, line)
+    call = ChatCall(services, line, principal_of(request))
     model = call.model(head.model)
     priority, ours = _queue_priority(head.priority)
     job = call.job(
@@ -358,7 +404,7 @@ async def _openai(request: Request, services: Services, endpoint: Endpoint) -> R
         endpoint=endpoint,
         body=_without_priority(raw) if ours else raw,
         stream=bool(head.stream),
-        messages=messages,
+        messages=[m.to_chat() for m in messages],
         max_tokens=max_tokens,
         user=head.user,
         priority=priority,
@@ -386,25 +432,119 @@ async def simple_chat(request: Request, services: NamedDependency[Services]) -> 
 
 async def _simple_chat(request: Request, services: Services) -> Response[bytes] | Stream:  # type: ignore[type-arg]
     line, _, body = await _begin(request, SimpleChatRequest)
-    call = ChatCall(services, line)
-    model = call.model(body.model or services.known_models()[0])
+    principal = principal_of(request)
+    call = ChatCall(services, line, principal)
+    if body.messages is not None:
+        new = [m.to_chat() for m in body.messages]
+    elif body.message is not None:
+        new = [schemas.ChatMessage(role="user", content=body.message)]
+    else:
+        raise InvalidRequest("send the new turn as `message` (or `messages`)", param="message")
+    if principal.user_id is None:
+        if body.conversation_id is not None:
+            raise Forbidden(
+                "conversations belong to user accounts: log in, or use a key made with POST /api/keys",
+                code="account_required",
+            )
+        return await _chat_turn(request, call, body, new, UserSettings(), None)
+    prefs = await load_settings(services, principal.user_id)
+    return await _chat_turn(request, call, body, new, prefs, principal.user_id)
+
+
+async def _chat_turn(
+    request: Request,  # type: ignore[type-arg]
+    call: ChatCall,
+    body: SimpleChatRequest,
+    new: list[schemas.ChatMessage],
+    prefs: UserSettings,
+    user_id: int | None,
+) -> Response[bytes] | Stream:
+    """One turn: the stored history (when there is an account) plus the new messages, queued."""
+    services, settings = call.services, call.services.settings
+    conversation: dict[str, object] | None = None
+    if user_id is not None and body.conversation_id is not None:
+        async with services.db() as conn:
+            conversation = await conversations.fetch(conn, user_id, body.conversation_id)
+    stored_model = conversation["model"] if conversation else None
+    model = call.model(
+        body.model
+        or (stored_model if isinstance(stored_model, str) else None)
+        or prefs.model
+        or services.known_models()[0]
+    )
+    params = prefs.params
+    temperature = body.temperature if body.temperature is not None else params.temperature
+    max_tokens = body.max_tokens or params.max_tokens
+    top_p = body.top_p if body.top_p is not None else params.top_p
+    messages, meta = new, None
+    previous: str | None = None
+    conversation_id: str | None = None
+    if user_id is not None:
+        if conversation is None:
+            system_prompt = body.system_prompt or prefs.system_prompt
+            if new[0].role == "system":
+                system_prompt, new = new[0].content, new[1:]
+                if not new:
+                    raise InvalidRequest(
+                        "the new turn has no message besides the system prompt", param="messages"
+                    )
+            async with services.db() as conn:
+                created = await conversations.create(
+                    conn, user_id, title=None, system_prompt=system_prompt, model=model
+                )
+            conversation_id, position = created.id, 0
+            history: list[schemas.ChatMessage] = []
+        else:
+            conversation_id = str(conversation["id"])
+            raw_previous = conversation["last_request_id"]
+            previous = raw_previous if isinstance(raw_previous, str) else None
+            await conversations.wait_for_turn(services, previous)
+            stored_prompt = conversation["system_prompt"]
+            system_prompt = body.system_prompt or (stored_prompt if isinstance(stored_prompt, str) else None)
+            history, position = await conversations.history(services, conversation_id)
+        await conversations.claim(services, user_id, conversation_id, previous, call.request_id)
+        system = [schemas.ChatMessage(role="system", content=system_prompt)] if system_prompt else []
+        budget = settings.vllm_max_model_len - (max_tokens or settings.default_max_tokens)
+        messages = conversations.fit_history(system, history, new, budget)
+        meta = schemas.RequestMeta(
+            user_id=user_id,
+            key_id=call.principal.key_id,
+            conversation_id=conversation_id,
+            position=position,
+            answer_position=position + len(new),
+            priority=body.priority or "interactive",
+        )
+        call.prelude = (
+            b"event: conversation\ndata: "
+            + _json.encode(
+                {"conversation_id": conversation_id, "request_id": call.request_id, "model": model}
+            )
+            + b"\n\n"
+        )
     openai_body: dict[str, object] = {
         "model": model,
-        "messages": body.messages,
+        "messages": messages,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if body.temperature is not None:
-        openai_body["temperature"] = body.temperature
-    if body.max_tokens is not None:
-        openai_body["max_tokens"] = body.max_tokens
+    for name, value in (("temperature", temperature), ("max_tokens", max_tokens), ("top_p", top_p)):
+        if value is not None:
+            openai_body[name] = value
     job = call.job(
         model=model,
         endpoint="chat",
         body=_json.encode(openai_body),
         stream=True,
-        messages=body.messages,
-        max_tokens=body.max_tokens,
+        messages=messages,
+        max_tokens=max_tokens,
         user=None,
+        priority=body.priority or "interactive",
+        meta=meta,
     )
-    return await _answer(request, call, job)
+    try:
+        return await _answer(request, call, job)
+    except BaseException:
+        if conversation_id is not None and not call.queued:
+            with contextlib.suppress(ApiError):
+                await conversations.unclaim(services, conversation_id, previous, call.request_id)
+        raise

@@ -71,13 +71,23 @@ class CompletionRequestHead(msgspec.Struct, frozen=True):
     priority: PriorityField = None
 
 
-class SimpleChatRequest(msgspec.Struct, frozen=True):
-    """POST /api/chat, the original plan's endpoint; always answered as SSE."""
+class SimpleChatRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """POST /api/chat, the original plan's endpoint; always answered as SSE.
 
-    messages: Annotated[list[InMessage], msgspec.Meta(min_length=1)]
+    `message` (or `messages`) is the new turn; with `conversation_id` it continues that
+    conversation from its stored history, without one it starts a new conversation.
+    Sampling fields not given come from the user's settings (GET /api/me/settings).
+    """
+
+    messages: Annotated[list[InMessage], msgspec.Meta(min_length=1)] | None = None
+    message: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    conversation_id: str | None = None
     model: str | None = None
     temperature: Temperature | None = None
     max_tokens: MaxTokens | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
+    system_prompt: Annotated[str, msgspec.Meta(max_length=20_000)] | None = None
+    priority: Literal["interactive", "background"] | None = None
 
 
 class ModelCard(msgspec.Struct):

@@ -118,7 +118,7 @@ class Relay:
                     time=self.job.created,
                     user=self.job.user,
                     meta=self.job.meta,
-                    messages=self.job.messages,
+                    messages=_stored_messages(self.job),
                 )
             )
         )
@@ -293,6 +293,14 @@ class Relay:
                         )
                     )
                 )
+
+
+def _stored_messages(job: schemas.Job) -> list[schemas.ChatMessage]:
+    """What a request adds to the record: its whole prompt, or a conversation turn's new messages."""
+    meta = job.meta
+    if meta.conversation_id is None:
+        return job.messages
+    return job.messages[len(job.messages) - (meta.answer_position - meta.position) :]
 
 
 class Spawn:

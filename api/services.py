@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from api.admission import QueueMonitor
-from api.auth import ApiKeys
+from api.auth import Authenticator
+from api.ratelimit import RateLimiter
 from api.relay import Spawn
 from broker.bus import Bus
 from broker.workers import WorkerRegistry
+from chatq.errors import ApiError, UpstreamUnavailable
 from chatq.settings import Settings
 
 
@@ -18,11 +26,31 @@ class Services:
     bus: Bus
     monitor: QueueMonitor
     registry: WorkerRegistry
-    keys: ApiKeys
+    auth: Authenticator
+    limiter: RateLimiter
     spawn: Spawn
+    pool: AsyncConnectionPool[Any] | None = None
 
     def known_models(self) -> list[str]:
         """Configured models first, then any other model a live worker serves."""
         models = list(self.settings.models)
         models += sorted(self.registry.models() - set(models))
         return models
+
+    @asynccontextmanager
+    async def db(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection in one transaction; the database missing or down is a 503."""
+        if self.pool is None:
+            raise UpstreamUnavailable(
+                "accounts and conversations need PostgreSQL: set DATABASE_URL (./start does)",
+                code="accounts_unavailable",
+            )
+        try:
+            async with self.pool.connection(timeout=5.0) as conn:
+                yield conn
+        except ApiError:
+            raise
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            raise UpstreamUnavailable(
+                "the database is unreachable; try again shortly", code="database_unavailable"
+            ) from exc

@@ -60,7 +60,7 @@ async def migrate(conn: psycopg.AsyncConnection[object], directory: Path = MIGRA
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
         await conn.execute(_TABLE)
         cur = await conn.execute("SELECT version FROM schema_migrations")
-        done = {int(row[0]) for row in await cur.fetchall()}  # type: ignore[index, call-overload]
+        done = {int(row[0]) for row in await cur.fetchall()}  # type: ignore[index]
         for migration in migrations(directory):
             if migration.version in done:
                 continue

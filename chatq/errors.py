@@ -9,11 +9,14 @@ ChatqError
 └── ClientError            the request cannot be served as sent (4xx)
     ├── InvalidRequest       400 invalid_request_error
     ├── Unauthorized         401 authentication_error
+    ├── Forbidden            403 permission_error (a role may not do this)
+    ├── NotFound             404 not_found (also another user's thing: never its content)
+    ├── Conflict             409 conflict (a taken name, a conversation still answering)
     ├── ModelNotFound        404 model_not_found
     ├── RequestTooLarge      413 request_too_large
     └── Overloaded           429 rate_limit_error (queue full), with Retry-After
 ServerError                  5xx, raised while serving
-    ├── UpstreamUnavailable  503 the message plane is unreachable
+    ├── UpstreamUnavailable  503 the message plane (or the database, Redis) is unreachable
     ├── StreamFailed         502 the stream from the worker broke (gap, lost worker)
     └── DeadlineExceeded     504 no answer before the request's deadline
 """
@@ -76,6 +79,22 @@ class Unauthorized(ClientError):
     status = 401
     type = "authentication_error"
     default_code = "invalid_api_key"
+
+
+class Forbidden(ClientError):
+    status = 403
+    type = "permission_error"
+    default_code = "forbidden"
+
+
+class NotFound(ClientError):
+    status = 404
+    default_code = "not_found"
+
+
+class Conflict(ClientError):
+    status = 409
+    default_code = "conflict"
 
 
 class ModelNotFound(ClientError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -180,6 +181,7 @@ class ChatqTarget(Target):
             "NATS_URL": self._nats.url,
             "CHATQ_HOME": str(self._tmp / "home"),
             "CHATQ_API_KEYS": API_KEY,
+            "JWT_SECRET": secrets.token_urlsafe(48),
             "CHATQ_DEV": "0",
             "LOG_LEVEL": "INFO",
             "HF_HUB_OFFLINE": "1",
@@ -296,7 +298,7 @@ class ExternalTarget(Target):
 
 
 def _public_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: ("<key>" if k == "CHATQ_API_KEYS" else v) for k, v in sorted(env.items())}
+    return {k: ("<secret>" if k in ("CHATQ_API_KEYS", "JWT_SECRET") else v) for k, v in sorted(env.items())}
 
 
 def _effective_settings(env: dict[str, str]) -> dict[str, Any]:

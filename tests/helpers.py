@@ -21,6 +21,7 @@ from loadtest.probes import metric_sum
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-0123456789abcdef"
+JWT_SECRET = "k3Xq9vR2mW7pL4tZ8nB5cY1hJ6fD0sGaQeUoIiPr"
 
 
 @dataclass
@@ -73,6 +74,7 @@ def base_env(nats_url: str, home: Path, **extra: str) -> dict[str, str]:
         "NATS_URL": nats_url,
         "CHATQ_HOME": str(home),
         "CHATQ_API_KEYS": API_KEY,
+        "JWT_SECRET": JWT_SECRET,
         "CHATQ_DEV": "0",
         "LOG_LEVEL": "INFO",
     }
@@ -246,3 +248,72 @@ def synthetic_stack(root: Path, model: str, **env: str) -> Iterator[Stack]:
         for proc in reversed(procs):
             proc.stop()
         nats.stop()
+
+
+
+@dataclass
+class AccountsStack:
+    """The whole service with accounts: NATS, PostgreSQL, Redis, persistence, synthetic
+    worker, and `len(urls)` API processes sharing them."""
+
+    urls: list[str]
+    dsn: str
+    nats_url: str
+    redis_url: str
+    env: dict[str, str]
+    logdir: Path
+    procs: list[Proc]
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+
+@contextmanager
+def accounts_stack(root: Path, model: str, *, apis: int = 1, **env: str) -> Iterator[AccountsStack]:
+    from chatq.servers import EmbeddedPostgres, RedisServer
+
+    nats = NatsServer(root / "nats").start(root / "nats.log")
+    pg = EmbeddedPostgres(root / "pg")
+    redis: RedisServer | None = None
+    procs: list[Proc] = []
+    try:
+        dsn = pg.start()
+        redis = RedisServer(root / "redis").start(root / "redis.log")
+        full = base_env(
+            nats.url,
+            root / "home",
+            INFERENCE_ENGINE="synthetic",
+            MODEL_NAME=model,
+            DATABASE_URL=dsn,
+            REDIS_URL=redis.url,
+            **env,
+        )
+        logdir = root / "logs"
+        urls = []
+        for i in range(apis):
+            api, url = start_api(full, logdir, name=f"api{i}")
+            procs.append(api)
+            urls.append(url)
+        worker, _ = start_worker(full, logdir)
+        procs.append(worker)
+        procs.append(spawn("persistence", "workers.persistence", full, logdir))
+        for url in urls:
+            wait_for_workers(url, 1, 60, procs)
+        yield AccountsStack(urls, dsn, nats.url, redis.url, full, logdir, procs)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        if redis is not None:
+            redis.stop()
+        pg.stop()
+        nats.stop()
+
+
+def login(url: str, username: str, password: str) -> dict[str, str]:
+    """Log in; the Authorization header of the session."""
+    response = httpx.post(
+        url + "/api/auth/login", json={"username": username, "password": password}, timeout=30
+    )
+    response.raise_for_status()
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}

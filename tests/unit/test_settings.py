@@ -35,10 +35,46 @@ def test_heartbeat_must_be_shorter_than_the_watchdog(tmp_path: Path) -> None:
         load(env(tmp_path, STREAM_WATCHDOG_S="1", STREAM_HEARTBEAT_S="2"))
 
 
-def test_the_api_refuses_to_start_without_keys_outside_development_mode(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no API keys"):
-        create_app(load(env(tmp_path)))
-    create_app(load(env(tmp_path, CHATQ_DEV="1")))  # explicitly asked for: allowed
+GOOD_SECRET = "Vf3kQ9zLr2Xw8NcT5bHy1JmP7sDg4AeU"
+
+
+@pytest.mark.parametrize(
+    ("secret", "needle"),
+    [
+        (None, "JWT_SECRET is not set"),
+        ("Vf3kQ9zLr2Xw8NcT", "shorter than 32"),
+        ("changeme-changeme-changeme-changeme", "placeholder"),
+        ("my-super-secret-jwt-key-for-production", "placeholder"),
+        ("a" * 40, "placeholder"),
+    ],
+)
+def test_the_api_refuses_an_unset_short_or_placeholder_jwt_secret(
+    tmp_path: Path, secret: str | None, needle: str
+) -> None:
+    values = {"CHATQ_API_KEYS": "cq-from-env-0123456789abcdef"}
+    if secret is not None:
+        values["JWT_SECRET"] = secret
+    with pytest.raises(ConfigError, match=needle):
+        create_app(load(env(tmp_path, **values)))
+
+
+def test_the_jwt_secret_comes_from_the_state_folder_too(tmp_path: Path) -> None:
+    (tmp_path / "jwt_secret").write_text(GOOD_SECRET + "\n")
+    settings = load(env(tmp_path, CHATQ_API_KEYS="cq-from-env-0123456789abcdef"))
+    assert settings.jwt_secret == GOOD_SECRET
+    create_app(settings)
+
+
+def test_the_api_refuses_to_start_when_nobody_could_sign_in(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nobody could sign in"):
+        create_app(load(env(tmp_path, JWT_SECRET=GOOD_SECRET)))
+    create_app(load(env(tmp_path, JWT_SECRET=GOOD_SECRET, DATABASE_URL="postgresql://h/db")))
+
+
+def test_development_mode_is_only_when_asked_for(tmp_path: Path) -> None:
+    assert load(env(tmp_path)).dev_mode is False
+    create_app(load(env(tmp_path, DEVELOPMENT_MODE="true")))  # explicitly asked for: allowed
+    assert load(env(tmp_path, CHATQ_DEV="1")).dev_mode is True  # the older name still works
 
 
 def test_keys_come_from_the_keys_file_too(tmp_path: Path) -> None:
