@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from chatq.errors import ChatqError
-from chatq.servers import EmbeddedPostgres, NatsServer, port_free
+from chatq.servers import EmbeddedPostgres, NatsServer, RedisServer, port_free
 from chatq.settings import Settings, load
 
 SERVICES = ("nats", "worker", "api", "persistence", "telemetry")
@@ -166,6 +166,7 @@ class Supervisor:
         self.children: dict[str, Child] = {}
         self.nats: NatsServer | None = None
         self.postgres: EmbeddedPostgres | None = None
+        self.redis: RedisServer | None = None
         self._stopping = False
         self._written: str | None = None
 
@@ -241,8 +242,18 @@ class Supervisor:
             self.postgres = EmbeddedPostgres(s.home / "postgres")
             dsn = self.postgres.start()
             print(f"chatq: PostgreSQL (embedded) in {s.home / 'postgres'}", flush=True)
+        redis_url = s.redis_url
+        if not redis_url:
+            fd = self._log("redis")
+            with os.fdopen(fd, "ab") as log:
+                self.redis = RedisServer(s.home / "redis").start(log)
+            redis_url = self.redis.url
+            print(
+                f"chatq: Redis (embedded, rate limits) on {redis_url} (data in {s.home / 'redis'})",
+                flush=True,
+            )
         self.add("worker", "workers.inference")
-        self.add("api", "api")
+        self.add("api", "api", DATABASE_URL=dsn, REDIS_URL=redis_url)
         self.add("persistence", "workers.persistence", DATABASE_URL=dsn)
         self.add("telemetry", "workers.telemetry")
         print(
@@ -350,6 +361,9 @@ class Supervisor:
         if self.postgres is not None:
             self.postgres.stop()
             self.postgres = None
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
         if self.nats is not None:
             self.nats.stop()
 
@@ -524,9 +538,14 @@ def main(argv: list[str] | None = None) -> int:
     logs = sub.add_parser("logs", help="show logs")
     logs.add_argument("service", nargs="?", choices=["chatq", *SERVICES])
     logs.add_argument("-f", "--follow", action="store_true")
+    from chatq import admin_cli  # migrate, users, keys
+
+    admin_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     try:
         s = load()
+        if args.command in admin_cli.COMMANDS:
+            return admin_cli.run(s, args)
         if args.command == "start":
             return cmd_start(s, args.detach)
         if args.command == "stop":

