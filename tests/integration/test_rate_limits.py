@@ -1,0 +1,173 @@
+"""Rate limits end to end: two API processes sharing one real Redis admit nothing over a
+user's limits (requests per minute, tokens per minute, concurrent streams), 429s name the
+limit with an exact Retry-After, and a Redis outage follows RATE_LIMIT_FAILURE."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import AccountsStack, accounts_stack, auth, login, metric_value, start_api
+
+MODEL = "limits-model"
+RPM, TPM, CONCURRENCY = 6, 500, 2
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
+    with accounts_stack(
+        tmp_path_factory.mktemp("limits"),
+        MODEL,
+        apis=2,
+        SYNTH_TOKENS_PER_S="400",
+        SYNTH_TTFT_MS="5",
+        # Limits are per role: the admin role tests requests per minute alone, the user role
+        # tokens per minute and concurrent streams.
+        RATE_LIMIT_ADMIN_RPM=str(RPM),
+        RATE_LIMIT_ADMIN_TPM="0",
+        RATE_LIMIT_ADMIN_CONCURRENCY="0",
+        RATE_LIMIT_USER_RPM="0",
+        RATE_LIMIT_USER_TPM=str(TPM),
+        RATE_LIMIT_USER_CONCURRENCY=str(CONCURRENCY),
+        RATE_LIMIT_FAILURE="open",
+    ) as s:
+        yield s
+
+
+def user(stack: AccountsStack, name: str, role: str = "user") -> dict[str, str]:
+    password = f"pw-{name}-12345"
+    r = httpx.post(
+        stack.url + "/api/users", json={"username": name, "password": password, "role": role}, headers=auth()
+    )
+    assert r.status_code == 201, r.text
+    return login(stack.url, name, password)
+
+
+def ask(url: str, headers: dict[str, str], max_tokens: int = 2) -> httpx.Response:
+    return httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens},
+        headers=headers,
+        timeout=60,
+    )
+
+
+def test_requests_per_minute_across_two_api_processes(stack: AccountsStack) -> None:
+    headers = user(stack, "rpm-user", role="admin")
+    started = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: ask(stack.urls[i % 2], headers), range(16)))
+    assert time.monotonic() - started < 10, "the burst must fit inside one refill interval (60/RPM s)"
+    statuses = Counter(r.status_code for r in answers)
+    assert statuses == {200: RPM, 429: 16 - RPM}, statuses
+    refused = [r for r in answers if r.status_code == 429]
+    for r in refused:
+        error = r.json()["error"]
+        assert error["code"] == "rate_limit_rpm" and error["type"] == "rate_limit_error"
+        assert f"{RPM} requests per minute" in error["message"]
+        assert 1 <= int(r.headers["Retry-After"]) <= 60 // RPM
+    # Another user has buckets of their own.
+    assert ask(stack.urls[1], user(stack, "rpm-other", role="admin")).status_code == 200
+
+
+def test_concurrent_streams_across_two_api_processes(stack: AccountsStack) -> None:
+    headers = user(stack, "conc-user")
+    opened = threading.Barrier(CONCURRENCY + 1)
+    release = threading.Event()
+
+    def hold(url: str) -> None:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 4000,
+            "stream": True,
+        }
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)
+            opened.wait(timeout=30)
+            release.wait(timeout=30)
+
+    threads = [threading.Thread(target=hold, args=(stack.urls[i % 2],)) for i in range(CONCURRENCY)]
+    for t in threads:
+        t.start()
+    opened.wait(timeout=30)
+    try:
+        for url in stack.urls:
+            r = ask(url, headers)
+            assert r.status_code == 429, r.text
+            assert r.json()["error"]["code"] == "rate_limit_concurrency"
+            assert int(r.headers["Retry-After"]) >= 1
+    finally:
+        release.set()
+        for t in threads:
+            t.join(timeout=30)
+    # The slots come back when the streams end.
+    deadline = time.monotonic() + 10
+    while (status := ask(stack.url, headers).status_code) == 429 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status == 200
+
+
+def test_tokens_per_minute_count_the_output_when_the_stream_ends(stack: AccountsStack) -> None:
+    headers = user(stack, "tpm-user")
+    # Prompt tokens are charged at admission (an estimate), output tokens at the end.
+    assert ask(stack.url, headers, max_tokens=400).status_code == 200
+    assert ask(stack.urls[1], headers, max_tokens=400).status_code == 200
+    r = ask(stack.url, headers)
+    assert r.status_code == 429, r.text
+    error = r.json()["error"]
+    assert error["code"] == "rate_limit_tpm" and f"{TPM} tokens per minute" in error["message"]
+    # About 800 output tokens over a 500-a-minute bucket: the wait is the deficit's refill time.
+    retry = int(r.headers["Retry-After"])
+    assert 30 <= retry <= 60, retry
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    try:
+        return metric_value(httpx.get(url + "/metrics").text, name, **labels)
+    except KeyError:
+        return 0.0
+
+
+def test_redis_down_open_serves_closed_refuses_and_limits_return_with_redis(stack: AccountsStack) -> None:
+    closed_api, closed_url = start_api(
+        {**stack.env, "RATE_LIMIT_FAILURE": "closed"}, stack.logdir, name="api-closed"
+    )
+    try:
+        headers = user(stack, "outage-user")
+        assert ask(closed_url, headers).status_code == 200
+        stack.redis.stop()
+        try:
+            bypassed = _metric(stack.url, "chatq_rate_limit_bypassed_total")
+            started = time.monotonic()
+            opened = ask(stack.url, headers)
+            assert opened.status_code == 200, opened.text  # open: served, and counted
+            assert _metric(stack.url, "chatq_rate_limit_bypassed_total") > bypassed
+            refused = ask(closed_url, headers)
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "rate_limiter_unavailable"
+            assert time.monotonic() - started < 5, "a dead Redis must not stall requests"
+        finally:
+            stack.redis.start(stack.logdir / "redis.log")
+        # Back: the breaker asks Redis again within seconds and limits apply again: a few
+        # 400-token answers use up the 500-a-minute token budget.
+        deadline = time.monotonic() + 15
+        statuses: list[Any] = []
+        while time.monotonic() < deadline:
+            statuses.append(ask(closed_url, headers, max_tokens=400).status_code)
+            if statuses[-1] == 429:
+                break
+            time.sleep(0.2)
+        assert statuses[-1] == 429, statuses
+        assert statuses.count(200) <= 2, statuses
+    finally:
+        closed_api.stop()
