@@ -128,6 +128,19 @@ def ensure_api_key(s: Settings) -> str | None:
     return key
 
 
+def ensure_jwt_secret(s: Settings) -> bool:
+    """Make sure a random JWT signing secret exists (JWT_SECRET or the state folder's
+    jwt_secret file, mode 0600); True when one was made now."""
+    if s.jwt_secret:
+        return False
+    path = s.home / "jwt_secret"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(48) + "\n")
+    return True
+
+
 @dataclass
 class Child:
     """One supervised child process, and what the supervisor remembers about it."""
@@ -375,8 +388,8 @@ def cmd_start(s: Settings, detach: bool) -> int:
         return 1
     s.home.mkdir(parents=True, exist_ok=True)
     new_key = ensure_api_key(s)
-    if new_key is not None:
-        s = load()  # re-read: the key file is part of the settings
+    if ensure_jwt_secret(s) or new_key is not None:
+        s = load()  # re-read: the key and secret files are part of the settings
     if s.engine == "vllm" and not s.model_id:
         from chatq.model_prep import prepare_default_model
 
@@ -392,9 +405,18 @@ def _banner(s: Settings, new_key: str | None) -> None:
     if new_key:
         print(f"chatq: your API key (saved in {s.home / 'api_keys'}): {new_key}", flush=True)
     elif s.dev_mode and not s.api_keys:
-        print("chatq: development mode, no authentication", flush=True)
+        print("chatq: DEVELOPMENT MODE: calls without credentials act as admin", flush=True)
     else:
-        print(f"chatq: API keys are in {s.home / 'api_keys'} or CHATQ_API_KEYS", flush=True)
+        print(f"chatq: service API keys are in {s.home / 'api_keys'} or CHATQ_API_KEYS", flush=True)
+    if s.dev_mode:
+        print("chatq: DEVELOPMENT MODE: test accounts admin/admin123 and test/test", flush=True)
+    else:
+        print(
+            "chatq: accounts: create the first admin with\n"
+            "         .venv/bin/chatq users add NAME --role admin\n"
+            "       then log in with POST /api/auth/login (docs/accounts.md)",
+            flush=True,
+        )
 
 
 def _run(s: Settings, new_key: str | None) -> int:
