@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import httpx
 
-from chatq.servers import NatsServer, free_port, wait_for_port
+from chatq.servers import EmbeddedPostgres, NatsServer, RedisServer, free_port, wait_for_port
 from loadtest.config import API_KEY, EngineConfig, RunConfig, SynthConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -168,9 +168,13 @@ class ChatqTarget(Target):
     env_extra: dict[str, str] = field(default_factory=dict)
     logdir: Path = Path()
     start_timeout: float = 600.0
+    # Accounts on: PostgreSQL and Redis run too, and requests carry a user's API key.
+    accounts: bool = False
     _tmp: Path | None = None
     _nats: NatsServer | None = None
     _nats_log: IO[bytes] | None = None
+    _postgres: EmbeddedPostgres | None = None
+    _redis: RedisServer | None = None
 
     def start(self) -> None:
         self._tmp = Path(tempfile.mkdtemp(prefix=f"loadtest-{self.name}-"))
@@ -187,6 +191,17 @@ class ChatqTarget(Target):
             "HF_HUB_OFFLINE": "1",
             **self.env_extra,
         }
+        if self.accounts:
+            self._postgres = EmbeddedPostgres(self._tmp / "postgres")
+            self._redis = RedisServer(self._tmp / "redis").start(self.logdir / "redis.log")
+            env.update(
+                DATABASE_URL=self._postgres.start(),
+                REDIS_URL=self._redis.url,
+                # Limits far above the load, but on: every request runs every check.
+                RATE_LIMIT_USER_RPM="100000000",
+                RATE_LIMIT_USER_TPM="1000000000",
+                RATE_LIMIT_USER_CONCURRENCY="100000",
+            )
         metrics_port = free_port()
         worker = spawn(
             "worker",
@@ -212,12 +227,20 @@ class ChatqTarget(Target):
             self.procs,
             f"{self.name}: the worker",
         )
+        if self.accounts:
+            self.api_key = _user_key(env["DATABASE_URL"])
         self.settings = {"env": _public_env(env), "effective": _effective_settings(env)}
 
     def stop(self) -> None:
         # The API first (it stops taking requests), then the worker, then NATS.
         for p in reversed(self.procs):
             p.stop()
+        if self._redis is not None:
+            self._redis.stop()
+            self._redis = None
+        if self._postgres is not None:
+            self._postgres.stop()
+            self._postgres = None
         if self._nats is not None:
             self._nats.stop()
         if self._nats_log is not None:
@@ -226,6 +249,23 @@ class ChatqTarget(Target):
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+def _user_key(dsn: str) -> str:
+    """A user account and an API key of theirs, made in the target's database."""
+    import asyncio
+
+    import psycopg
+
+    from chatq import accounts
+
+    async def make() -> str:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            user = await accounts.create_user(conn, "loadtest", secrets.token_urlsafe(16))
+            _, key = await accounts.create_key(conn, user.id, "loadtest")
+            return key
+
+    return asyncio.run(make())
 
 
 @dataclass
@@ -350,7 +390,7 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
             "VLLM_ENFORCE_EAGER": "1" if e.enforce_eager else "0",
             "VLLM_MAX_MODEL_LEN": str(e.max_model_len),
         }
-    elif kind == "synthetic":
+    elif kind in ("synthetic", "synthetic-accounts"):
         synth = cfg.synth
         slots = e.max_num_seqs if cfg.scenario == "overload" else synth.slots
         env = {
@@ -364,7 +404,8 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
         raise ValueError(f"unknown target {kind!r}; choose from chatq, vllm-server, synthetic")
     return ChatqTarget(
         name=kind,
-        kind=kind,
+        kind="synthetic" if kind == "synthetic-accounts" else kind,
+        accounts=kind == "synthetic-accounts",
         model=cfg.model_name,
         env_extra=env,
         logdir=logdir,
