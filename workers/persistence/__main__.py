@@ -25,7 +25,12 @@ def main() -> int:
         connect_timeout_s=settings.database_connect_timeout_s,
         statement_timeout_ms=settings.database_statement_timeout_ms,
     )
-    app, _ = build_app(settings.nats_url, store, max_deliver=settings.persistence_max_deliver)
+    app, _ = build_app(
+        settings.nats_url,
+        store,
+        max_deliver=settings.persistence_max_deliver,
+        title_jobs=settings.title_jobs,
+    )
     # FastStream's "app starting / started" lines at DEBUG: the worker logs its own start line.
     asyncio.run(app.run(log_level=logging.DEBUG))
     return 0

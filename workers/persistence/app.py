@@ -6,6 +6,10 @@ written, however long that takes. One that fails for any other reason (it cannot
 decoded, PostgreSQL refuses its data) is tried `max_deliver` times in all, then published
 as it came to the dead-letter subject with headers naming the error, and terminated: it
 never blocks the events behind it.
+
+Once a conversation's first question and answer are both stored and it has no title, the
+worker queues a background title job for it (workers/persistence/titles.py), with its
+Accepted event; the job's Completed event, written here too, sets the title.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 
 import schemas
 from broker import names, topology
+from broker.bus import Bus
 from workers.persistence.store import Store, is_transient
+from workers.persistence.titles import TitleSource, title_job
 
 log = logging.getLogger("chatq.persistence")
 
@@ -62,6 +68,7 @@ class Tally:
         self.written: Counter[str] = Counter()
         self.retried = 0
         self.dead = 0
+        self.titles = 0
 
     def summary(self) -> str | None:
         total = sum(self.written.values())
@@ -69,8 +76,10 @@ class Tally:
             return None
         kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.written.items()))
         line = f"wrote {total} events ({kinds or 'none'}), {self.retried} retries, {self.dead} dead-lettered"
+        if self.titles:
+            line += f", {self.titles} title jobs queued"
         self.written.clear()
-        self.retried = self.dead = 0
+        self.retried = self.dead = self.titles = 0
         return line
 
 
@@ -81,8 +90,12 @@ def build_app(
     max_deliver: int = MAX_DELIVER,
     retry_delay_s: float = RETRY_DELAY_S,
     summary_interval_s: float = SUMMARY_INTERVAL_S,
+    title_jobs: bool = True,
 ) -> tuple[FastStream, NatsBroker]:
-    """The persistence worker as a FastStream app; tests pass their own Store."""
+    """The persistence worker as a FastStream app; tests pass their own Store.
+
+    `title_jobs` (TITLE_JOBS): queue a title job for each new conversation.
+    """
     # FastStream's own lines go through our logging (one format, no colours); its two
     # lines per message ("Received", "Processed") at DEBUG, and its other chatter below
     # WARNING only with LOG_LEVEL=DEBUG: at INFO the log shows what this worker says.
@@ -153,6 +166,44 @@ def build_app(
             exc_info=None if isinstance(exc, psycopg.Error | msgspec.MsgspecError) else exc,
         )
 
+    async def queue_title(source: TitleSource) -> None:
+        """Queue the conversation's title job and its Accepted event; a failure only logs.
+
+        The event that made the title due is stored whatever happens here (its ack
+        follows): a missing title is cosmetic, and the conversation gets none rather than
+        holding up the events behind it. The job's id is `title-<conversation id>`, so a
+        redelivered event queues it once (JetStream de-duplication), and once its Accepted
+        event is written the conversation is no longer due a title at all.
+        """
+        job = title_job(source)
+        try:
+            ack = await broker.connection.jetstream(timeout=5.0).publish(
+                names.job_subject(job.model, job.priority),
+                schemas.encode(job),
+                stream=names.JOBS_STREAM,
+                headers={"Nats-Msg-Id": job.request_id},
+            )
+        except Exception as exc:  # noqa: BLE001 - NATS trouble or a full queue: no title
+            log.warning(
+                "could not queue the title job of conversation %s: %s", source.conversation_id, _reason(exc)
+            )
+            return
+        if ack.duplicate:
+            return  # queued already by an earlier delivery of the same event
+        tally.titles += 1
+        log.debug("queued the title job of conversation %s", source.conversation_id)
+        accepted = schemas.Accepted(
+            request_id=job.request_id,
+            model=job.model,
+            time=job.created,
+            stream=False,
+            meta=job.meta,
+        )
+        try:
+            await Bus(broker.connection).publish_event(accepted, attempts=2)
+        except Exception as exc:  # noqa: BLE001 - its Completed event still writes the row
+            log.warning("could not record the title job %s: %s", job.request_id, _reason(exc))
+
     @broker.subscriber(
         names.EVENTS_ALL,
         stream=JStream(names.EVENTS_STREAM, declare=False),
@@ -168,7 +219,7 @@ def build_app(
             await give_up_or_retry(msg, _request_id_of(msg.body), kind, exc)
             return
         try:
-            await store.apply(event)
+            due = await store.apply(event, titles=title_jobs)
         except Exception as exc:  # noqa: BLE001 - sorted into transient or not below
             if not is_transient(exc):
                 await give_up_or_retry(msg, event.request_id, kind, exc)
@@ -184,6 +235,10 @@ def build_app(
             tally.retried += 1
             await msg.nack(delay=retry_delay_s)
             return
+        if due is not None:
+            # Never raises: a title job that cannot be queued is logged and the event is
+            # acked all the same (it is stored; only the title is missing).
+            await queue_title(due)
         await msg.ack()
         tally.written[kind] += 1
         log.debug("wrote the %s event of %s", kind, event.request_id)
@@ -196,7 +251,8 @@ def build_app(
 
     @app.on_startup
     async def migrate() -> None:
-        await store.migrate()
+        if applied := await store.migrate():
+            log.info("applied the database migrations %s", ", ".join(applied))
 
     @app.after_startup
     async def started() -> None:
@@ -204,11 +260,12 @@ def build_app(
         tasks.append(asyncio.create_task(summaries()))
         log.info(
             "persistence worker started: NATS %s, PostgreSQL %s; events that fail %d times for "
-            "a non-transient reason go to %s",
+            "a non-transient reason go to %s; title jobs %s",
             nats_url,
             store.describe(),
             max_deliver,
             names.DEADLETTER_EVENTS,
+            "on" if title_jobs else "off",
         )
 
     @app.on_shutdown

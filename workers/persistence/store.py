@@ -1,78 +1,87 @@
-"""PostgreSQL storage of chat requests, messages and usage; every write is idempotent."""
+"""PostgreSQL storage of requests (usage included) and messages; every write is idempotent.
+
+The schema is chatq's (chatq/migrations, applied by chatq.db.migrate). One event makes one
+transaction: its `requests` row (upserted so that events may arrive in any order and more
+than once), its messages, and for a conversation turn the conversation's `updated_at`; a
+title job's Completed event sets the conversation's title instead of storing messages.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from typing import cast
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+import chatq.db
 import schemas
+from schemas import ANSWER_POSITION
+from workers.persistence.titles import TitleSource, clean_title, title_request_id
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS chat_requests (
-    request_id     text PRIMARY KEY,
-    model          text NOT NULL,
-    user_id        text,
-    status         text NOT NULL,
-    accepted_at    timestamptz,
-    finished_at    timestamptz,
-    worker_id      text,
-    finish_reason  text,
-    error_code     text,
-    error_message  text,
-    ttft_ms        double precision,
-    duration_ms    double precision
-);
-CREATE TABLE IF NOT EXISTS chat_messages (
-    request_id  text NOT NULL,
-    position    integer NOT NULL,
-    role        text NOT NULL,
-    content     text NOT NULL,
-    PRIMARY KEY (request_id, position)
-);
-CREATE TABLE IF NOT EXISTS usage (
-    request_id         text PRIMARY KEY,
-    model              text NOT NULL,
-    user_id            text,
-    prompt_tokens      integer NOT NULL,
-    completion_tokens  integer NOT NULL,
-    recorded_at        timestamptz NOT NULL
-);
-CREATE INDEX IF NOT EXISTS usage_recorded_at ON usage (recorded_at);
-"""
-
-# A terminal status is never replaced by 'accepted', whatever order events arrive in.
+# A terminal status is never replaced by 'accepted', whatever order events arrive in. The
+# account, key and conversation are looked up, not trusted: one deleted since the request
+# was made leaves NULL (the request and its cost are kept) instead of a foreign-key error
+# that no retry could fix.
 _UPSERT = """
-INSERT INTO chat_requests (request_id, model, user_id, status, accepted_at, finished_at, worker_id,
-                           finish_reason, error_code, error_message, ttft_ms, duration_ms)
-VALUES (%(request_id)s, %(model)s, %(user_id)s, %(status)s, %(accepted_at)s, %(finished_at)s,
+INSERT INTO requests (request_id, model, client_user, status, created_at, finished_at, worker_id,
+                      finish_reason, error_code, error_message, ttft_ms, duration_ms, user_id,
+                      key_id, conversation_id, priority, purpose, prompt_tokens, completion_tokens)
+VALUES (%(request_id)s, %(model)s, %(client_user)s, %(status)s, %(created_at)s, %(finished_at)s,
         %(worker_id)s, %(finish_reason)s, %(error_code)s, %(error_message)s, %(ttft_ms)s,
-        %(duration_ms)s)
+        %(duration_ms)s,
+        (SELECT id FROM users WHERE id = %(user_id)s::bigint),
+        (SELECT id FROM api_keys WHERE id = %(key_id)s::bigint),
+        (SELECT id FROM conversations WHERE id = %(conversation_id)s::uuid),
+        %(priority)s, %(purpose)s, %(prompt_tokens)s, %(completion_tokens)s)
 ON CONFLICT (request_id) DO UPDATE SET
-    user_id       = COALESCE(chat_requests.user_id, EXCLUDED.user_id),
-    accepted_at   = COALESCE(chat_requests.accepted_at, EXCLUDED.accepted_at),
-    status        = CASE WHEN EXCLUDED.status = 'accepted' THEN chat_requests.status
-                         ELSE EXCLUDED.status END,
-    finished_at   = COALESCE(EXCLUDED.finished_at, chat_requests.finished_at),
-    worker_id     = COALESCE(EXCLUDED.worker_id, chat_requests.worker_id),
-    finish_reason = COALESCE(EXCLUDED.finish_reason, chat_requests.finish_reason),
-    error_code    = COALESCE(EXCLUDED.error_code, chat_requests.error_code),
-    error_message = COALESCE(EXCLUDED.error_message, chat_requests.error_message),
-    ttft_ms       = COALESCE(EXCLUDED.ttft_ms, chat_requests.ttft_ms),
-    duration_ms   = COALESCE(EXCLUDED.duration_ms, chat_requests.duration_ms)
+    client_user       = COALESCE(requests.client_user, EXCLUDED.client_user),
+    created_at        = COALESCE(requests.created_at, EXCLUDED.created_at),
+    status            = CASE WHEN EXCLUDED.status = 'accepted' THEN requests.status
+                             ELSE EXCLUDED.status END,
+    finished_at       = COALESCE(EXCLUDED.finished_at, requests.finished_at),
+    worker_id         = COALESCE(EXCLUDED.worker_id, requests.worker_id),
+    finish_reason     = COALESCE(EXCLUDED.finish_reason, requests.finish_reason),
+    error_code        = COALESCE(EXCLUDED.error_code, requests.error_code),
+    error_message     = COALESCE(EXCLUDED.error_message, requests.error_message),
+    ttft_ms           = COALESCE(EXCLUDED.ttft_ms, requests.ttft_ms),
+    duration_ms       = COALESCE(EXCLUDED.duration_ms, requests.duration_ms),
+    user_id           = COALESCE(requests.user_id, EXCLUDED.user_id),
+    key_id            = COALESCE(requests.key_id, EXCLUDED.key_id),
+    conversation_id   = COALESCE(requests.conversation_id, EXCLUDED.conversation_id),
+    priority          = COALESCE(requests.priority, EXCLUDED.priority),
+    purpose           = EXCLUDED.purpose,
+    prompt_tokens     = COALESCE(EXCLUDED.prompt_tokens, requests.prompt_tokens),
+    completion_tokens = COALESCE(EXCLUDED.completion_tokens, requests.completion_tokens)
 """
 _MESSAGE = """
-INSERT INTO chat_messages (request_id, position, role, content) VALUES (%s, %s, %s, %s)
+INSERT INTO messages (request_id, position, role, content, conversation_id, token_in, token_out,
+                      created_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (request_id, position) DO NOTHING
 """
-_USAGE = """
-INSERT INTO usage (request_id, model, user_id, prompt_tokens, completion_tokens, recorded_at)
-VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (request_id) DO NOTHING
+# Whether the conversation is still there (a deleted one took its messages with it).
+_CONVERSATION = "SELECT 1 FROM conversations WHERE id = %s::uuid"
+# The event's own time, not now(): the same event applied twice leaves the same value.
+_TOUCH = "UPDATE conversations SET updated_at = GREATEST(updated_at, %s) WHERE id = %s::uuid"
+_SET_TITLE = "UPDATE conversations SET title = %s WHERE id = %s::uuid AND title IS NULL"
+# A conversation due a title: none yet, not deleted, no title job recorded yet (a title
+# job's own events write its `requests` row), its first question stored and its first
+# answer stored and completed (the Accepted and Completed events may come in either order;
+# a cancelled answer is no basis for a title).
+_TITLE_DUE = """
+SELECT (SELECT content FROM messages
+         WHERE conversation_id = c.id AND role = 'user' ORDER BY position LIMIT 1),
+       (SELECT content FROM messages
+         WHERE request_id = %(request_id)s AND position = %(answer_position)s)
+  FROM conversations c
+ WHERE c.id = %(conversation_id)s::uuid AND c.title IS NULL AND c.deleted_at IS NULL
+   AND EXISTS (SELECT 1 FROM requests WHERE request_id = %(request_id)s AND status = 'completed')
+   AND NOT EXISTS (SELECT 1 FROM requests WHERE request_id = %(title_request_id)s)
 """
-# The answer goes after the prompt; positions past it are free for later turns.
-ANSWER_POSITION = 1_000_000
+# The answer_position of a conversation's first answer (its first question is at 0).
+FIRST_ANSWER_POSITION = 1
 
 
 def _text(value: str | None) -> str | None:
@@ -85,11 +94,12 @@ def _ts(seconds: float) -> dt.datetime:
 
 
 def _row(event: schemas.Event) -> dict[str, object]:
+    meta = event.meta
     row: dict[str, object] = {
         "request_id": event.request_id,
         "model": event.model,
-        "user_id": _text(event.user),
-        "accepted_at": None,
+        "client_user": _text(event.user),
+        "created_at": None,
         "finished_at": None,
         "worker_id": None,
         "finish_reason": None,
@@ -97,10 +107,17 @@ def _row(event: schemas.Event) -> dict[str, object]:
         "error_message": None,
         "ttft_ms": None,
         "duration_ms": None,
+        "user_id": meta.user_id,
+        "key_id": meta.key_id,
+        "conversation_id": meta.conversation_id,
+        "priority": meta.priority,
+        "purpose": meta.purpose,
+        "prompt_tokens": None,
+        "completion_tokens": None,
     }
     match event:
         case schemas.Accepted():
-            row.update(status="accepted", accepted_at=_ts(event.time))
+            row.update(status="accepted", created_at=_ts(event.time))
         case schemas.Completed():
             row.update(
                 status="completed",
@@ -109,22 +126,27 @@ def _row(event: schemas.Event) -> dict[str, object]:
                 finish_reason=event.finish_reason,
                 ttft_ms=None if event.ttft_s is None else event.ttft_s * 1000,
                 duration_ms=event.duration_s * 1000,
+                prompt_tokens=event.usage.prompt_tokens,
+                completion_tokens=event.usage.completion_tokens,
             )
         case schemas.Cancelled():
+            # Partial output of a cancelled stream is billed too.
             row.update(
                 status="cancelled",
                 finished_at=_ts(event.time),
                 worker_id=event.worker_id,
                 finish_reason="cancelled",
-                error_message=event.reason,
+                error_message=_text(event.reason),
+                prompt_tokens=event.usage.prompt_tokens,
+                completion_tokens=event.usage.completion_tokens,
             )
         case schemas.Failed():
             row.update(
                 status="failed",
                 finished_at=_ts(event.time),
                 worker_id=event.worker_id,
-                error_code=event.code,
-                error_message=event.message,
+                error_code=_text(event.code),
+                error_message=_text(event.message),
             )
     return row
 
@@ -192,47 +214,133 @@ class Store:
             f"statement timeout {self._statement_timeout_ms} ms)"
         )
 
-    async def migrate(self) -> None:
-        conn = await self._connection()
-        async with conn.transaction():
-            await conn.execute(SCHEMA)
+    async def migrate(self) -> list[str]:
+        """Bring the schema up to date (chatq.db.migrate); returns the migrations applied.
 
-    async def apply(self, event: schemas.Event) -> None:
-        """Write an event; applying the same event twice changes nothing."""
+        On a connection of its own, without the statement timeout: a migration may
+        rewrite a large table, or wait for another process that is migrating.
+        """
+        async with await psycopg.AsyncConnection.connect(
+            self._dsn, connect_timeout=self._connect_timeout_s
+        ) as conn:
+            return await chatq.db.migrate(conn)
+
+    async def apply(self, event: schemas.Event, *, titles: bool = False) -> TitleSource | None:
+        """Write an event; applying the same event twice changes nothing.
+
+        With `titles`, returns the conversation this event made due a title job (its
+        first question and answer are now both stored, it has no title and no title job
+        yet), or None.
+        """
         async with self._lock:
-            await self._apply(event)
+            return await self._apply(event, titles)
 
-    async def _apply(self, event: schemas.Event) -> None:
+    async def _apply(self, event: schemas.Event, titles: bool) -> TitleSource | None:
         conn = await self._connection()
         try:
             async with conn.transaction():
                 await conn.execute(_UPSERT, _row(event))
-                if isinstance(event, schemas.Accepted):
-                    for position, message in enumerate(event.messages):
-                        await conn.execute(
-                            _MESSAGE, (event.request_id, position, message.role, _text(message.content))
-                        )
-                elif isinstance(event, schemas.Completed | schemas.Cancelled):
-                    if event.text:
-                        await conn.execute(
-                            _MESSAGE, (event.request_id, ANSWER_POSITION, "assistant", _text(event.text))
-                        )
-                    # Partial output of a cancelled stream is billed too.
-                    await conn.execute(
-                        _USAGE,
-                        (
-                            event.request_id,
-                            event.model,
-                            _text(event.user),
-                            event.usage.prompt_tokens,
-                            event.usage.completion_tokens,
-                            _ts(event.time),
-                        ),
-                    )
+                if event.meta.purpose == "title":
+                    await self._title(conn, event)
+                    return None
+                if not await self._messages(conn, event):
+                    return None
+                if titles:
+                    return await self._title_due(conn, event)
+                return None
         except psycopg.OperationalError:
             # The server went away: drop the connection so the next try reconnects.
             await self.close()
             raise
+
+    @staticmethod
+    async def _title(conn: psycopg.AsyncConnection[object], event: schemas.Event) -> None:
+        """A title job's event: its answer, cleaned, becomes the title if none is set."""
+        conversation = event.meta.conversation_id
+        if not isinstance(event, schemas.Completed) or conversation is None:
+            return
+        title = clean_title(_text(event.text) or "")
+        if title is not None:
+            await conn.execute(_SET_TITLE, (title, conversation))
+
+    @staticmethod
+    async def _messages(conn: psycopg.AsyncConnection[object], event: schemas.Event) -> bool:
+        """Store the event's messages; False when its conversation no longer exists."""
+        meta = event.meta
+        conversation = meta.conversation_id
+        if conversation is not None:
+            cur = await conn.execute(_CONVERSATION, (conversation,))
+            if await cur.fetchone() is None:
+                return False
+            await conn.execute(_TOUCH, (_ts(event.time), conversation))
+        if isinstance(event, schemas.Accepted):
+            # A conversation turn's new message(s) from meta.position on; else the whole prompt.
+            first = meta.position if conversation is not None else 0
+            for offset, message in enumerate(event.messages):
+                await conn.execute(
+                    _MESSAGE,
+                    (
+                        event.request_id,
+                        first + offset,
+                        message.role,
+                        _text(message.content),
+                        conversation,
+                        None,
+                        None,
+                        _ts(event.time),
+                    ),
+                )
+        elif isinstance(event, schemas.Completed | schemas.Cancelled) and event.text:
+            await conn.execute(
+                _MESSAGE,
+                (
+                    event.request_id,
+                    meta.answer_position if conversation is not None else ANSWER_POSITION,
+                    "assistant",
+                    _text(event.text),
+                    conversation,
+                    event.usage.prompt_tokens,
+                    event.usage.completion_tokens,
+                    _ts(event.time),
+                ),
+            )
+        return True
+
+    @staticmethod
+    async def _title_due(conn: psycopg.AsyncConnection[object], event: schemas.Event) -> TitleSource | None:
+        meta = event.meta
+        conversation = meta.conversation_id
+        if (
+            conversation is None
+            or meta.answer_position != FIRST_ANSWER_POSITION
+            or not isinstance(event, schemas.Accepted | schemas.Completed)
+        ):
+            return None
+        cur = await conn.execute(
+            _TITLE_DUE,
+            {
+                "request_id": event.request_id,
+                "answer_position": meta.answer_position,
+                "conversation_id": conversation,
+                "title_request_id": title_request_id(conversation),
+            },
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        question, answer = cast("tuple[object, object]", row)
+        if not isinstance(question, str) or not isinstance(answer, str):
+            return None  # the other event of the turn is not stored yet
+        if not question.strip() or not answer.strip():
+            return None
+        return TitleSource(
+            conversation_id=conversation,
+            model=event.model,
+            user_id=meta.user_id,
+            key_id=meta.key_id,
+            question=question,
+            answer=answer,
+        )
 
     async def close(self) -> None:
         if self._conn is not None:
