@@ -11,8 +11,9 @@ Scenario = Literal["steps", "rate", "overload", "streams"]
 Arrival = Literal["poisson", "uniform"]
 
 SCENARIOS: tuple[Scenario, ...] = ("steps", "rate", "overload", "streams")
-# synthetic-accounts: the synthetic target with accounts on (PostgreSQL, Redis), called with a
-# user's API key under non-zero rate limits, so auth and the limit checks run on every request.
+# chatq and synthetic-accounts run with accounts on (PostgreSQL, Redis) and are called with a
+# user's API key under non-zero rate limits, so auth and the limit checks run on every
+# request; synthetic is the pipeline alone (a service key, no limits).
 TARGET_KINDS = ("chatq", "vllm-server", "synthetic", "synthetic-accounts")
 MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY = "loadtest-key-0123456789abcdef"

@@ -405,7 +405,8 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
     return ChatqTarget(
         name=kind,
         kind="synthetic" if kind == "synthetic-accounts" else kind,
-        accounts=kind == "synthetic-accounts",
+        # chatq as ./start runs it: accounts, a user's key, rate limits checked.
+        accounts=kind in ("chatq", "synthetic-accounts"),
         model=cfg.model_name,
         env_extra=env,
         logdir=logdir,
