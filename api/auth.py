@@ -21,7 +21,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import jwt
 import msgspec
@@ -41,6 +41,7 @@ ALGORITHM = "HS256"
 # Cached answers at most; random keys sent by a prober must not grow memory without end.
 _CACHE_MAX = 50_000
 _LAST_USED_EVERY_S = 60.0
+K = TypeVar("K", bytes, int)
 
 
 class Principal(msgspec.Struct, frozen=True):
@@ -81,6 +82,7 @@ class Principal(msgspec.Struct, frozen=True):
 class _Cached(msgspec.Struct):
     principal: Principal | None  # None: no such key, revoked, or its user disabled
     until: float
+    refreshing: bool = False
 
 
 _KEY_QUERY = """
@@ -164,22 +166,17 @@ class Authenticator:
             if hmac.compare_digest(digest, service):
                 return Principal(None, "service", "admin", via="service")
         now = time.monotonic()
-        cached = self._keys.get(digest)
-        if cached is None or cached.until < now:
-            cached = _Cached(await self._lookup_key(digest), now + self.settings.api_key_cache_s)
-            if len(self._keys) >= _CACHE_MAX:
-                self._keys.clear()
-            self._keys[digest] = cached
-        if cached.principal is None:
+        principal = await self._remember(self._keys, digest, lambda: self._lookup_key(digest))
+        if principal is None:
             raise Unauthorized("invalid API key")
-        key_id = cached.principal.key_id
+        key_id = principal.key_id
         if (
             key_id is not None
             and now - self._last_used.get(key_id, -_LAST_USED_EVERY_S) >= _LAST_USED_EVERY_S
         ):
             self._last_used[key_id] = now
             self._spawn(self._touch(key_id))
-        return cached.principal
+        return principal
 
     async def _lookup_key(self, digest: bytes) -> Principal | None:
         row = await self._fetch(_KEY_QUERY, (digest,))
@@ -191,18 +188,43 @@ class Authenticator:
         return Principal(user_id, username, role, key_id=key_id, via="key")
 
     async def _user(self, user_id: int) -> Principal | None:
+        return await self._remember(self._users, user_id, lambda: self._lookup_user(user_id))
+
+    async def _lookup_user(self, user_id: int) -> Principal | None:
+        row = await self._fetch(_USER_QUERY, (user_id,))
+        if row is None or row[2]:
+            return None
+        return Principal(user_id, row[0], row[1], via="jwt")
+
+    async def _remember(
+        self, cache: dict[K, _Cached], key: K, load: Callable[[], Awaitable[Principal | None]]
+    ) -> Principal | None:
+        """A cached answer, never older than API_KEY_CACHE_S (so a revocation or a disabled
+        user takes effect within it); past half its life it is reloaded in the background,
+        so a busy key or user never waits for the database."""
+        ttl = self.settings.api_key_cache_s
         now = time.monotonic()
-        cached = self._users.get(user_id)
-        if cached is None or cached.until < now:
-            row = await self._fetch(_USER_QUERY, (user_id,))
-            principal = None
-            if row is not None and not row[2]:
-                principal = Principal(user_id, row[0], row[1], via="jwt")
-            cached = _Cached(principal, now + self.settings.api_key_cache_s)
-            if len(self._users) >= _CACHE_MAX:
-                self._users.clear()
-            self._users[user_id] = cached
+        cached = cache.get(key)
+        if cached is None or cached.until <= now:
+            cached = _Cached(await load(), now + ttl)
+            if len(cache) >= _CACHE_MAX:
+                cache.clear()
+            cache[key] = cached
+        elif cached.until - now < ttl / 2 and not cached.refreshing:
+            cached.refreshing = True
+            self._spawn(self._reload(cache, key, load, cached))
         return cached.principal
+
+    async def _reload(
+        self, cache: dict[K, _Cached], key: K, load: Callable[[], Awaitable[Principal | None]], old: _Cached
+    ) -> None:
+        started = time.monotonic()
+        try:
+            principal = await load()
+        except UpstreamUnavailable:
+            old.refreshing = False  # the database is down: the entry still expires on time
+            return
+        cache[key] = _Cached(principal, started + self.settings.api_key_cache_s)
 
     async def _development_admin(self) -> Principal:
         if self._development is None:
