@@ -29,7 +29,7 @@ from api import conversations, metrics
 from api.accounts import UserSettings, load_settings
 from api.auth import Principal, principal_of
 from api.openai_types import ChatRequestHead, CompletionRequestHead, InMessage, SimpleChatRequest
-from api.ratelimit import Ticket, estimate_prompt_tokens
+from api.ratelimit import RateLimited, Ticket, estimate_prompt_tokens
 from api.relay import Relay
 from api.services import Services
 from chatq.errors import (
@@ -204,13 +204,17 @@ class ChatCall:
         services = self.services
         await services.monitor.admit(job.model, job.priority)
         settings = services.settings
-        self._ticket = await services.limiter.acquire(
-            self.principal.scopes(),
-            settings.rate_limits[self.principal.role],
-            prompt_tokens=estimate_prompt_tokens(job.body),
-            request_id=job.request_id,
-            hold_s=settings.request_timeout_s + settings.watchdog_s,
-        )
+        try:
+            self._ticket = await services.limiter.acquire(
+                self.principal.scopes(),
+                settings.rate_limits[self.principal.role],
+                prompt_tokens=estimate_prompt_tokens(job.body),
+                request_id=job.request_id,
+                hold_s=settings.request_timeout_s + settings.watchdog_s,
+            )
+        except RateLimited as exc:
+            metrics.REJECTED.labels(model=job.model, reason=exc.code).inc()
+            raise
         relay = Relay(
             services.bus,
             job,
@@ -477,6 +481,8 @@ async def _chat_turn(
     max_tokens = body.max_tokens or params.max_tokens
     top_p = body.top_p if body.top_p is not None else params.top_p
     messages, meta = new, None
+    if user_id is None and body.system_prompt:
+        messages = [schemas.ChatMessage(role="system", content=body.system_prompt), *new]
     previous: str | None = None
     conversation_id: str | None = None
     if user_id is not None:
@@ -530,21 +536,25 @@ async def _chat_turn(
     for name, value in (("temperature", temperature), ("max_tokens", max_tokens), ("top_p", top_p)):
         if value is not None:
             openai_body[name] = value
-    job = call.job(
-        model=model,
-        endpoint="chat",
-        body=_json.encode(openai_body),
-        stream=True,
-        messages=messages,
-        max_tokens=max_tokens,
-        user=None,
-        priority=body.priority or "interactive",
-        meta=meta,
-    )
     try:
+        job = call.job(
+            model=model,
+            endpoint="chat",
+            body=_json.encode(openai_body),
+            stream=True,
+            messages=messages,
+            max_tokens=max_tokens,
+            user=None,
+            priority=body.priority or "interactive",
+            meta=meta,
+        )
         return await _answer(request, call, job)
     except BaseException:
-        if conversation_id is not None and not call.queued:
+        # Refused before it started (rate limit, full queue, the engine's 4xx): a continued
+        # conversation is free again; a new one is removed (its id never reached the client).
+        if conversation_id is not None and (conversation is None or not call.queued):
             with contextlib.suppress(ApiError):
-                await conversations.unclaim(services, conversation_id, previous, call.request_id)
+                await conversations.unclaim(
+                    services, conversation_id, previous, call.request_id, created=conversation is None
+                )
         raise

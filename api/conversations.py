@@ -186,9 +186,18 @@ async def claim(
             )
 
 
-async def unclaim(services: Services, conversation_id: str, previous: str | None, request_id: str) -> None:
-    """Give the conversation back after a turn that was never queued (refused, rate limited)."""
+async def unclaim(
+    services: Services, conversation_id: str, previous: str | None, request_id: str, *, created: bool
+) -> None:
+    """Undo a turn that did not start: give the conversation back, or, when the turn was
+    to start it, remove the conversation (the client never learnt its id)."""
     async with services.db() as conn:
+        if created:
+            await conn.execute(
+                "DELETE FROM conversations WHERE id = %s AND last_request_id = %s",
+                (conversation_id, request_id),
+            )
+            return
         await conn.execute(
             "UPDATE conversations SET last_request_id = %s WHERE id = %s AND last_request_id = %s",
             (previous, conversation_id, request_id),
@@ -286,7 +295,9 @@ async def list_conversations(
         )
         rows = [msgspec.convert(row, Conversation) for row in await cur.fetchall()]
     page, more = rows[:limit], len(rows) > limit
-    following = f"{page[-1].updated_at.isoformat()}_{page[-1].id}" if more else None
+    # UTC with a Z: nothing in it needs escaping in a query string.
+    stamp = page[-1].updated_at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if more else ""
+    following = f"{stamp}_{page[-1].id}" if more else None
     return json_response({"conversations": page, "next": following})
 
 

@@ -135,6 +135,7 @@ def ensure_jwt_secret(s: Settings) -> bool:
         return False
     path = s.home / "jwt_secret"
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # an empty file left by an interrupted start
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(48) + "\n")

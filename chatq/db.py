@@ -2,10 +2,10 @@
 
 Why numbered SQL files and not a migration tool: the schema is small, psycopg is already
 here, and plain SQL is what an operator reads and reviews; a migration tool (Alembic,
-yoyo) would bring an ORM or a second way to connect for no gain. Each file runs in one
-transaction together with its row in `schema_migrations`, under an advisory lock, so two
-processes migrating at once apply each file exactly once, and a failed file leaves the
-database as it was.
+yoyo) would bring an ORM or a second way to connect for no gain. All pending files run in
+one transaction, each with its row in `schema_migrations`, under an advisory lock: two
+processes migrating at once apply each file exactly once, and a failure leaves the
+database as it was before any of them.
 """
 
 from __future__ import annotations

@@ -76,6 +76,7 @@ def base_env(nats_url: str, home: Path, **extra: str) -> dict[str, str]:
         "CHATQ_API_KEYS": API_KEY,
         "JWT_SECRET": JWT_SECRET,
         "CHATQ_DEV": "0",
+        "DEVELOPMENT_MODE": "0",
         "LOG_LEVEL": "INFO",
     }
     env.update(extra)
@@ -248,7 +249,6 @@ def synthetic_stack(root: Path, model: str, **env: str) -> Iterator[Stack]:
         for proc in reversed(procs):
             proc.stop()
         nats.stop()
-
 
 
 @dataclass

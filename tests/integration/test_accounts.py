@@ -4,6 +4,7 @@ other users' things (404), conversations continued from the stored history, titl
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -16,7 +17,7 @@ import jwt
 import openai
 import pytest
 
-from tests.helpers import JWT_SECRET, AccountsStack, accounts_stack, auth, login, sse_events
+from tests.helpers import JWT_SECRET, AccountsStack, accounts_stack, auth, find_event, login, sse_events
 
 MODEL = "acct-model"
 CACHE_S = 1.0
@@ -370,25 +371,37 @@ def test_usage_rows_equal_what_the_engine_reported_cancelled_included(stack: Acc
         headers=erin.headers,
         timeout=60,
     ) as response:
-        for n, _ in enumerate(response.iter_lines()):
+        events = sse_events(response.iter_lines())
+        dropped = next(events).json()["request_id"]
+        for n, _ in enumerate(events):
             if n > 40:
                 break
+    cancelled_event = asyncio.run(find_event(stack.nats_url, dropped, "cancelled", timeout=20))
+    assert 0 < cancelled_event.usage.completion_tokens < 4000
     deadline = time.monotonic() + 20
     rows: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         rows = httpx.get(stack.url + "/api/usage", headers=erin.headers).json()["rows"]
-        if len(rows) >= 2 and all(
-            r["status"] in ("completed", "cancelled") for r in rows if r["purpose"] == "chat"
-        ):
+        statuses = {r["request_id"]: r["status"] for r in rows}
+        if statuses.get(done.request_id) == "completed" and statuses.get(dropped) == "cancelled":
             break
         time.sleep(0.3)
-    chats = {r["status"]: r for r in rows if r["purpose"] == "chat"}
-    assert chats["completed"]["completion_tokens"] == 7
-    assert chats["completed"]["prompt_tokens"] == done.usage["prompt_tokens"]
-    cancelled = chats["cancelled"]
-    assert 0 < cancelled["completion_tokens"] < 4000
+    by_id = {r["request_id"]: r for r in rows}
+    assert by_id[done.request_id]["completion_tokens"] == done.usage["completion_tokens"] == 7
+    assert by_id[done.request_id]["prompt_tokens"] == done.usage["prompt_tokens"]
+    assert by_id[dropped]["status"] == "cancelled"
+    assert by_id[dropped]["completion_tokens"] == cancelled_event.usage.completion_tokens
+    assert by_id[dropped]["prompt_tokens"] == cancelled_event.usage.prompt_tokens
     totals = httpx.get(stack.url + "/api/usage", headers=erin.headers).json()["totals"]
     assert totals["completion_tokens"] == sum(r["completion_tokens"] or 0 for r in rows)
+
+
+def test_a_first_turn_refused_before_it_started_leaves_no_conversation(stack: AccountsStack) -> None:
+    frank = _user(stack, "frank")
+    too_many = {"message": "hi", "max_tokens": 100_000}
+    r = httpx.post(stack.url + "/api/chat", json=too_many, headers=frank.headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert httpx.get(stack.url + "/api/conversations", headers=frank.headers).json()["conversations"] == []
 
 
 def test_service_keys_have_no_conversations(stack: AccountsStack) -> None:

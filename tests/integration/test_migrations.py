@@ -16,6 +16,8 @@ from psycopg.conninfo import make_conninfo
 from chatq import db
 from tests.integration.test_persistence import private_postgres
 
+ALL = [m.name for m in db.migrations()]
+
 T0 = dt.datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
 
 
@@ -166,13 +168,10 @@ async def test_migrating_an_old_database_keeps_every_row_and_figure(
     await old_database(dsn, tmp_path, legacy=legacy)
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         applied = await db.migrate(conn)
-    assert applied == (["0001_initial", "0002_accounts"] if legacy else ["0002_accounts"])
+    assert applied == (ALL if legacy else ALL[1:])
     assert [
         row[:2] for row in await fetch(dsn, "SELECT version, name FROM schema_migrations ORDER BY 1")
-    ] == [
-        (1, "0001_initial"),
-        (2, "0002_accounts"),
-    ]
+    ] == [(m.version, m.name) for m in db.migrations()]
 
     # Each request keeps its figures; usage is folded in; the orphan usage row becomes a request.
     found = await fetch(
@@ -247,14 +246,11 @@ async def test_two_concurrent_migrations_apply_each_file_once(dsn: str, tmp_path
             await asyncio.sleep(0.05)
         await holder.execute("SELECT pg_advisory_unlock(%s)", (db._LOCK_ID,))
         results = await asyncio.gather(*runs)
-    # One of them applied 0002, the other found nothing left to do.
-    assert sorted(results) == [[], ["0002_accounts"]]
+    # One of them applied the rest, the other found nothing left to do.
+    assert sorted(results) == [[], ALL[1:]]
     assert [
         row[:2] for row in await fetch(dsn, "SELECT version, name FROM schema_migrations ORDER BY 1")
-    ] == [
-        (1, "0001_initial"),
-        (2, "0002_accounts"),
-    ]
+    ] == [(m.version, m.name) for m in db.migrations()]
     assert await fetch(dsn, "SELECT count(*), sum(completion_tokens) FROM requests") == [(5, 45)]
     assert await fetch(dsn, "SELECT count(*) FROM messages") == [(len(OLD_MESSAGES),)]
 
@@ -266,5 +262,7 @@ async def test_two_concurrent_migrations_of_an_empty_database(dsn: str) -> None:
         await psycopg.AsyncConnection.connect(dsn) as second,
     ):
         results = await asyncio.gather(db.migrate(first), db.migrate(second))
-    assert sorted(results) == [[], ["0001_initial", "0002_accounts"]]
-    assert await fetch(dsn, "SELECT version FROM schema_migrations ORDER BY 1") == [(1,), (2,)]
+    assert sorted(results) == [[], ALL]
+    assert await fetch(dsn, "SELECT version FROM schema_migrations ORDER BY 1") == [
+        (m.version,) for m in db.migrations()
+    ]

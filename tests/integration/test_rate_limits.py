@@ -73,6 +73,8 @@ def test_requests_per_minute_across_two_api_processes(stack: AccountsStack) -> N
         assert error["code"] == "rate_limit_rpm" and error["type"] == "rate_limit_error"
         assert f"{RPM} requests per minute" in error["message"]
         assert 1 <= int(r.headers["Retry-After"]) <= 60 // RPM
+    refusals = sum(_metric(url, "chatq_rejected_total", reason="rate_limit_rpm") for url in stack.urls)
+    assert refusals == 16 - RPM
     # Another user has buckets of their own.
     assert ask(stack.urls[1], user(stack, "rpm-other", role="admin")).status_code == 200
 

@@ -67,7 +67,7 @@ _CONVERSATION = "SELECT 1 FROM conversations WHERE id = %s::uuid"
 _TOUCH = "UPDATE conversations SET updated_at = GREATEST(updated_at, %s) WHERE id = %s::uuid"
 _SET_TITLE = "UPDATE conversations SET title = %s WHERE id = %s::uuid AND title IS NULL"
 # A conversation due a title: none yet, not deleted, no title job recorded yet (a title
-# job's own events write its `requests` row), its first question stored and its first
+# job's own events write its `requests` row), its first question stored and this turn's
 # answer stored and completed (the Accepted and Completed events may come in either order;
 # a cancelled answer is no basis for a title).
 _TITLE_DUE = """
@@ -80,8 +80,6 @@ SELECT (SELECT content FROM messages
    AND EXISTS (SELECT 1 FROM requests WHERE request_id = %(request_id)s AND status = 'completed')
    AND NOT EXISTS (SELECT 1 FROM requests WHERE request_id = %(title_request_id)s)
 """
-# The answer_position of a conversation's first answer (its first question is at 0).
-FIRST_ANSWER_POSITION = 1
 
 
 def _text(value: str | None) -> str | None:
@@ -310,11 +308,9 @@ class Store:
     async def _title_due(conn: psycopg.AsyncConnection[object], event: schemas.Event) -> TitleSource | None:
         meta = event.meta
         conversation = meta.conversation_id
-        if (
-            conversation is None
-            or meta.answer_position != FIRST_ANSWER_POSITION
-            or not isinstance(event, schemas.Accepted | schemas.Completed)
-        ):
+        # Any completed answer of a conversation still without a title (and no title job
+        # yet): usually the first, or the next one when the first failed or was cancelled.
+        if conversation is None or not isinstance(event, schemas.Accepted | schemas.Completed):
             return None
         cur = await conn.execute(
             _TITLE_DUE,
