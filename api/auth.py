@@ -206,7 +206,16 @@ class Authenticator:
         now = time.monotonic()
         cached = cache.get(key)
         if cached is None or cached.until <= now:
-            cached = _Cached(await load(), now + ttl)
+            try:
+                principal = await load()
+            except UpstreamUnavailable:
+                if cached is None:
+                    raise
+                # PostgreSQL is down: nobody can revoke a key or disable a user meanwhile,
+                # so the last answer stands until it is back (callers keep working).
+                cached.until = now + min(ttl, 1.0)
+                return cached.principal
+            cached = _Cached(principal, now + ttl)
             if len(cache) >= _CACHE_MAX:
                 cache.clear()
             cache[key] = cached
@@ -250,7 +259,7 @@ class Authenticator:
         if self.pool is None:
             return None
         try:
-            async with self.pool.connection(timeout=5.0) as conn:
+            async with self.pool.connection(timeout=1.0) as conn:
                 cur = await conn.execute(query, params)
                 row: tuple[Any, ...] | None = await cur.fetchone()
                 return row

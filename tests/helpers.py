@@ -260,6 +260,7 @@ class AccountsStack:
     dsn: str
     nats_url: str
     redis: Any  # chatq.servers.RedisServer
+    pg: Any  # chatq.servers.EmbeddedPostgres
     env: dict[str, str]
     logdir: Path
     procs: list[Proc]
@@ -300,7 +301,7 @@ def accounts_stack(root: Path, model: str, *, apis: int = 1, **env: str) -> Iter
         procs.append(spawn("persistence", "workers.persistence", full, logdir))
         for url in urls:
             wait_for_workers(url, 1, 60, procs)
-        yield AccountsStack(urls, dsn, nats.url, redis, full, logdir, procs)
+        yield AccountsStack(urls, dsn, nats.url, redis, pg, full, logdir, procs)
     finally:
         for proc in reversed(procs):
             proc.stop()
