@@ -11,10 +11,11 @@ from litestar import Request, Response, delete, get, patch, post, put
 from litestar.di import NamedDependency
 
 from api.auth import principal_of
+from api.body import decode_body
 from api.services import Services
 from chatq import accounts
 from chatq.accounts import AccountError
-from chatq.errors import Conflict, InvalidRequest, NotFound, Unauthorized, invalid_field
+from chatq.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 
 _json = msgspec.json.Encoder()
 AnyRequest = Request[Any, Any, Any]
@@ -22,18 +23,6 @@ AnyRequest = Request[Any, Any, Any]
 
 def json_response(body: object, status: int = 200) -> Response[bytes]:
     return Response(_json.encode(body), status_code=status, media_type="application/json")
-
-
-def read_body(raw: bytes, kind: type[Any]) -> Any:
-    """A JSON body as `kind`; a 400 names the offending field."""
-    if not raw:
-        raise InvalidRequest("the request body is empty; send a JSON object")
-    try:
-        return msgspec.json.decode(raw, type=kind)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"invalid request: {exc}", param=invalid_field(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
 
 def account_error(exc: AccountError) -> InvalidRequest | Conflict:
@@ -59,7 +48,7 @@ class Token(msgspec.Struct):
 @post("/api/auth/login", status_code=200)
 async def login(request: AnyRequest, services: NamedDependency[Services]) -> Response[bytes]:
     """Username and password → a bearer token. Wrong password and unknown user: the same 401."""
-    body: Login = read_body(await request.body(), Login)
+    body: Login = decode_body(await request.body(), Login)
     async with services.db() as conn:
         found = await accounts.find_user(conn, body.username)
         user, password_hash = found if found is not None else (None, None)
@@ -117,7 +106,7 @@ async def create_key(request: AnyRequest, services: NamedDependency[Services]) -
     """A new key for the caller; the answer is the only time the key is shown."""
     user_id = principal_of(request).require_account()
     raw = await request.body()
-    body: NewKey = read_body(raw, NewKey) if raw.strip() else NewKey()
+    body: NewKey = decode_body(raw, NewKey) if raw.strip() else NewKey()
     async with services.db() as conn:
         try:
             record, key = await accounts.create_key(conn, user_id, body.name)
@@ -168,7 +157,7 @@ async def list_users(request: AnyRequest, services: NamedDependency[Services]) -
 @post("/api/users", status_code=201)
 async def create_user(request: AnyRequest, services: NamedDependency[Services]) -> Response[bytes]:
     principal_of(request).require_admin()
-    body: NewUser = read_body(await request.body(), NewUser)
+    body: NewUser = decode_body(await request.body(), NewUser)
     async with services.db() as conn:
         try:
             user = await accounts.create_user(
@@ -185,7 +174,7 @@ async def change_user(
 ) -> Response[bytes]:
     """Disable or enable a user, change their role, password or e-mail."""
     principal_of(request).require_admin()
-    body: UserChange = read_body(await request.body(), UserChange)
+    body: UserChange = decode_body(await request.body(), UserChange)
     async with services.db() as conn:
         user = await accounts.get_user(conn, user_id)
         if user is None:
@@ -258,7 +247,7 @@ async def get_settings(request: AnyRequest, services: NamedDependency[Services])
 @put("/api/me/settings")
 async def put_settings(request: AnyRequest, services: NamedDependency[Services]) -> Response[bytes]:
     user_id = principal_of(request).require_account()
-    body: UserSettings = read_body(await request.body(), UserSettings)
+    body: UserSettings = decode_body(await request.body(), UserSettings)
     if body.model is not None and body.model not in services.known_models():
         raise InvalidRequest(f"the model {body.model!r} is not served here", param="model")
     async with services.db() as conn:

@@ -28,6 +28,8 @@ import schemas
 from api import conversations, metrics
 from api.accounts import UserSettings, load_settings
 from api.auth import Principal, principal_of
+from api.body import decode_body
+from api.models import resolve_model
 from api.openai_types import ChatRequestHead, CompletionRequestHead, InMessage, SimpleChatRequest
 from api.ratelimit import RateLimited, Ticket, estimate_prompt_tokens
 from api.relay import Relay
@@ -37,10 +39,8 @@ from chatq.errors import (
     DeadlineExceeded,
     Forbidden,
     InvalidRequest,
-    ModelNotFound,
     StreamFailed,
     error_body,
-    invalid_field,
 )
 from schemas.messages import Endpoint, Priority
 
@@ -102,18 +102,6 @@ def _ended_by(exc: BaseException) -> tuple[int, str]:
     return 500, "internal_error"
 
 
-def decode_body(body: bytes, kind: type[BodyT]) -> BodyT:
-    """Decode and check a JSON body; a 400 names the offending field."""
-    if not body:
-        raise InvalidRequest("the request body is empty; send a JSON object")
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"invalid request: {exc}", param=invalid_field(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
-
-
 def sse_error(exc: ApiError, request_id: str) -> bytes:
     return b"event: error\ndata: " + _json.encode(error_body(exc, request_id)) + b"\n\n"
 
@@ -155,12 +143,8 @@ class ChatCall:
         self.line.model = model
         if not model:
             raise InvalidRequest("`model` is required: name one of GET /v1/models", param="model")
-        known = self.services.known_models()
-        if model not in known:
-            raise ModelNotFound(
-                f"the model {model!r} does not exist; served models: {', '.join(known)}", param="model"
-            )
-        return model
+        # An alias becomes its profile's id here, before queueing: one queue per model.
+        return resolve_model(self.services, model)
 
     def job(
         self,

