@@ -1,4 +1,4 @@
-"""The telemetry collector against a real nats-server: queue depth and workers show up."""
+"""The telemetry collector against a real nats-server: queue depth, age and workers show up."""
 
 from __future__ import annotations
 
@@ -54,13 +54,21 @@ async def test_queue_depth_and_workers_are_exported(fresh_nats: NatsServer) -> N
         await workers.start()
         while "w1" not in workers.workers:
             await asyncio.sleep(0.05)
+        await asyncio.sleep(1.1)  # the jobs have now waited more than a second
         registry = CollectorRegistry()
-        await collect(bus.js, Gauges(registry), Nvml(), list(workers.workers.values()))
+        snapshot = await collect(bus.js, Gauges(registry), Nvml(), list(workers.workers.values()))
         text = generate_latest(registry).decode()
         await workers.stop()
     finally:
         await nc.close()
     assert metric_value(text, "chatq_queue_pending", consumer=names.jobs_consumer("m")) == 3
+    assert metric_value(text, "chatq_queue_pending", model="m", priority="background") == 0
+    assert metric_value(text, "chatq_queue_oldest_age_seconds", model="m", priority="interactive") >= 1
+    assert metric_value(text, "chatq_queue_oldest_age_seconds", model="m", priority="background") == 0
+    queues = {q.priority: q for q in snapshot.queues}
+    assert (queues["interactive"].model, queues["interactive"].depth) == ("m", 3)
+    assert queues["interactive"].oldest_age_s is not None and queues["interactive"].oldest_age_s >= 1
+    assert queues["background"].depth == 0 and queues["background"].oldest_age_s is None
     assert metric_value(text, "chatq_workers", model="m", state="ready") == 1
     assert metric_value(text, "chatq_worker_free_slots", model="m") == 3
 

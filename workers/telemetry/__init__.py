@@ -1,1 +1,1 @@
-"""GPU stats (NVML), queue depth and consumer lag, workers → Prometheus."""
+"""GPU stats (NVML), queue depth and age, consumer lag, workers → Prometheus and the status snapshot."""

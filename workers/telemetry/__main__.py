@@ -1,4 +1,4 @@
-"""python -m workers.telemetry: Prometheus exporter for queues, workers and GPUs."""
+"""python -m workers.telemetry: Prometheus exporter for queues, workers and GPUs, and the status snapshot."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import asyncio
 import logging
 import sys
 
+from nats.js.kv import KeyValue
 from prometheus_client import REGISTRY, start_http_server
 
 from broker import topology
 from broker.bus import Bus, connect
+from broker.status import SNAPSHOT_KEY, status_kv
 from broker.workers import WorkerRegistry
 from chatq.logs import setup_logging
 from chatq.settings import Settings, load
+from schemas.status import encode_snapshot
 from workers.telemetry.collector import Gauges, Nvml, collect
 
 log = logging.getLogger("chatq.telemetry")
@@ -26,11 +29,23 @@ async def run(settings: Settings) -> None:
     nvml = Nvml()
     workers = WorkerRegistry(Bus(nc))
     await workers.start()
+    kv: KeyValue | None = None
     while True:
         try:
-            await collect(js, gauges, nvml, list(workers.workers.values()))
+            snapshot = await collect(
+                js,
+                gauges,
+                nvml,
+                list(workers.workers.values()),
+                models=settings.models,
+                interval_s=settings.telemetry_interval_s,
+            )
+            if kv is None:
+                kv = await status_kv(js)
+            await kv.put(SNAPSHOT_KEY, encode_snapshot(snapshot))
         except Exception as exc:  # noqa: BLE001 - NATS restarting: try again next round
             log.warning("collect failed: %r", exc)
+            kv = None  # the bucket (memory storage) is gone after a NATS restart
         await asyncio.sleep(settings.telemetry_interval_s)
 
 

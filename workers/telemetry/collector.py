@@ -1,31 +1,42 @@
-"""Reads queue depth, consumer lag, workers and GPU stats, and sets Prometheus gauges."""
+"""Reads queue depth and age, consumer lag, workers and GPU stats: Prometheus gauges and a snapshot."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import socket
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
 from prometheus_client import CollectorRegistry, Gauge
 
 import schemas
 from broker import names
+from schemas.messages import Priority
+from schemas.status import ConsumerLag, GpuStatus, QueueStatus, Snapshot
 
 log = logging.getLogger(__name__)
+
+_QUEUE = ["consumer", "model", "priority"]
+_GPU = ["gpu", "name"]
 
 
 class Gauges:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.pending = Gauge(
-            "chatq_queue_pending", "Jobs waiting for a worker", ["consumer"], registry=registry
-        )
+        self.pending = Gauge("chatq_queue_pending", "Jobs waiting for a worker", _QUEUE, registry=registry)
         self.in_flight = Gauge(
-            "chatq_queue_in_flight", "Jobs handed out, not yet acked", ["consumer"], registry=registry
+            "chatq_queue_in_flight", "Jobs handed out, not yet acked", _QUEUE, registry=registry
         )
         self.redelivered = Gauge(
-            "chatq_queue_redelivered", "Jobs being redelivered", ["consumer"], registry=registry
+            "chatq_queue_redelivered", "Jobs being redelivered", _QUEUE, registry=registry
+        )
+        self.oldest_age = Gauge(
+            "chatq_queue_oldest_age_seconds",
+            "How long the oldest job no worker has taken yet has waited (0: none waits)",
+            ["model", "priority"],
+            registry=registry,
         )
         self.events_lag = Gauge(
             "chatq_events_lag",
@@ -39,21 +50,16 @@ class Gauges:
         self.free_slots = Gauge(
             "chatq_worker_free_slots", "Free engine slots by model", ["model"], registry=registry
         )
-        self.gpu_util = Gauge(
-            "chatq_gpu_utilization_ratio", "GPU utilization (0-1)", ["gpu", "name"], registry=registry
-        )
-        self.gpu_mem_used = Gauge(
-            "chatq_gpu_memory_used_bytes", "GPU memory used", ["gpu", "name"], registry=registry
-        )
+        self.gpu_util = Gauge("chatq_gpu_utilization_ratio", "GPU utilization (0-1)", _GPU, registry=registry)
+        self.gpu_mem_used = Gauge("chatq_gpu_memory_used_bytes", "GPU memory used", _GPU, registry=registry)
         self.gpu_mem_total = Gauge(
-            "chatq_gpu_memory_total_bytes", "GPU memory in total", ["gpu", "name"], registry=registry
+            "chatq_gpu_memory_total_bytes", "GPU memory in total", _GPU, registry=registry
         )
-        self.gpu_temp = Gauge(
-            "chatq_gpu_temperature_celsius", "GPU temperature", ["gpu", "name"], registry=registry
-        )
+        self.gpu_temp = Gauge("chatq_gpu_temperature_celsius", "GPU temperature", _GPU, registry=registry)
+        self.gpu_power = Gauge("chatq_gpu_power_watts", "GPU power draw", _GPU, registry=registry)
         self.scrape = Gauge(
-            "chatq_telemetry_last_scrape_timestamp",
-            "When the collector last succeeded",
+            "chatq_telemetry_last_scrape_timestamp_seconds",
+            "When the collector last succeeded (unix seconds)",
             registry=registry,
         )
 
@@ -63,6 +69,7 @@ class Nvml:
 
     def __init__(self) -> None:
         self.available = False
+        self.note: str | None = None
         self._nvml: Any = None
         try:
             import pynvml
@@ -71,35 +78,116 @@ class Nvml:
             self._nvml = pynvml
             self.available = True
         except Exception as exc:  # noqa: BLE001 - no driver, no library, no GPU
-            log.info("no NVIDIA GPU stats (%s)", exc)
+            self.note = f"no NVIDIA GPU stats: {exc}"
+            log.info("%s", self.note)
 
-    def read(self, gauges: Gauges) -> None:
+    def read(self) -> list[GpuStatus]:
         if not self.available:
-            return
+            return []
         nv = self._nvml
+        gpus = []
         for index in range(nv.nvmlDeviceGetCount()):
             handle = nv.nvmlDeviceGetHandleByIndex(index)
-            labels = {"gpu": str(index), "name": str(nv.nvmlDeviceGetName(handle))}
             util = nv.nvmlDeviceGetUtilizationRates(handle)
             mem = nv.nvmlDeviceGetMemoryInfo(handle)
-            gauges.gpu_util.labels(**labels).set(util.gpu / 100)
-            gauges.gpu_mem_used.labels(**labels).set(mem.used)
-            gauges.gpu_mem_total.labels(**labels).set(mem.total)
-            with contextlib.suppress(Exception):
-                gauges.gpu_temp.labels(**labels).set(nv.nvmlDeviceGetTemperature(handle, 0))
+            gpus.append(
+                GpuStatus(
+                    index=index,
+                    name=str(nv.nvmlDeviceGetName(handle)),
+                    utilization_ratio=util.gpu / 100,
+                    memory_used_bytes=int(mem.used),
+                    memory_total_bytes=int(mem.total),
+                    temperature_celsius=_optional(nv.nvmlDeviceGetTemperature, handle, 0),
+                    power_watts=_milli(_optional(nv.nvmlDeviceGetPowerUsage, handle)),
+                )
+            )
+        return gpus
 
 
-async def collect(
-    js: JetStreamContext, gauges: Gauges, nvml: Nvml, workers: list[schemas.WorkerStatus]
-) -> None:
-    """One pass over JetStream consumers, the live workers and the GPUs."""
+def _optional(read: Any, *args: Any) -> float | None:
+    """A reading some GPUs do not offer (power on consumer cards, say): None then."""
+    try:
+        return float(read(*args))
+    except Exception:  # noqa: BLE001 - NVMLError_NotSupported and its kin
+        return None
+
+
+def _milli(value: float | None) -> float | None:
+    return None if value is None else value / 1000
+
+
+def _queue_of(info: ConsumerInfo, models: dict[str, str]) -> tuple[str, Priority, str] | None:
+    """(model, priority, filter subject) of a job consumer, from its filter subject."""
+    subject = info.config.filter_subject or ""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != ["chat", "jobs"] or parts[3] not in names.PRIORITIES:
+        return None
+    priority: Priority = "background" if parts[3] == "background" else "interactive"
+    return models.get(parts[2], parts[2]), priority, subject
+
+
+async def _oldest_age(js: JetStreamContext, info: ConsumerInfo, subject: str, now: float) -> float | None:
+    """Age of the first job after the last one the consumer delivered (None: none waits)."""
+    if not info.num_pending:
+        return None
+    after = info.delivered.stream_seq if info.delivered is not None else 0
+    msg = await js.get_msg(names.JOBS_STREAM, seq=after + 1, subject=subject, next=True)
+    if msg.time is None:
+        return None
+    return round(max(0.0, now - msg.time.timestamp()), 3)
+
+
+async def read_queues(
+    js: JetStreamContext, models: Iterable[str]
+) -> tuple[list[QueueStatus], list[ConsumerLag], list[str]]:
+    """Every job queue with its depth and oldest age, and every EVENTS consumer's lag."""
+    keys = {names.model_key(m): m for m in models}
+    queues: list[QueueStatus] = []
+    notes: list[str] = []
+    now = time.time()
     for info in await js.consumers_info(names.JOBS_STREAM):
-        name = info.name
-        gauges.pending.labels(consumer=name).set(info.num_pending or 0)
-        gauges.in_flight.labels(consumer=name).set(info.num_ack_pending or 0)
-        gauges.redelivered.labels(consumer=name).set(info.num_redelivered or 0)
-    for info in await js.consumers_info(names.EVENTS_STREAM):
-        gauges.events_lag.labels(consumer=info.name).set(info.num_pending or 0)
+        queue = _queue_of(info, keys)
+        if queue is None:
+            continue
+        model, priority, subject = queue
+        try:
+            oldest = await _oldest_age(js, info, subject, now)
+        except Exception as exc:  # noqa: BLE001 - taken by a worker meanwhile: no age this round
+            oldest = None
+            if info.num_pending:
+                notes.append(f"oldest job of {info.name} unknown: {exc!r}")
+        queues.append(
+            QueueStatus(
+                model=model,
+                priority=priority,
+                consumer=info.name,
+                depth=info.num_pending or 0,
+                in_flight=info.num_ack_pending or 0,
+                redelivered=info.num_redelivered or 0,
+                oldest_age_s=oldest,
+            )
+        )
+    queues.sort(key=lambda q: (q.model, names.PRIORITIES.index(q.priority)))
+    lags = [
+        ConsumerLag(consumer=info.name, pending=info.num_pending or 0)
+        for info in await js.consumers_info(names.EVENTS_STREAM)
+    ]
+    return queues, lags, notes
+
+
+def export(gauges: Gauges, snapshot: Snapshot, workers: list[schemas.WorkerStatus]) -> None:
+    """Set the Prometheus gauges from one snapshot and the live workers."""
+    for gauge in (gauges.pending, gauges.in_flight, gauges.redelivered, gauges.oldest_age):
+        gauge.clear()
+    for q in snapshot.queues:
+        labels = {"consumer": q.consumer, "model": q.model, "priority": q.priority}
+        gauges.pending.labels(**labels).set(q.depth)
+        gauges.in_flight.labels(**labels).set(q.in_flight)
+        gauges.redelivered.labels(**labels).set(q.redelivered)
+        gauges.oldest_age.labels(model=q.model, priority=q.priority).set(q.oldest_age_s or 0.0)
+    gauges.events_lag.clear()
+    for lag in snapshot.events:
+        gauges.events_lag.labels(consumer=lag.consumer).set(lag.pending)
     counts: dict[tuple[str, str], int] = {}
     free: dict[str, int] = {}
     for status in workers:
@@ -111,5 +199,44 @@ async def collect(
     gauges.free_slots.clear()
     for model, slots in free.items():
         gauges.free_slots.labels(model=model).set(slots)
-    nvml.read(gauges)
-    gauges.scrape.set(time.time())
+    for gpu in snapshot.gpus:
+        gpu_labels = {"gpu": str(gpu.index), "name": gpu.name}
+        gauges.gpu_util.labels(**gpu_labels).set(gpu.utilization_ratio)
+        gauges.gpu_mem_used.labels(**gpu_labels).set(gpu.memory_used_bytes)
+        gauges.gpu_mem_total.labels(**gpu_labels).set(gpu.memory_total_bytes)
+        if gpu.temperature_celsius is not None:
+            gauges.gpu_temp.labels(**gpu_labels).set(gpu.temperature_celsius)
+        if gpu.power_watts is not None:
+            gauges.gpu_power.labels(**gpu_labels).set(gpu.power_watts)
+    gauges.scrape.set(snapshot.time)
+
+
+async def collect(
+    js: JetStreamContext,
+    gauges: Gauges,
+    nvml: Nvml,
+    workers: list[schemas.WorkerStatus],
+    *,
+    models: Iterable[str] = (),
+    interval_s: float = 5.0,
+) -> Snapshot:
+    """One pass over JetStream consumers, the live workers and the GPUs; the gauges set."""
+    queues, lags, notes = await read_queues(js, [*models, *(w.model for w in workers)])
+    try:
+        gpus = nvml.read()
+    except Exception as exc:  # noqa: BLE001 - a GPU fallen off the bus must not hide the queues
+        gpus = []
+        notes.append(f"reading the GPUs failed: {exc!r}")
+    if nvml.note:
+        notes.append(nvml.note)
+    snapshot = Snapshot(
+        time=time.time(),
+        interval_s=interval_s,
+        host=socket.gethostname(),
+        queues=queues,
+        events=lags,
+        gpus=gpus,
+        notes=notes,
+    )
+    export(gauges, snapshot, workers)
+    return snapshot
