@@ -391,6 +391,9 @@ def cmd_start(s: Settings, detach: bool) -> int:
     new_key = ensure_api_key(s)
     if ensure_jwt_secret(s) or new_key is not None:
         s = load()  # re-read: the key and secret files are part of the settings
+    from chatq.web import ensure_built
+
+    ensure_built()  # the web interface, when its sources changed (a failure only warns)
     if s.engine == "vllm" and not s.model_id:
         from chatq.model_prep import prepare_default_model
 

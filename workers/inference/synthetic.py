@@ -4,12 +4,18 @@ It is never the default and never stands in for vLLM on its own: only
 INFERENCE_ENGINE=synthetic selects it. It answers chat and completions requests in
 the OpenAI wire format; of their parameters it reads only the model, the prompt,
 max_tokens, temperature, seed and the stream options.
+
+Test-only: when the last message of a chat request starts with `!say `, the engine
+streams the rest of that message word by word (whitespace kept, at most max_tokens
+words) instead of its own words, so a test can make the model say something exact
+(Markdown, `<script>`, …). Only this engine does it, and it is never the default.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -26,11 +32,19 @@ _WORDS = (
 _decode = msgspec.json.Decoder(wire.SyntheticRequest).decode
 _encode = msgspec.json.Encoder().encode
 DEFAULT_MAX_TOKENS = 512
+SAY = "!say "
 
 
 def synthetic_token(request_id_seed: int, index: int) -> str:
     """The index-th token of a synthetic answer: a word and a space, fixed by the seed."""
     return _WORDS[(request_id_seed + index * 7) % len(_WORDS)] + " "
+
+
+def said(body: wire.SyntheticRequest) -> list[str] | None:
+    """The words a test told the engine to say (`!say ` + text as the last message), if any."""
+    if not body.messages or not body.messages[-1].text.startswith(SAY):
+        return None
+    return re.findall(r"\s*\S+\s*", body.messages[-1].text.removeprefix(SAY)) or None
 
 
 def prompt_seed(text: str) -> int:
@@ -83,7 +97,10 @@ class SyntheticEngine:
             seed = prompt_seed(prompt)
         else:
             seed = body.seed if body.seed is not None else prompt_seed(request.request_id)
-        tokens = self._tokens(request.request_id, seed, max_tokens, progress)
+        script = said(body)
+        if script is not None:
+            max_tokens = min(max_tokens, len(script))
+        tokens = self._tokens(request.request_id, seed, max_tokens, progress, script)
         chat = request.endpoint == "chat"
         rid = request.request_id if chat else "cmpl-" + request.request_id.removeprefix("chatcmpl-")
         created = int(time.time())
@@ -103,7 +120,9 @@ class SyntheticEngine:
             )
         return _encode(answer).decode()
 
-    async def _tokens(self, rid: str, seed: int, max_tokens: int, progress: Progress) -> AsyncIterator[str]:
+    async def _tokens(
+        self, rid: str, seed: int, max_tokens: int, progress: Progress, script: list[str] | None = None
+    ) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         self.running.add(rid)
         finished = False
@@ -115,7 +134,7 @@ class SyntheticEngine:
                 delay = due - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                token = synthetic_token(seed, index)
+                token = script[index] if script is not None else synthetic_token(seed, index)
                 progress.add(token, 1)
                 if index == max_tokens - 1:
                     progress.finish_reason = "length"
