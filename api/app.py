@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
 from api import accounts as accounts_routes
-from api import conversations, usage
+from api import admin, conversations, metrics, usage
 from api.admission import QueueMonitor
 from api.auth import Authenticator, authenticated
 from api.chat import chat_completions, completions, new_request_id, simple_chat
@@ -259,12 +259,14 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
             *[r for r in accounts_routes.ROUTES if r is not accounts_routes.login],
             *conversations.ROUTES,
             *usage.ROUTES,
+            *admin.ROUTES,
         ],
         guards=[authenticated],
     )
     return Litestar(
         route_handlers=[protected, health, prometheus_metrics, accounts_routes.login],
         lifespan=[lifespan],
+        middleware=[metrics.count_responses],
         dependencies={"services": Provide(_services, sync_to_thread=False)},
         exception_handlers={
             ApiError: _error_response,

@@ -529,18 +529,39 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def cmd_status(s: Settings) -> int:
+def cmd_status(s: Settings, as_json: bool = False) -> int:
+    """The supervisor's processes and the API's /api/admin/status, as tables or as JSON."""
+    from chatq import status_table
+
     pid = _running_pid(s)
-    if pid is None:
-        print("chatq: not running")
-        return 3
-    print(f"chatq: running (supervisor pid {pid}), API {_api_url(s)}")
-    table = _children_table(s)
-    if table:
-        print(table)
     health = _health(s)
-    print(json.dumps(health, indent=2) if health else "health: the API does not answer")
-    return 0 if health and health.get("status") == "healthy" else 1
+    if pid is None and health is None:
+        print(json.dumps({"status": "not running"}) if as_json else "chatq: not running")
+        return 3
+    # A service key acts as an admin; in development mode no key is needed.
+    key = None if s.dev_mode or not s.api_keys else sorted(s.api_keys)[0]
+    status, problem = status_table.fetch(_api_url(s), key)
+    if status is None:
+        status = {
+            "status": "degraded" if health else "down",
+            "reasons": [problem],
+            "health": health,
+        }
+    try:
+        children = json.loads(_children_file(s).read_text()) if pid is not None else None
+    except (FileNotFoundError, ValueError):
+        children = None
+    if as_json:
+        print(json.dumps({**status, "supervisor": {"pid": pid, "processes": children}}, indent=2))
+    else:
+        where = f"supervisor pid {pid}" if pid is not None else "not started by ./start"
+        print(f"chatq: running ({where}), API {_api_url(s)}")
+        table = _children_table(s) if pid is not None else None
+        if table:
+            print(table)
+        print()
+        print(status_table.render(status))
+    return 0 if status.get("status") == "healthy" else 1
 
 
 def cmd_logs(s: Settings, service: str | None, follow: bool) -> int:
@@ -560,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     start = sub.add_parser("start", help="run NATS, an inference worker and the API")
     start.add_argument("--detach", action="store_true", help="run in the background")
     sub.add_parser("stop", help="stop what start started")
-    sub.add_parser("status", help="is it running and healthy")
+    status = sub.add_parser("status", help="is it running and healthy: processes, workers, queues, GPUs")
+    status.add_argument("--json", action="store_true", help="print GET /api/admin/status as JSON")
     logs = sub.add_parser("logs", help="show logs")
     logs.add_argument("service", nargs="?", choices=["chatq", *SERVICES])
     logs.add_argument("-f", "--follow", action="store_true")
@@ -577,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stop":
             return cmd_stop(s)
         if args.command == "status":
-            return cmd_status(s)
+            return cmd_status(s, args.json)
         return cmd_logs(s, args.service, args.follow)
     except ChatqError as exc:
         print(f"chatq: {exc}", file=sys.stderr)

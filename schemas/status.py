@@ -67,6 +67,7 @@ class WorkerView(msgspec.Struct, frozen=True):
     free_slots: int
     last_seen: float  # unix seconds of its last heartbeat
     last_seen_age_s: float
+    progress: str | None = None  # "loading 40%", "draining", when the worker says
 
 
 def worker_view(status: WorkerStatus, now: float) -> WorkerView:
@@ -74,6 +75,7 @@ def worker_view(status: WorkerStatus, now: float) -> WorkerView:
     # Read with getattr: WorkerStatus gains these fields in a later version of the worker.
     host = getattr(status, "host", None) or None
     version = getattr(status, "engine_version", None) or None
+    progress = getattr(status, "progress", None) or None
     return WorkerView(
         id=status.worker_id,
         host=host,
@@ -85,6 +87,7 @@ def worker_view(status: WorkerStatus, now: float) -> WorkerView:
         free_slots=status.free_slots,
         last_seen=status.updated,
         last_seen_age_s=round(max(0.0, now - status.updated), 3),
+        progress=progress,
     )
 
 

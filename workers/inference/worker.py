@@ -93,6 +93,7 @@ class InferenceWorker:
         self._state: str = "loading"
         self._labels = {"model": self.model}
         self._next_status = 0.0
+        metrics.ENGINE_LOAD.watch(self)
 
     # --- helpers --------------------------------------------------------------------
 
@@ -331,6 +332,7 @@ class InferenceWorker:
             prompt_tokens=progress.prompt_tokens, completion_tokens=progress.completion_tokens
         )
         metrics.TOKENS.labels(**self._labels).inc(progress.completion_tokens)
+        metrics.PROMPT_TOKENS.labels(**self._labels).inc(progress.prompt_tokens)
         await self._ack(active)
         ttft = None if active.first_token_at is None else active.first_token_at - active.fetched_at
         if active.cancel_reason is not None:
