@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -21,11 +20,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
 from api import accounts as accounts_routes
-from api import admin, conversations, metrics, usage
+from api import admin, conversations, metrics, models, usage
 from api.admission import QueueMonitor
 from api.auth import Authenticator, authenticated
 from api.chat import chat_completions, completions, new_request_id, simple_chat
-from api.openai_types import ModelCard, ModelList
 from api.ratelimit import RateLimiter
 from api.relay import Spawn
 from api.services import Services
@@ -39,11 +37,11 @@ from chatq.errors import (
     ApiError,
     ClientError,
     ConfigError,
-    ModelNotFound,
     RequestTooLarge,
     ServerError,
     error_body,
 )
+from chatq.profiles import load_profiles
 from chatq.settings import Settings, jwt_secret_problem
 
 log = logging.getLogger("chatq.api")
@@ -133,25 +131,6 @@ def health(services: NamedDependency[Services]) -> Response[bytes]:
     return Response(_json.encode(body), media_type="application/json")
 
 
-@get("/v1/models", sync_to_thread=False)
-def list_models(services: NamedDependency[Services]) -> Response[bytes]:
-    """The served models: configured ones and any a live worker serves."""
-    now = int(time.time())
-    body = ModelList(data=[ModelCard(id=m, created=now) for m in services.known_models()])
-    return Response(_json.encode(body), media_type="application/json")
-
-
-@get("/v1/models/{model_id:path}", sync_to_thread=False)
-def get_model(model_id: str, services: NamedDependency[Services]) -> Response[bytes]:
-    """One served model, or 404 model_not_found."""
-    model_id = model_id.lstrip("/")
-    if model_id not in services.known_models():
-        raise ModelNotFound(f"the model {model_id!r} does not exist", param="model")
-    return Response(
-        _json.encode(ModelCard(id=model_id, created=int(time.time()))), media_type="application/json"
-    )
-
-
 @get("/metrics", sync_to_thread=False)
 def prometheus_metrics() -> Response[bytes]:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -207,6 +186,7 @@ async def _open_database(settings: Settings) -> AsyncConnectionPool[Any] | None:
 def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> Litestar:
     """Build the API; `connect` is the NATS connector, swappable in tests."""
     check_settings(settings)
+    profiles = load_profiles(settings.profiles_file)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -219,7 +199,7 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
         nc = await connect(settings.nats_url, "chatq-api")
         bus = Bus(nc)
         await topology.ensure_streams(bus.js, jobs_max_msgs=settings.jobs_max_msgs)
-        for model in settings.models:
+        for model in dict.fromkeys([*settings.models, *(p.id for p in profiles)]):
             await topology.ensure_model(bus.js, model, ack_wait_s=settings.ack_wait_s)
         registry = WorkerRegistry(bus)
         await registry.start()
@@ -237,6 +217,7 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
             limiter=limiter,
             spawn=spawn,
             pool=pool,
+            profiles=profiles,
         )
         try:
             yield
@@ -254,8 +235,7 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
             chat_completions,
             completions,
             simple_chat,
-            list_models,
-            get_model,
+            *models.ROUTES,
             *[r for r in accounts_routes.ROUTES if r is not accounts_routes.login],
             *conversations.ROUTES,
             *usage.ROUTES,

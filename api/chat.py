@@ -25,7 +25,7 @@ from litestar.exceptions import HTTPException
 from litestar.response import Response, Stream
 
 import schemas
-from api import conversations, metrics
+from api import conversations, metrics, queue_position
 from api.accounts import UserSettings, load_settings
 from api.auth import Principal, principal_of
 from api.body import decode_body
@@ -361,6 +361,50 @@ async def _abandon(call: ChatCall, relay: Relay) -> None:
     call.finish(None, 0)
 
 
+async def _stream_turn(call: ChatCall, job: schemas.Job) -> Stream:
+    """An /api/chat turn: unlike /v1, its stream starts as soon as the job is queued.
+
+    The caller's limits and the queue bound are still JSON 4xx/429s; after them the
+    client gets `event: conversation` at once, then `event: queue` every QUEUE_EVENT_S
+    while the job waits, then the engine's events. The engine's refusal (a prompt too
+    long for the context, …) is an `event: error`, as any failure mid-stream.
+    """
+    relay = await call.open(job)
+    return Stream(
+        _turn_events(call, relay),
+        media_type="text/event-stream",
+        headers={**_SSE_HEADERS, "X-Request-Id": call.request_id},
+        background=BackgroundTask(_abandon, call, relay),
+    )
+
+
+QUEUE_EVENT_S = 1.0
+
+
+async def _turn_events(call: ChatCall, relay: Relay) -> AsyncIterator[bytes]:
+    prelude, call.prelude = call.prelude, b""
+    if prelude:
+        yield prelude
+    job, bus, monitor = relay.job, call.services.bus, call.services.monitor
+    accepted = asyncio.ensure_future(relay.accepted())
+    try:
+        while not (await asyncio.wait({accepted}, timeout=QUEUE_EVENT_S))[0]:
+            where = await queue_position.place(bus, monitor, job.model, job.priority, relay._seq)
+            if where is not None and not accepted.done():
+                yield b"event: queue\ndata: " + _json.encode(where) + b"\n\n"
+        accepted.result()
+    except ApiError as exc:
+        call.line.end(exc.status, exc.code)
+        call.finish(None, 0)
+        await relay.close(_close_reason(exc))
+        yield sse_error(exc, call.request_id)
+        return
+    finally:
+        accepted.cancel()  # a client gone while queued (_abandon closes the relay)
+    async for part in call.sse(relay):
+        yield part
+
+
 def _queue_priority(priority: object) -> tuple[Priority, bool]:
     """chatq's queue priority, and whether the body carries chatq's (string) field."""
     if priority == "background":
@@ -532,7 +576,7 @@ async def _chat_turn(
             priority=body.priority or "interactive",
             meta=meta,
         )
-        return await _answer(request, call, job)
+        return await _stream_turn(call, job)
     except BaseException:
         # Refused before it started (rate limit, full queue, the engine's 4xx): a continued
         # conversation is free again; a new one is removed (its id never reached the client).

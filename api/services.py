@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -17,6 +17,7 @@ from api.relay import Spawn
 from broker.bus import Bus
 from broker.workers import WorkerRegistry
 from chatq.errors import ApiError, UpstreamUnavailable
+from chatq.profiles import ProfileSet
 from chatq.settings import Settings
 
 
@@ -30,10 +31,12 @@ class Services:
     limiter: RateLimiter
     spawn: Spawn
     pool: AsyncConnectionPool[Any] | None = None
+    profiles: ProfileSet = field(default_factory=ProfileSet.empty)
 
     def known_models(self) -> list[str]:
-        """Configured models first, then any other model a live worker serves."""
+        """Configured models first, then the profiles, then any other model a live worker serves."""
         models = list(self.settings.models)
+        models += [p.id for p in self.profiles if p.id not in models]
         models += sorted(self.registry.models() - set(models))
         return models
 

@@ -59,3 +59,8 @@ def event_subject(kind: str) -> str:
 
 def worker_key(worker_id: str) -> str:
     return _UNSAFE.sub("_", worker_id)
+
+
+def worker_control_subject(worker_id: str) -> str:
+    """Request/reply: an admin's model switch for one worker (core NATS, no stream)."""
+    return f"control.workers.{worker_key(worker_id)}.model"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Literal
 
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.kv import KeyValue
@@ -15,6 +16,8 @@ from broker import names, topology
 from broker.bus import Bus
 
 log = logging.getLogger(__name__)
+
+ModelState = Literal["ready", "loading", "draining", "unavailable"]
 
 # Workers announce themselves every couple of seconds; one silent for longer than this
 # is gone (killed, say) even though its key lives on until the bucket's TTL.
@@ -86,7 +89,25 @@ class WorkerRegistry:
             await asyncio.wait([self._task], timeout=3.0)
 
     def models(self) -> set[str]:
-        return {w.model for w in self.workers.values()}
+        """Every model a live worker serves, or is loading (a switch in progress included)."""
+        return {w.model for w in self.workers.values()} | {
+            w.switch_to for w in self.workers.values() if w.switch_to
+        }
+
+    def serving(self, model: str) -> list[schemas.WorkerStatus]:
+        """The live workers that serve `model`, load it, drain it, or switch to it."""
+        return [w for w in self.workers.values() if model in (w.model, w.switch_to)]
+
+    def model_state(self, model: str) -> ModelState:
+        """ready (a worker serves it), loading (one is on its way), draining, or unavailable."""
+        workers = self.serving(model)
+        if any(w.model == model and w.state == "ready" for w in workers):
+            return "ready"
+        if any(w.switch_to == model or (w.model == model and w.state == "loading") for w in workers):
+            return "loading"
+        if workers:
+            return "draining"
+        return "unavailable"
 
     def ready(self) -> list[schemas.WorkerStatus]:
         return [w for w in self.workers.values() if w.state == "ready"]

@@ -73,6 +73,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     engine: EngineKind
     model_id: str | None
     model_name: str
+    # Model profiles (docs/models.md)
+    model_profile: str | None
+    profiles_file: Path | None
+    require_gpu: bool
+    unserved_model: Literal["wait", "reject"]
+    switch_grace_s: float
     worker_id: str
     worker_slots: int
     worker_metrics_port: int
@@ -195,7 +201,13 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         for role, limits in defaults.items()
     }
     model_id = env.optional("MODEL_ID")
-    model_name = env.text("MODEL_NAME", served_name(model_id))
+    model_profile = env.optional("MODEL_PROFILE")
+    # A profile's id is its served name (the worker resolves an alias to it).
+    model_name = model_profile or env.text("MODEL_NAME", served_name(model_id))
+    unserved_model = env.text("UNSERVED_MODEL", "wait")
+    if unserved_model not in ("wait", "reject"):
+        raise ConfigError(f"UNSERVED_MODEL must be 'wait' or 'reject', got {unserved_model!r}")
+    profiles_file = env.optional("PROFILES_FILE")
     engine = env.text("INFERENCE_ENGINE", "vllm")
     if engine not in ("vllm", "synthetic"):
         raise ConfigError(f"INFERENCE_ENGINE must be 'vllm' or 'synthetic', got {engine!r}")
@@ -252,6 +264,11 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         engine=engine,  # type: ignore[arg-type]
         model_id=model_id,
         model_name=model_name,
+        model_profile=model_profile,
+        profiles_file=None if profiles_file is None else Path(profiles_file).expanduser().resolve(),
+        require_gpu=env.flag("REQUIRE_GPU", False),
+        unserved_model=unserved_model,  # type: ignore[arg-type]
+        switch_grace_s=env.number("SWITCH_GRACE_S", 30.0),
         worker_id=env.text("WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
         worker_slots=env.integer("WORKER_SLOTS", 0),
         worker_metrics_port=env.integer("WORKER_METRICS_PORT", 9101),

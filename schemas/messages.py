@@ -203,6 +203,29 @@ class WorkerStatus(msgspec.Struct, frozen=True, omit_defaults=True):
     slots: int
     free_slots: int
     updated: float
+    # Model profiles and live switching (appended: older readers ignore them).
+    profile: str | None = None  # the profile id of `model`, if it was loaded from one
+    switch_to: str | None = None  # the profile a switch in progress is loading
+    progress: str = ""  # "draining", "loading 40%", "ready", "failed: <reason>"
+    gpus: int = 0  # GPUs NVML reports on the worker's host
+
+
+# --- control.workers.<worker>.model (core NATS request/reply) ---------------------------
+
+
+class SwitchModel(msgspec.Struct, frozen=True, tag="switch", tag_field="t"):
+    """Ask a worker to load another profile (an admin's live switch)."""
+
+    profile: str
+
+
+class SwitchReply(msgspec.Struct, frozen=True, tag="switch_reply", tag_field="t", omit_defaults=True):
+    """accepted, or why not: unknown_profile, already_switching, does_not_fit, same_model."""
+
+    accepted: bool
+    code: str = ""
+    message: str = ""
+    previous: str = ""
 
 
 # Encoders and decoders are built once: msgspec reuses their internal state.
@@ -213,3 +236,5 @@ decode_stream = msgspec.msgpack.Decoder(StreamMsg).decode
 decode_cancel = msgspec.msgpack.Decoder(Cancel).decode
 decode_event = msgspec.msgpack.Decoder(Event).decode
 decode_worker_status = msgspec.msgpack.Decoder(WorkerStatus).decode
+decode_switch = msgspec.msgpack.Decoder(SwitchModel).decode
+decode_switch_reply = msgspec.msgpack.Decoder(SwitchReply).decode

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from collections.abc import Callable
 
 from faststream import FastStream
 from faststream.nats import NatsBroker, NatsMessage
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from prometheus_client import start_http_server
 
+import schemas
 from broker import names, topology
 from broker.bus import Bus
+from chatq import hardware
+from chatq.errors import ConfigError, EngineError
+from chatq.profiles import Profile, ProfileSet, load_profiles
 from chatq.settings import Settings
+from schemas.messages import SwitchReply, decode_switch
 from workers.inference import metrics
 from workers.inference.engine import Engine
 from workers.inference.worker import InferenceWorker, WorkerConfig
@@ -22,25 +31,64 @@ log = logging.getLogger("chatq.worker")
 DRAIN_GRACE_S = 30.0
 
 
-def make_engine(settings: Settings) -> Engine:
-    """The engine INFERENCE_ENGINE names; vLLM unless the synthetic engine is asked for."""
+def make_engine(settings: Settings, profile: Profile | None = None) -> Engine:
+    """The engine INFERENCE_ENGINE names for a profile (None: MODEL_ID); vLLM unless synthetic."""
     if settings.engine == "synthetic":
         from workers.inference.synthetic import SyntheticEngine
 
         return SyntheticEngine(
-            model=settings.model_name,
+            model=profile.id if profile else settings.model_name,
             tokens_per_s=settings.synth_tokens_per_s,
             ttft_s=settings.synth_ttft_s,
             slots=settings.worker_slots or 256,
             start_s=settings.synth_start_s,
+            source=profile.model if profile else "",
         )
     from workers.inference.vllm_engine import VllmEngine
 
-    return VllmEngine(settings)
+    return VllmEngine(settings, profile)
 
 
-def build_app(settings: Settings, engine: Engine | None = None) -> tuple[FastStream, NatsBroker]:
+def worker_profile(settings: Settings, profiles: ProfileSet) -> Profile | None:
+    """The profile MODEL_PROFILE names (by id or alias); None without MODEL_PROFILE."""
+    if settings.model_profile is None:
+        return None
+    profile = profiles.resolve(settings.model_profile)
+    if profile is None:
+        raise ConfigError(
+            f"MODEL_PROFILE {settings.model_profile!r} is not a profile in "
+            f"{profiles.source}; profiles: {', '.join(p.id for p in profiles)}"
+        )
+    return profile
+
+
+def fit_check(settings: Settings) -> tuple[int, Callable[[Profile, bool], str | None]]:
+    """This host's GPU count, and the hardware check a switch runs (none for the synthetic engine)."""
+    gpus = hardware.read_gpus()
+    if settings.require_gpu and not gpus:
+        raise ConfigError("REQUIRE_GPU=true but NVML finds no GPU this worker may use; not starting")
+
+    def fits(profile: Profile, loaded: bool) -> str | None:
+        if settings.engine == "synthetic":
+            return None  # it uses no memory to speak of
+        return hardware.check(
+            profile, hardware.read_gpus(), host_available=hardware.host_available_bytes(), loaded=loaded
+        )
+
+    return len(gpus), fits
+
+
+def build_app(
+    settings: Settings, engine: Engine | None = None, profiles: ProfileSet | None = None
+) -> tuple[FastStream, NatsBroker]:
     """The worker as a FastStream app; tests pass their own engine."""
+    profiles = profiles if profiles is not None else load_profiles(settings.profiles_file)
+    profile = worker_profile(settings, profiles)
+    gpus, fits = fit_check(settings)
+    if profile is not None and engine is None:
+        refusal = fits(profile, False)
+        if refusal is not None:
+            raise EngineError(f"not loading {profile.id}: {refusal}")
     broker = NatsBroker(
         settings.nats_url,
         max_reconnect_attempts=-1,
@@ -48,8 +96,8 @@ def build_app(settings: Settings, engine: Engine | None = None) -> tuple[FastStr
         name=f"chatq-worker-{settings.worker_id}",
         graceful_timeout=DRAIN_GRACE_S,
     )
-    engine = engine or make_engine(settings)
-    state: dict[str, InferenceWorker | asyncio.Task[None]] = {}
+    engine = engine or make_engine(settings, profile)
+    state: dict[str, InferenceWorker | asyncio.Task[None] | Subscription] = {}
     app = FastStream(broker)
 
     @broker.subscriber(names.CANCEL_ALL)
@@ -80,9 +128,27 @@ def build_app(settings: Settings, engine: Engine | None = None) -> tuple[FastStr
                 heartbeat_s=settings.heartbeat_s,
                 chunk_max_tokens=settings.chunk_max_tokens,
                 chunk_max_delay_s=settings.chunk_max_delay_s,
+                switch_grace_s=settings.switch_grace_s,
+                gpus=gpus,
             ),
+            profile=profile,
+            profiles=profiles,
+            engine_factory=functools.partial(make_engine, settings),
+            fits=fits,
         )
         state["worker"] = worker
+
+        async def on_control(msg: Msg) -> None:
+            try:
+                reply = worker.request_switch(decode_switch(msg.data).profile)
+            except Exception:  # noqa: BLE001 - a malformed request gets an answer, not a crash
+                reply = SwitchReply(False, "invalid_request", "the switch request could not be read")
+            with contextlib.suppress(Exception):
+                await msg.respond(schemas.encode(reply))
+
+        state["control"] = await bus.nc.subscribe(
+            names.worker_control_subject(settings.worker_id), cb=on_control
+        )
         task = asyncio.create_task(worker.run())
         state["task"] = task
 
@@ -103,6 +169,10 @@ def build_app(settings: Settings, engine: Engine | None = None) -> tuple[FastStr
 
     @app.on_shutdown
     async def drain() -> None:
+        control = state.get("control")
+        if control is not None:
+            with contextlib.suppress(Exception):
+                await control.unsubscribe()  # type: ignore[union-attr]
         worker = state.get("worker")
         if isinstance(worker, InferenceWorker):
             await worker.drain(DRAIN_GRACE_S)
@@ -112,7 +182,9 @@ def build_app(settings: Settings, engine: Engine | None = None) -> tuple[FastStr
             # Its pull subscriptions must be gone before the broker drains the connection.
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await engine.stop()
+        worker = state.get("worker")
+        # After a switch the worker runs another engine than the one it started with.
+        await (worker.engine if isinstance(worker, InferenceWorker) else engine).stop()
 
     app.context.set_global("chatq_state", state)
     return app, broker

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
 import time
 from collections.abc import AsyncIterator
 
 import msgspec
 
-from chatq.errors import invalid_field
+from chatq.errors import EngineError, invalid_field
 from workers.inference import openai_wire as wire
 from workers.inference.engine import Answer, OpenAIRequest, Progress, RequestRejected
 
@@ -62,10 +63,20 @@ class SyntheticEngine:
     version = "synthetic"
 
     def __init__(
-        self, *, model: str, tokens_per_s: float, ttft_s: float, slots: int, start_s: float = 0.0
+        self,
+        *,
+        model: str,
+        tokens_per_s: float,
+        ttft_s: float,
+        slots: int,
+        start_s: float = 0.0,
+        source: str = "",
     ) -> None:
         self.model = model
         self._start_s = start_s
+        self._source = source
+        self._loading_since: float | None = None
+        self._loaded = False
         self._interval = 1.0 / tokens_per_s
         self._ttft_s = ttft_s
         self._slots = slots
@@ -77,11 +88,29 @@ class SyntheticEngine:
         return self._slots
 
     async def start(self) -> None:
-        """Takes start_s, as loading a model would (to test what users see meanwhile)."""
+        """Takes start_s, as loading a model would (to test what users see meanwhile).
+
+        A profile whose model is a local path (it starts with / or .) that does not exist
+        fails to load, as it would in vLLM: how a failed load is tested without a GPU.
+        """
+        self._loaded = False
+        self._loading_since = time.monotonic()
         await asyncio.sleep(self._start_s)
+        self._loading_since = None
+        if self._source.startswith(("/", ".")) and not await asyncio.to_thread(os.path.exists, self._source):
+            raise EngineError(f"the model directory {self._source} does not exist")
+        self._loaded = True
+
+    def load_fraction(self) -> float:
+        """How far start() has come, by its planned duration."""
+        if self._loaded:
+            return 1.0
+        if self._loading_since is None or self._start_s <= 0:
+            return 0.0
+        return min(0.99, (time.monotonic() - self._loading_since) / self._start_s)
 
     async def stop(self) -> None:
-        return None
+        self._loaded = False
 
     async def serve(self, request: OpenAIRequest, progress: Progress) -> Answer:
         try:

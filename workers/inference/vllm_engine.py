@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
 import shlex
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chatq.errors import EngineError
+from chatq.profiles import CHATML_TEMPLATE, Profile
 from workers.inference.engine import Answer, OpenAIRequest, Progress, RequestRejected
 
 if TYPE_CHECKING:
@@ -28,39 +30,94 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_SLOTS = 16
+LOAD_ESTIMATE_S = 20.0
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
 # The Progress of the request being served: set by serve(), read when vLLM's serving
 # layer calls the engine client's generate() for it (synchronously, inside serve()).
 _progress: contextvars.ContextVar[Progress | None] = contextvars.ContextVar("chatq_progress", default=None)
 
 
-def engine_cli_args(settings: Settings, model_path: str | Path, *, on_cpu: bool) -> list[str]:
-    """The vLLM command-line arguments chatq runs a model with (vLLM's server takes the same)."""
+def has_chat_template(model_path: str | Path) -> bool | None:
+    """Whether a local model directory brings a chat template; None for a hub id (unknown)."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return None
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))
+
+
+def chat_template_for(profile: Profile | None, model_path: str | Path) -> str | None:
+    """The --chat-template to pass: the profile's, else ChatML for a model without one."""
+    if profile is not None and profile.chat_template:
+        return profile.chat_template
+    if has_chat_template(model_path) is False:
+        return CHATML_TEMPLATE
+    return None
+
+
+def engine_cli_args(
+    settings: Settings,
+    model_path: str | Path,
+    *,
+    on_cpu: bool,
+    profile: Profile | None = None,
+    swap_space: bool = False,
+) -> list[str]:
+    """The vLLM command-line arguments chatq runs a model with (vLLM's server takes the same).
+
+    With a profile its engine arguments, names and sampling defaults win over the VLLM_*
+    settings; `swap_space`: this vLLM still takes --swap-space (it was removed in 0.11).
+    """
     s = settings
+    e = profile.engine if profile is not None else None
+    wanted = e.dtype if e is not None else s.vllm_dtype
     # bfloat16 gives garbage for SmolLM2 on the CPU build; float32 answers correctly.
-    dtype = "float32" if (s.vllm_dtype == "auto" and on_cpu) else s.vllm_dtype
+    dtype = "float32" if (wanted == "auto" and on_cpu) else wanted
     # On the CPU build this is the share of host memory vLLM reserves for KV cache.
-    memory = s.vllm_gpu_memory_utilization or (0.25 if on_cpu else 0.90)
+    memory = (
+        (e.gpu_memory_utilization if e else None)
+        or s.vllm_gpu_memory_utilization
+        or (0.25 if on_cpu else 0.90)
+    )
     slots = s.worker_slots or (CPU_DEFAULT_SLOTS if on_cpu else 0)
+    names = profile.names if profile is not None else [s.model_name]
     args = [
         "--model",
         str(model_path),
         "--served-model-name",
-        s.model_name,
+        *names,
         "--dtype",
         dtype,
         "--gpu-memory-utilization",
         f"{memory:g}",
         "--max-model-len",
-        str(s.vllm_max_model_len),
+        str(e.max_model_len if e else s.vllm_max_model_len),
     ]
     if slots:
         args += ["--max-num-seqs", str(slots)]
-    if s.vllm_enforce_eager:
+    if e is not None and e.tensor_parallel_size > 1:
+        args += ["--tensor-parallel-size", str(e.tensor_parallel_size)]
+    if e is not None and e.quantization:
+        args += ["--quantization", e.quantization]
+    if e is not None and e.swap_space_gib and swap_space:
+        args += ["--swap-space", f"{e.swap_space_gib:g}"]
+    if e.enforce_eager if e else s.vllm_enforce_eager:
         args.append("--enforce-eager")
-    if s.vllm_tool_call_parser:
-        args += ["--enable-auto-tool-choice", "--tool-call-parser", s.vllm_tool_call_parser]
-    return args + shlex.split(s.vllm_extra_args)
+    parser = e.tool_call_parser if e is not None else s.vllm_tool_call_parser
+    if parser:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
+    if profile is not None and profile.sampling.as_dict():
+        args += ["--override-generation-config", json.dumps(profile.sampling.as_dict())]
+    extra = shlex.split(s.vllm_extra_args)
+    template = chat_template_for(profile, model_path)
+    if template is not None and "--chat-template" not in extra:
+        args += ["--chat-template", template]
+    return args + extra
 
 
 def _error_code(message: str, status: int) -> str:
@@ -124,9 +181,12 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, profile: Profile | None = None) -> None:
         self._settings = settings
-        self.model = settings.model_name
+        self._profile = profile
+        self.model = profile.id if profile is not None else settings.model_name
+        self._phase = 0.0
+        self._phase_started = time.monotonic()
         self._llm: Any = None
         self._state: Any = None
         self._slots = settings.worker_slots
@@ -159,24 +219,39 @@ class VllmEngine:
 
         s = self._settings
         self.version = str(getattr(vllm, "__version__", ""))
+        self._set_phase(0.0)
+        source = self._profile.model if self._profile is not None else s.model_id
         # Preparing the default model the first time takes ~25 s: keep the loop responsive.
-        model = await asyncio.to_thread(resolve_model, s.model_id, s.models_dir, progress=True)
-        argv = engine_cli_args(s, model, on_cpu=current_platform.is_cpu())
+        model = await asyncio.to_thread(resolve_model, source or None, s.models_dir, progress=True)
+        self._set_phase(0.1)
+        parser = make_arg_parser(FlexibleArgumentParser())  # type: ignore[no-untyped-call]
+        known = set(getattr(parser, "_option_string_actions", {}))
+        argv = engine_cli_args(
+            s,
+            model,
+            on_cpu=current_platform.is_cpu(),
+            profile=self._profile,
+            swap_space="--swap-space" in known,
+        )
         try:
-            parser = FlexibleArgumentParser()  # type: ignore[no-untyped-call]
-            args = make_arg_parser(parser).parse_args(argv)
+            args = parser.parse_args(argv)
         except SystemExit as exc:
             raise EngineError(f"vLLM refused its arguments {argv} (see the log above)") from exc
         log.info("starting vLLM %s: %s", self.version, shlex.join(argv))
         try:
             engine_args = AsyncEngineArgs.from_cli_args(args)
             vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-            self._llm = AsyncLLM.from_vllm_config(
+            self._set_phase(0.2)
+            # Starting the engine core blocks for as long as the model takes to load: in a
+            # thread, so the worker keeps announcing its progress meanwhile.
+            self._llm = await asyncio.to_thread(
+                AsyncLLM.from_vllm_config,
                 vllm_config=vllm_config,
                 usage_context=UsageContext.OPENAI_API_SERVER,
                 enable_log_requests=engine_args.enable_log_requests,
                 disable_log_stats=engine_args.disable_log_stats,
             )
+            self._set_phase(0.9)
             client = _ObservedEngineClient(self._llm)
             tasks = await self._llm.get_supported_tasks()
             self._state = State()
@@ -186,7 +261,20 @@ class VllmEngine:
             raise EngineError(f"vLLM failed to start for model {model}: {exc!r}") from exc
         self._slots = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
         self.start_seconds = time.monotonic() - started
+        self._set_phase(1.0)
         log.info("vLLM ready in %.1f s, %d slots", self.start_seconds, self._slots)
+
+    def _set_phase(self, fraction: float) -> None:
+        self._phase, self._phase_started = fraction, time.monotonic()
+
+    def load_fraction(self) -> float:
+        """An estimate of how far start() has come: its steps, and time within the long one."""
+        if self._phase == 0.2:
+            # The engine core loads weights and profiles memory; ~30 s on CPU for a small
+            # model. Creep towards 0.9 so the figure moves without claiming to be exact.
+            elapsed = time.monotonic() - self._phase_started
+            return 0.2 + 0.7 * elapsed / (elapsed + LOAD_ESTIMATE_S)
+        return self._phase
 
     async def stop(self) -> None:
         if self._llm is not None:

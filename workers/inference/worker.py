@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
@@ -20,7 +20,8 @@ from nats.js.kv import KeyValue
 import schemas
 from broker import names, topology
 from broker.bus import Bus
-from schemas.messages import FinishReason, Priority
+from chatq.profiles import Profile, ProfileSet
+from schemas.messages import FinishReason, Priority, SwitchReply
 from workers.inference import metrics
 from workers.inference.chunker import ChunkStream
 from workers.inference.engine import Answer, Engine, OpenAIRequest, Progress, RequestRejected
@@ -75,16 +76,49 @@ class WorkerConfig:
     chunk_max_tokens: int
     chunk_max_delay_s: float
     status_interval_s: float = 2.0
+    # A live switch: how long in-flight streams may run on before they are ended.
+    switch_grace_s: float = 30.0
+    gpus: int = 0
+
+
+# Builds an engine for a profile (None: the worker's MODEL_ID model), and the hardware
+# check: why a profile cannot load here (one sentence), or None; its flag says the
+# worker still holds a model (so judge on total, not free, memory).
+EngineFactory = Callable[[Profile | None], Engine]
+FitCheck = Callable[[Profile, bool], str | None]
+
+
+def _no_check(profile: Profile, loaded: bool) -> str | None:
+    return None
 
 
 class InferenceWorker:
-    """One engine, one model: the pull loop, the per-job tasks, cancels and heartbeats."""
+    """One engine, one model at a time: the pull loop, the per-job tasks, cancels, heartbeats,
+    and live switches to another profile (drain, unload, check, load, or roll back)."""
 
-    def __init__(self, bus: Bus, engine: Engine, config: WorkerConfig) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        engine: Engine,
+        config: WorkerConfig,
+        *,
+        profile: Profile | None = None,
+        profiles: ProfileSet | None = None,
+        engine_factory: EngineFactory | None = None,
+        fits: FitCheck = _no_check,
+    ) -> None:
         self.bus = bus
         self.engine = engine
         self.config = config
         self.model = engine.model
+        self.profile = profile
+        self.profiles = profiles or ProfileSet.empty()
+        self._engine_factory = engine_factory
+        self._fits = fits
+        self._switch_target: Profile | None = None
+        self._switch_to: str | None = None
+        self._progress = "loading"
+        self._shutting_down = False
         self.active: dict[str, ActiveRequest] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -118,14 +152,22 @@ class InferenceWorker:
         self._state = state
         if self._kv is None:
             self._kv = await topology.workers_kv(self.bus.js)
+        if state == "loading" and self._progress.startswith("loading"):
+            fraction = getattr(self.engine, "load_fraction", None)
+            if callable(fraction):
+                self._progress = f"loading {round(100 * min(1.0, max(0.0, fraction())))}%"
         status = schemas.WorkerStatus(
             worker_id=self.config.worker_id,
             model=self.model,
             engine=self.engine.name,
             state=state,  # type: ignore[arg-type]
             slots=self.engine.slots,
-            free_slots=self.free_slots,
+            free_slots=self.free_slots if state == "ready" else 0,
             updated=time.time(),
+            profile=None if self.profile is None else self.profile.id,
+            switch_to=self._switch_to,
+            progress=self._progress,
+            gpus=self.config.gpus,
         )
         try:
             await self._kv.put(names.worker_key(self.config.worker_id), schemas.encode(status))
@@ -133,28 +175,121 @@ class InferenceWorker:
             log.warning("announcing %s to the workers bucket failed: %r", state, exc)
 
     async def run(self) -> None:
-        """Fetch and run jobs until stop() is called."""
-        metrics.SLOTS.labels(**self._labels).set(self.engine.slots)
-        await topology.ensure_model(self.bus.js, self.model, ack_wait_s=self.config.ack_wait_s)
-        subs: dict[Priority, JetStreamContext.PullSubscription] = {}
-        for priority in names.PRIORITIES:
-            subs[priority] = await self.bus.js.pull_subscribe_bind(
-                durable=names.jobs_consumer(self.model, priority), stream=names.JOBS_STREAM
-            )
-        await self.announce("ready")
+        """Fetch and run jobs until stop() is called; between models during a switch."""
         housekeeping = asyncio.create_task(self._housekeeping())
         # Without heartbeats every stream would fail its watchdog: a worker whose
         # housekeeping died stops, to be restarted, rather than limp on.
         housekeeping.add_done_callback(lambda _: self.stop_fetching())
         try:
-            await self._pull_loop(subs)
-            if housekeeping.done() and not housekeeping.cancelled():
-                raise RuntimeError(f"the housekeeping task died: {housekeeping.exception()!r}")
+            while True:
+                await self._serve_model()
+                if housekeeping.done() and not housekeeping.cancelled():
+                    raise RuntimeError(f"the housekeeping task died: {housekeeping.exception()!r}")
+                target, self._switch_target = self._switch_target, None
+                if target is None or self._shutting_down:
+                    return
+                await self._switch(target)
+                if self._shutting_down:
+                    return
+                self._stopping.clear()
         finally:
             housekeeping.cancel()
+
+    async def _serve_model(self) -> None:
+        """Bind this model's queues and pull from them until fetching stops."""
+        metrics.SLOTS.labels(**self._labels).set(self.engine.slots)
+        await topology.ensure_model(self.bus.js, self.model, ack_wait_s=self.config.ack_wait_s)
+        subs: dict[Priority, JetStreamContext.PullSubscription] = {}
+        try:
+            for priority in names.PRIORITIES:
+                subs[priority] = await self.bus.js.pull_subscribe_bind(
+                    durable=names.jobs_consumer(self.model, priority), stream=names.JOBS_STREAM
+                )
+            if not self._progress.startswith("failed"):
+                self._progress = "ready"
+            await self.announce("ready")
+            await self._pull_loop(subs)
+        finally:
             for sub in subs.values():
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+    # --- live model switch ------------------------------------------------------------
+
+    def request_switch(self, profile_name: str) -> SwitchReply:
+        """Accept (and start) a switch to another profile, or say why not; answers at once."""
+        me = self.config.worker_id
+        if self._switch_target is not None or self._switch_to is not None:
+            return SwitchReply(False, "already_switching", f"worker {me} is already switching models")
+        if self._shutting_down or self._engine_factory is None:
+            return SwitchReply(False, "already_switching", f"worker {me} is stopping")
+        profile = self.profiles.resolve(profile_name)
+        if profile is None:
+            return SwitchReply(False, "unknown_profile", f"worker {me} has no profile {profile_name!r}")
+        if profile.id == self.model:
+            return SwitchReply(False, "same_model", f"worker {me} already serves {profile.id}")
+        refusal = self._fits(profile, True)
+        if refusal is not None:
+            return SwitchReply(False, "does_not_fit", refusal)
+        log.info("switching from %s to %s: draining", self.model, profile.id)
+        self._switch_target = profile
+        self._switch_to = profile.id
+        self._progress = "draining"
+        self._stopping.set()
+        self._slot_freed.set()
+        self.spawn(self.announce("draining"))  # at once, not when the pull loop notices
+        return SwitchReply(True, previous=self.model)
+
+    async def _switch(self, target: Profile) -> None:
+        """Drain, unload, check, load the target; on any failure load the previous model again."""
+        old_engine, old_profile, old_model = self.engine, self.profile, self.model
+        await self.announce("draining")
+        await self._finish_active(self.config.switch_grace_s, "model_switch")
+        await old_engine.stop()
+        reason = self._fits(target, False)
+        if reason is None:
+            assert self._engine_factory is not None
+            new_engine = self._engine_factory(target)
+            self.engine, self.profile, self.model = new_engine, target, target.id
+            self._labels = {"model": self.model}
+            self._switch_to = None
+            self._progress = "loading 0%"
+            await self.announce("loading")
+            try:
+                await new_engine.start()
+            except Exception as exc:  # any failure to load rolls back
+                log.exception("loading %s failed; going back to %s", target.id, old_model)
+                reason = str(exc) or type(exc).__name__
+                with contextlib.suppress(Exception):
+                    await new_engine.stop()
+        if reason is None:
+            log.info("switched from %s to %s", old_model, target.id)
+            self._progress = "ready"
+            return
+        log.warning("switch to %s failed: %s; loading %s again", target.id, reason, old_model)
+        self.engine, self.profile, self.model = old_engine, old_profile, old_model
+        self._labels = {"model": self.model}
+        self._switch_to = None
+        self._progress = "loading 0%"
+        await self.announce("loading")
+        # If the old model cannot come back either, the worker stops (and is restarted).
+        await old_engine.start()
+        self._progress = f"failed: {reason}"
+
+    async def _finish_active(self, grace_s: float, reason: str) -> None:
+        """Let running requests finish for grace_s, then end the rest.
+
+        A request with no token yet goes back to its queue (another worker, or this one
+        later, answers it); one that is streaming ends with the standard error.
+        """
+        deadline = time.monotonic() + grace_s
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for active in list(self.active.values()):
+            started = active.acked or active.first_token_at is not None
+            self.cancel(active.job.request_id, reason if started else "requeue")
+        while self.active:
+            await asyncio.sleep(0.05)
 
     async def _pull_loop(self, subs: dict[Priority, JetStreamContext.PullSubscription]) -> None:
         while not self._stopping.is_set():
@@ -183,12 +318,14 @@ class InferenceWorker:
                 break
 
     def stop_fetching(self) -> None:
+        self._shutting_down = True
         self._stopping.set()
         self._slot_freed.set()
 
     async def drain(self, grace_s: float) -> None:
         """Stop taking jobs and let running ones finish (cancelled after grace_s)."""
         self.stop_fetching()
+        self._progress = "draining"
         await self.announce("draining")
         deadline = time.monotonic() + grace_s
         while self.active and time.monotonic() < deadline:
@@ -328,6 +465,15 @@ class InferenceWorker:
                 aclose = getattr(answer, "aclose", None)
                 if aclose is not None:
                     await aclose()
+        if active.cancel_reason == "requeue" and not active.acked:
+            # A switch ended it before its first token: nothing reached the client, so the
+            # job goes back to its model's queue for another worker (or this one, later).
+            active.acked = True
+            try:
+                await active.msg.nak()
+            except Exception as exc:  # noqa: BLE001 - JetStream redelivers after the ack wait
+                log.warning("nak of %s failed: %r", rid, exc)
+            return "requeued"
         usage = schemas.Usage(
             prompt_tokens=progress.prompt_tokens, completion_tokens=progress.completion_tokens
         )
