@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from api import accounts as accounts_routes
 from api import admin, conversations, metrics, models, usage
+from api import web as web_routes
 from api.admission import QueueMonitor
 from api.auth import Authenticator, authenticated
 from api.chat import chat_completions, completions, new_request_id, simple_chat
@@ -244,7 +245,7 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
         guards=[authenticated],
     )
     return Litestar(
-        route_handlers=[protected, health, prometheus_metrics, accounts_routes.login],
+        route_handlers=[protected, health, prometheus_metrics, accounts_routes.login, *web_routes.routes()],
         lifespan=[lifespan],
         middleware=[metrics.count_responses],
         dependencies={"services": Provide(_services, sync_to_thread=False)},

@@ -108,7 +108,7 @@ export function Sidebar({
               ✎
             </button>
             <button type="button" className="icon" aria-label={`Delete ${c.title ?? "conversation"}`} onClick={() => void remove(c)}>
-              🗑
+              ✕
             </button>
           </li>
         ))}

@@ -1,0 +1,118 @@
+"""The web interface in a real browser: Playwright driving Debian's chromium, against the
+whole service (API, NATS, PostgreSQL, Redis, persistence, a synthetic worker).
+
+No browser is downloaded: the tests use the installed `chromium` (./test installs it
+with apt-get when it runs as root). Without chromium, Playwright or a built interface
+the tests are skipped with the reason, except under CI=true, where they must run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import AccountsStack, accounts_stack, auth
+
+MODEL = "ui-model"
+SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
+ADMIN_RPM = 3
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"browser tests must run under CI: {reason}")
+    pytest.skip(reason)
+
+
+def chromium_path() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    executable = chromium_path()
+    if executable is None:
+        _unavailable("no chromium on this machine (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("playwright is not installed (pip install -e '.[test]')")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="session")
+def built_web() -> Path:
+    from chatq.web import WebBuildError, build
+
+    try:
+        return build()
+    except WebBuildError as exc:
+        _unavailable(f"the web interface cannot be built: {exc}")
+        raise
+
+
+@dataclass
+class Account:
+    username: str
+    password: str
+    id: int
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, built_web: Path, browser: Any) -> Iterator[AccountsStack]:
+    with accounts_stack(
+        tmp_path_factory.mktemp("ui"),
+        MODEL,
+        CHATQ_WEB_DIST=str(built_web),
+        SYNTH_TOKENS_PER_S="25",
+        SYNTH_TTFT_MS="50",
+        WORKER_SLOTS="2",
+        RATE_LIMIT_USER_RPM="0",
+        RATE_LIMIT_USER_TPM="0",
+        RATE_LIMIT_USER_CONCURRENCY="0",
+        RATE_LIMIT_ADMIN_RPM=str(ADMIN_RPM),
+        RATE_LIMIT_ADMIN_TPM="0",
+        RATE_LIMIT_ADMIN_CONCURRENCY="0",
+    ) as s:
+        yield s
+
+
+def make_user(stack: AccountsStack, username: str, role: str = "user") -> Account:
+    password = f"pw-{username}-12345"
+    created = httpx.post(
+        stack.url + "/api/users",
+        json={"username": username, "password": password, "role": role},
+        headers=auth(),
+        timeout=30,
+    )
+    assert created.status_code == 201, created.text
+    return Account(username, password, created.json()["id"])
+
+
+@pytest.fixture(scope="module")
+def alice(stack: AccountsStack) -> Account:
+    return make_user(stack, "alice")
+
+
+@pytest.fixture(scope="module")
+def root(stack: AccountsStack) -> Account:
+    return make_user(stack, "root", role="admin")
+
+
+def shoot(page: Any, name: str) -> None:
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=False)
