@@ -4,7 +4,8 @@ The API reads only what it acts on (model, stream, limits, messages), queues the
 client's body as it came, and relays the engine's own OpenAI output byte for byte.
 Nothing is sent before the engine has accepted the request, so everything the engine
 refuses (a prompt longer than the context, a bad parameter) is a 4xx, never a 200
-followed by an error event.
+followed by an error event. /api/chat excepted: its stream starts once the job is
+queued, with its place in the queue (`_stream_turn`).
 """
 
 from __future__ import annotations

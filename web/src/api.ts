@@ -134,6 +134,7 @@ export function describeError(error: unknown): string {
     case "queue_full":
       return "The queue for this model is full right now.";
     case "model_not_found":
+    case "model_unavailable":
       return "That model is not available: no worker serves it. Pick another model.";
     case "worker_lost":
     case "stream_gap":
