@@ -117,7 +117,7 @@ def gpu(index: int, total_gib: float, free_gib: float | None = None) -> GpuInfo:
 
 
 def profile(pid: str) -> Profile:
-    found = load_profiles().get(pid)
+    found = load_profiles().resolve(pid)
     assert found is not None
     return found
 
@@ -181,3 +181,47 @@ def test_without_a_gpu_only_cpu_profiles_load() -> None:
 def test_a_loaded_worker_is_judged_on_total_memory() -> None:
     # The current model holds most of the card; it is unloaded before the new one loads.
     assert check(profile("Qwen2.5-7B-Instruct"), [gpu(0, 24, free_gib=2)], loaded=True) is None
+
+
+# --- what a worker does with a profile --------------------------------------------------
+
+
+def test_a_profile_becomes_vllms_arguments(tmp_path: Path) -> None:
+    from chatq.settings import load
+    from workers.inference.vllm_engine import engine_cli_args
+
+    settings = load({"VLLM_EXTRA_ARGS": "--max-num-batched-tokens 2048"})
+    args = engine_cli_args(
+        settings, "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", on_cpu=False, profile=profile("r1-14b")
+    )
+    joined = " ".join(args)
+    assert "--served-model-name DeepSeek-R1-Distill-Qwen-14B deepseek-r1-14b r1-14b --dtype float16" in joined
+    assert "--tensor-parallel-size 2" in joined and "--gpu-memory-utilization 0.92" in joined
+    assert "--max-model-len 16384" in joined and "--enforce-eager" in joined
+    assert args[args.index("--override-generation-config") + 1] == (
+        '{"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 8192}'
+    )
+    assert "--swap-space" not in args  # vLLM 0.32 has none; passed only where it exists
+    assert "--chat-template" not in args  # a hub id: its own template, as far as chatq can tell
+    assert args[-2:] == ["--max-num-batched-tokens", "2048"]
+    awq = engine_cli_args(settings, "x", on_cpu=False, profile=profile("qwen-14b-awq"), swap_space=True)
+    assert "--quantization awq_marlin" in " ".join(awq) and "--swap-space 4" in " ".join(awq)
+    # A local model directory without a chat template gets ChatML; the bundled one keeps its own.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "tokenizer_config.json").write_text("{}")
+    smol_args = engine_cli_args(settings, bare, on_cpu=True, profile=profile("smollm2"))
+    assert "<|im_start|>" in smol_args[smol_args.index("--chat-template") + 1]
+    assert smol_args[smol_args.index("--dtype") + 1] == "float32"  # auto on CPU
+
+
+def test_require_gpu_refuses_a_host_without_one() -> None:
+    from chatq.settings import load
+    from workers.inference.app import fit_check
+
+    with pytest.raises(ConfigError, match="REQUIRE_GPU=true but NVML finds no GPU"):
+        fit_check(load({"REQUIRE_GPU": "true"}))
+    gpus, fits = fit_check(load({"INFERENCE_ENGINE": "vllm"}))
+    assert gpus == 0
+    sentence = fits(profile("Llama-3.1-8B-Instruct"), False)
+    assert sentence is not None and "this worker has no GPU" in sentence
