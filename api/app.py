@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from api import accounts as accounts_routes
 from api import admin, conversations, metrics, models, usage
+from api import asyncapi as asyncapi_routes
 from api import web as web_routes
 from api.admission import QueueMonitor
 from api.auth import Authenticator, authenticated
@@ -245,7 +246,14 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
         guards=[authenticated],
     )
     return Litestar(
-        route_handlers=[protected, health, prometheus_metrics, accounts_routes.login, *web_routes.routes()],
+        route_handlers=[
+            protected,
+            health,
+            prometheus_metrics,
+            accounts_routes.login,
+            *asyncapi_routes.ROUTES,
+            *web_routes.routes(),
+        ],
         lifespan=[lifespan],
         middleware=[metrics.count_responses],
         dependencies={"services": Provide(_services, sync_to_thread=False)},
