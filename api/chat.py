@@ -35,6 +35,7 @@ from api.openai_types import ChatRequestHead, CompletionRequestHead, InMessage, 
 from api.ratelimit import RateLimited, Ticket, estimate_prompt_tokens
 from api.relay import Relay
 from api.services import Services
+from chatq import logs
 from chatq.errors import (
     ApiError,
     DeadlineExceeded,
@@ -62,34 +63,62 @@ def new_request_id() -> str:
 
 
 class RequestLine:
-    """The one log line of a generation request, written once, when it ends."""
+    """The one log line of a generation request, written once, when it ends.
 
-    def __init__(self, request_id: str, endpoint: str) -> None:
+    Creating it tags everything the request's task logs with its id and user (and with
+    its model once known); its fields are in docs/logging.md.
+    """
+
+    # A prompt logged with LOG_PROMPTS is cut to this many characters.
+    PROMPT_CHARS = 2000
+
+    def __init__(self, request_id: str, endpoint: str, user_id: int | None = None) -> None:
         self.request_id = request_id
         self.endpoint = endpoint
-        self.model: str | None = None
+        self.user_id = user_id
+        self._model: str | None = None
+        self.ctx_len: int | None = None
+        self.prompt: str | None = None
         self.started = time.monotonic()
         self.written = False
+        logs.bind(request_id, user_id=user_id)
+
+    @property
+    def model(self) -> str | None:
+        return self._model
+
+    @model.setter
+    def model(self, model: str | None) -> None:
+        self._model = model
+        if model:
+            logs.bind(model=model)
+
+    def queued(self, job: schemas.Job, *, log_prompts: bool) -> None:
+        """What the line tells of the job: its messages, and with LOG_PROMPTS the last one."""
+        self.ctx_len = len(job.messages)
+        if log_prompts and job.messages:
+            self.prompt = job.messages[-1].content[: self.PROMPT_CHARS]
 
     def end(self, status: int, outcome: str, usage: schemas.Usage | None = None, tokens: int = 0) -> None:
         """Log the request's end (a no-op after the first call)."""
         if self.written:
             return
         self.written = True
-        if usage is not None:
-            counted = f"{usage.prompt_tokens}+{usage.completion_tokens}"
-        else:
-            counted = str(tokens) if tokens else "-"
-        log.info(
-            "%s %s model=%s status=%d outcome=%s tokens=%s duration=%.3fs",
-            self.request_id,
-            self.endpoint,
-            self.model or "-",
-            status,
-            outcome,
-            counted,
-            time.monotonic() - self.started,
-        )
+        fields: dict[str, object] = {
+            "request_id": self.request_id,
+            "user_id": self.user_id,
+            "model": self._model,
+            "endpoint": self.endpoint,
+            "status_code": status,
+            "outcome": outcome,
+            "ctx_len": self.ctx_len,
+            "input_tokens": None if usage is None else usage.prompt_tokens,
+            "output_tokens": tokens if usage is None else usage.completion_tokens,
+            "latency_ms": round((time.monotonic() - self.started) * 1000, 1),
+        }
+        if self.prompt is not None:
+            fields["prompt"] = self.prompt  # masked, as every string, by chatq.logs
+        log.info("%s %d %s", self.endpoint, status, outcome, extra=fields)
 
 
 def _ended_by(exc: BaseException) -> tuple[int, str]:
@@ -187,8 +216,9 @@ class ChatCall:
     async def open(self, job: schemas.Job) -> Relay:
         """Admit (queue depth, then the caller's rate limits) and queue the job."""
         services = self.services
-        await services.monitor.admit(job.model, job.priority)
         settings = services.settings
+        self.line.queued(job, log_prompts=settings.log_prompts)
+        await services.monitor.admit(job.model, job.priority)
         try:
             self._ticket = await services.limiter.acquire(
                 self.principal.scopes(),
@@ -306,7 +336,8 @@ async def _unless_gone(request: Request, work: Awaitable[T]) -> T:  # type: igno
 
 async def _begin(request: Request, kind: type[BodyT]) -> tuple[RequestLine, bytes, BodyT]:  # type: ignore[type-arg]
     """A new request (its id kept for error bodies), the raw body and what the API reads of it."""
-    line = RequestLine(new_request_id(), request.url.path)
+    principal: Principal | None = getattr(request.state, "principal", None)
+    line = RequestLine(new_request_id(), request.url.path, None if principal is None else principal.user_id)
     request.state.request_id = line.request_id
     request.state.chat_line = line
     raw = await request.body()

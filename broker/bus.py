@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import nats
+from faststream import BaseMiddleware
+from faststream.message import StreamMessage
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -17,9 +20,15 @@ from nats.js.errors import APIError, NotFoundError
 
 import schemas
 from broker import names
+from chatq.logs import bound
 from schemas.messages import Priority
 
 log = logging.getLogger(__name__)
+
+# Every message about one request (job, event, cancel) names it in this header, so a
+# consumer tags its log lines with the request before decoding anything. Token chunks
+# do not: their subject names the request and they are the hot path.
+REQUEST_ID_HEADER = "Chatq-Request-Id"
 
 # Unread token stream kept per request before its reader counts as too slow (4 MiB).
 DEFAULT_STREAM_BUFFER_BYTES = 4 << 20
@@ -193,7 +202,7 @@ class Bus:
                 names.job_subject(job.model, job.priority),
                 schemas.encode(job),
                 stream=names.JOBS_STREAM,
-                headers={"Nats-Msg-Id": job.request_id},
+                headers={"Nats-Msg-Id": job.request_id, REQUEST_ID_HEADER: job.request_id},
             )
         except APIError as exc:
             # 10077: maximum messages exceeded (discard=new, per subject or in total)
@@ -218,7 +227,10 @@ class Bus:
                     names.event_subject(str(kind)),
                     schemas.encode(event),
                     stream=names.EVENTS_STREAM,
-                    headers={"Nats-Msg-Id": f"{event.request_id}:{kind}"},
+                    headers={
+                        "Nats-Msg-Id": f"{event.request_id}:{kind}",
+                        REQUEST_ID_HEADER: event.request_id,
+                    },
                 )
                 return
             except Exception:
@@ -229,7 +241,9 @@ class Bus:
 
     async def publish_cancel(self, request_id: str, reason: str) -> None:
         cancel = schemas.Cancel(request_id=request_id, reason=reason)  # type: ignore[arg-type]
-        await self.nc.publish(names.cancel_subject(request_id), schemas.encode(cancel))
+        await self.nc.publish(
+            names.cancel_subject(request_id), schemas.encode(cancel), headers={REQUEST_ID_HEADER: request_id}
+        )
 
     async def publish_stream(self, request_id: str, message: schemas.StreamMsg) -> None:
         await self.nc.publish(names.stream_subject(request_id), schemas.encode(message))
@@ -266,3 +280,16 @@ class Bus:
     async def close(self) -> None:
         if not self.nc.is_closed:
             await self.nc.drain()
+
+
+class RequestContext(BaseMiddleware):
+    """FastStream middleware: what a handler logs names the request its message is about."""
+
+    async def consume_scope(
+        self, call_next: Callable[[StreamMessage[Any]], Awaitable[Any]], msg: StreamMessage[Any]
+    ) -> Any:
+        request_id = msg.headers.get(REQUEST_ID_HEADER) if msg.headers else None
+        if not request_id:
+            return await call_next(msg)
+        with bound(str(request_id)):
+            return await call_next(msg)

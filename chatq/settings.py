@@ -34,6 +34,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     home: Path
     dev_mode: bool
+    # LOG_PROMPTS: the API's request line carries the prompt's last message (masked).
+    log_prompts: bool = False
     nats_url: str
     embedded_nats: bool
     database_url: str | None
@@ -230,6 +232,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         home=home,
         dev_mode=dev_mode,
+        log_prompts=env.flag("LOG_PROMPTS", False),
         nats_url=env.text("NATS_URL", "nats://127.0.0.1:4222"),
         embedded_nats=env.flag("CHATQ_EMBEDDED_NATS", True),
         database_url=env.optional("DATABASE_URL"),

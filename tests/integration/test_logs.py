@@ -1,57 +1,83 @@
-"""What `./logs` shows: real API and worker processes (synthetic engine) and their log files.
+"""What the logs show: real API, worker and persistence processes (synthetic engine,
+PostgreSQL, Redis, NATS) and their log files.
 
-The API logs a start line and exactly one line per generation request when it ends, with
-its request id, whatever the ending (answered, refused, client gone); no process writes
-colour codes.
+Every line is one JSON object with the same first keys; the API writes exactly one line
+per generation request when it ends, with its id, user, model, tokens, status and
+latency, whatever the ending; `./logs --request ID` collects one request's lines from
+every process in time order; secrets and personal details never reach a file, and the
+prompt only with LOG_PROMPTS=true.
 """
 
 from __future__ import annotations
 
-import re
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.helpers import Proc, Stack, auth, sse_events, synthetic_stack
+from tests.helpers import ROOT, AccountsStack, Proc, accounts_stack, auth, login, sse_events, start_api
 
 MODEL = "synthetic-model"
-# timestamp, level, service, logger: message
-LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+) (\S+): ")
+KEYS = ["ts", "level", "service", "logger", "msg"]
+# Each kind of secret, as a user might paste it into a prompt, and what must never be logged.
+SECRETS = {
+    "email": ("mail carol.jones@example.org", "carol.jones@example.org"),
+    "phone": ("phone +44 20 7946 0958", "7946 0958"),
+    "bearer": ("Authorization: Bearer abcdefghijklmnopqrstuvwxyz", "abcdefghijklmnopqrstuvwxyz"),
+    "key": ("my key cq-ZZZZyyyyXXXXwwwwVVVVuuuu0000", "cq-ZZZZyyyyXXXXwwwwVVVVuuuu0000"),
+    "jwt": ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiI5OSJ9.c2lnbmF0dXJlc2lnbmF0dXJl", "eyJzdWIiOiI5OSJ9"),
+    "password": ('{"password": "correct horse battery"}', "correct horse battery"),
+}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with synthetic_stack(
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
+    with accounts_stack(
         tmp_path_factory.mktemp("logs"),
         MODEL,
         CHATQ_MODELS=MODEL,
         SYNTH_TOKENS_PER_S="50",
         SYNTH_TTFT_MS="20",
+        # DEBUG: the worker's line per job and persistence's line per event, so that one
+        # request can be followed through every process.
+        LOG_LEVEL="DEBUG",
+        LOG_PROMPTS="true",
     ) as stack:
         yield stack
 
 
-def request_lines(proc: Proc, request_id: str, timeout: float = 10) -> list[str]:
-    """The log lines naming a request, once there is at least one (then a moment more)."""
+def proc(stack: AccountsStack, name: str) -> Proc:
+    return next(p for p in stack.procs if p.name == name)
+
+
+def records(p: Proc) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in p.log.read_text(errors="replace").splitlines()]
+
+
+def request_lines(p: Proc, request_id: str, timeout: float = 10) -> list[dict[str, Any]]:
+    """The API's request lines for a request, once there is one (then a moment more)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [line for line in proc.log.read_text(errors="replace").splitlines() if request_id in line]
-        if found:
+        if any(r.get("request_id") == request_id and "status_code" in r for r in records(p)):
             time.sleep(0.3)  # a second line, if there were one, would be here by now
-            return [line for line in proc.log.read_text(errors="replace").splitlines() if request_id in line]
+            return [r for r in records(p) if r.get("request_id") == request_id and "status_code" in r]
         time.sleep(0.05)
-    raise TimeoutError(f"no log line for {request_id}:\n{proc.tail()}")
+    raise TimeoutError(f"no request line for {request_id}:\n{p.tail()}")
 
 
-def one_line(proc: Proc, request_id: str) -> str:
-    lines = request_lines(proc, request_id)
+def one_line(stack: AccountsStack, request_id: str) -> dict[str, Any]:
+    lines = request_lines(proc(stack, "api0"), request_id)
     assert len(lines) == 1, lines
     line = lines[0]
-    match = LINE.match(line)
-    assert match, line
-    assert match.group(1, 2, 3) == ("INFO", "api", "chatq.api")
+    assert list(line)[:5] == KEYS, line
+    assert (line["level"], line["service"], line["logger"]) == ("INFO", "api", "chatq.api")
     return line
 
 
@@ -59,16 +85,44 @@ def chat(content: str, **extra: object) -> dict[str, object]:
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 10, **extra}
 
 
-def test_the_api_logs_a_start_line(stack: Stack) -> None:
-    text = stack.api.log.read_text()
+def logs_cli(stack: AccountsStack, *args: str) -> subprocess.CompletedProcess[str]:
+    """./logs, reading the stack's log folder (CHATQ_HOME/logs)."""
+    env = {**os.environ, "CHATQ_HOME": str(stack.logdir.parent)}
+    return subprocess.run(
+        [sys.executable, "-m", "chatq.cli", "logs", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_every_line_of_every_process_is_one_json_object(stack: AccountsStack) -> None:
+    httpx.post(
+        stack.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, headers=auth()
+    )
+    for p in stack.procs:
+        text = p.log.read_text(errors="replace")
+        assert "\x1b[" not in text, f"{p.name}: {text}"
+        service = "api" if p.name.startswith("api") else p.name
+        lines = records(p)  # raises on a line that is not JSON
+        assert lines, p.name
+        for line in lines:
+            assert list(line)[:5] == KEYS, line
+            assert line["service"] == service, line
+
+
+def test_the_api_logs_a_start_line(stack: AccountsStack) -> None:
     port = stack.url.rsplit(":", 1)[1]
-    start = [line for line in text.splitlines() if "listening on" in line]
-    assert len(start) == 1, text
-    assert LINE.match(start[0]), start[0]
-    assert re.search(rf"chatq api \S+ listening on 127\.0\.0\.1:{port}; models: {MODEL}$", start[0]), start[0]
+    start = [r for r in records(proc(stack, "api0")) if "listening on" in r["msg"]]
+    assert len(start) == 1, start
+    assert start[0]["msg"].startswith("chatq api ")
+    assert start[0]["msg"].endswith(f" listening on 127.0.0.1:{port}; models: {MODEL}")
 
 
-def test_a_streamed_request_is_one_line(stack: Stack) -> None:
+def test_a_streamed_request_is_one_line_with_its_numbers(stack: AccountsStack) -> None:
     with httpx.stream(
         "POST",
         stack.url + "/v1/chat/completions",
@@ -80,36 +134,25 @@ def test_a_streamed_request_is_one_line(stack: Stack) -> None:
         request_id = resp.headers["X-Request-Id"]
         events = list(sse_events(resp.iter_lines()))
     assert events[-1].data == "[DONE]"
-    line = one_line(stack.api, request_id)
-    assert re.search(
-        rf"{request_id} /v1/chat/completions model={MODEL} status=200 outcome=completed "
-        r"tokens=\d+\+10 duration=\d+\.\d{3}s$",
-        line,
-    ), line
+    usage = json.loads(events[-2].data)["usage"]
+    line = one_line(stack, request_id)
+    assert line["msg"] == "/v1/chat/completions 200 completed"
+    assert line["request_id"] == request_id
+    assert line["user_id"] is None  # a service key
+    assert line["model"] == MODEL
+    assert (line["status_code"], line["outcome"], line["ctx_len"]) == (200, "completed", 1)
+    assert (line["input_tokens"], line["output_tokens"]) == (usage["prompt_tokens"], 10)
+    assert line["latency_ms"] > 0
 
 
-def test_a_whole_answer_is_one_line(stack: Stack) -> None:
+def test_a_whole_answer_is_one_line(stack: AccountsStack) -> None:
     resp = httpx.post(
         stack.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 5}, headers=auth()
     )
     assert resp.status_code == 200, resp.text
-    line = one_line(stack.api, resp.headers["X-Request-Id"])
-    assert " /v1/completions " in line and " status=200 outcome=completed " in line
-    assert re.search(r" tokens=\d+\+5 ", line), line
-
-
-def test_the_simple_endpoint_is_one_line(stack: Stack) -> None:
-    with httpx.stream(
-        "POST",
-        stack.url + "/api/chat",
-        json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 5},
-        headers=auth(),
-    ) as resp:
-        assert resp.status_code == 200
-        request_id = resp.headers["X-Request-Id"]
-        resp.read()
-    line = one_line(stack.api, request_id)
-    assert f" /api/chat model={MODEL} status=200 outcome=completed " in line
+    line = one_line(stack, resp.headers["X-Request-Id"])
+    assert (line["endpoint"], line["status_code"], line["outcome"]) == ("/v1/completions", 200, "completed")
+    assert line["output_tokens"] == 5
 
 
 @pytest.mark.parametrize(
@@ -123,15 +166,17 @@ def test_the_simple_endpoint_is_one_line(stack: Stack) -> None:
     ],
 )
 def test_a_refused_request_is_one_line(
-    stack: Stack, body: dict[str, object], status: int, outcome: str | None
+    stack: AccountsStack, body: dict[str, object], status: int, outcome: str | None
 ) -> None:
     resp = httpx.post(stack.url + "/v1/chat/completions", json=body, headers=auth(), timeout=30)
     assert resp.status_code == status, resp.text
-    line = one_line(stack.api, resp.headers["X-Request-Id"])
-    assert f" status={status} outcome={outcome or resp.json()['error']['code']} " in line, line
+    line = one_line(stack, resp.headers["X-Request-Id"])
+    assert line["status_code"] == status
+    assert line["outcome"] == (outcome or resp.json()["error"]["code"])
+    assert line["output_tokens"] == 0 and line["input_tokens"] is None
 
 
-def test_a_client_that_leaves_mid_stream_is_one_line(stack: Stack) -> None:
+def test_a_client_that_leaves_mid_stream_is_one_line(stack: AccountsStack) -> None:
     with httpx.stream(
         "POST",
         stack.url + "/v1/chat/completions",
@@ -141,17 +186,71 @@ def test_a_client_that_leaves_mid_stream_is_one_line(stack: Stack) -> None:
     ) as resp:
         request_id = resp.headers["X-Request-Id"]
         next(iter(sse_events(resp.iter_lines())))
-    line = one_line(stack.api, request_id)
-    assert " status=200 outcome=disconnected " in line, line
-    assert re.search(r" tokens=\d+ ", line), line
+    line = one_line(stack, request_id)
+    assert (line["status_code"], line["outcome"]) == (200, "disconnected")
+    assert line["output_tokens"] < 2000
 
 
-def test_no_process_writes_colours(stack: Stack) -> None:
-    for proc in (stack.api, stack.worker):
-        text = proc.log.read_text(errors="replace")
-        assert "\x1b[" not in text, f"{proc.name}: {text}"
-        # Every line chatq wrote has the one format (tracebacks aside).
-        ours = [line for line in text.splitlines() if LINE.match(line)]
-        assert ours, text
-        services = {LINE.match(line).group(2) for line in ours}  # type: ignore[union-attr]
-        assert services == {proc.name}, services
+def test_one_request_is_followed_through_every_process(stack: AccountsStack) -> None:
+    created = httpx.post(
+        stack.url + "/api/users",
+        json={"username": "dora", "password": "pw-dora-12345"},
+        headers=auth(),
+        timeout=30,
+    )
+    assert created.status_code == 201, created.text
+    headers = login(stack.url, "dora", "pw-dora-12345")
+    with httpx.stream(
+        "POST", stack.url + "/api/chat", json={"message": "hi", "max_tokens": 5}, headers=headers, timeout=30
+    ) as resp:
+        assert resp.status_code == 200
+        request_id = resp.headers["X-Request-Id"]
+        resp.read()
+    line = one_line(stack, request_id)
+    assert line["user_id"] == created.json()["id"]
+    assert (line["endpoint"], line["outcome"], line["output_tokens"]) == ("/api/chat", "completed", 5)
+    # The worker's and persistence's lines carry the id they got in the message headers.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        shown = logs_cli(stack, "--request", request_id, "--json")
+        found = [json.loads(text) for text in shown.stdout.splitlines()]
+        if {"api", "worker", "persistence"} <= {r["service"] for r in found}:
+            break
+        time.sleep(0.2)
+    assert {"api", "worker", "persistence"} <= {r["service"] for r in found}, shown.stdout
+    assert all(request_id in (r.get("request_id"), None) or request_id in r["msg"] for r in found)
+    assert [r["ts"] for r in found] == sorted(r["ts"] for r in found)
+    worker = [r for r in found if r["service"] == "worker"]
+    assert all(r["user_id"] == created.json()["id"] and r["model"] == MODEL for r in worker), worker
+    # For people: one line each, local time, service, level, logger and message.
+    pretty = logs_cli(stack, "--request", request_id).stdout.splitlines()
+    assert len(pretty) == len(found)
+    assert any(" api INFO chatq.api: /api/chat 200 completed " in text for text in pretty), pretty
+    assert logs_cli(stack, "--request", "chatcmpl-nothing-like-it").returncode == 1
+
+
+def test_prompts_are_logged_masked_with_log_prompts(stack: AccountsStack) -> None:
+    prompt = " and ".join(text for text, _ in SECRETS.values())
+    resp = httpx.post(stack.url + "/v1/chat/completions", json=chat(prompt), headers=auth(), timeout=30)
+    assert resp.status_code == 200, resp.text
+    line = one_line(stack, resp.headers["X-Request-Id"])
+    for kind in ("email", "phone", "key", "jwt"):
+        assert f"[{kind}]" in line["prompt"], line["prompt"]
+    assert "Bearer [token]" in line["prompt"] and '"password": "[masked]"' in line["prompt"]
+    time.sleep(1)  # persistence has written (and, at DEBUG, logged) the events
+    for p in stack.procs:
+        text = p.log.read_text(errors="replace")
+        for kind, (_, secret) in SECRETS.items():
+            assert secret not in text, f"{kind} in {p.name}'s log"
+
+
+def test_prompts_are_not_logged_without_log_prompts(stack: AccountsStack, tmp_path: Path) -> None:
+    api, url = start_api({**stack.env, "LOG_PROMPTS": "false"}, tmp_path, name="quiet-api")
+    try:
+        resp = httpx.post(url + "/v1/chat/completions", json=chat("secret plans"), headers=auth(), timeout=30)
+        assert resp.status_code == 200, resp.text
+        lines = request_lines(api, resp.headers["X-Request-Id"])
+    finally:
+        api.stop()
+    assert len(lines) == 1 and "prompt" not in lines[0], lines
+    assert "secret plans" not in api.log.read_text()

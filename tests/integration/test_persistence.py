@@ -359,7 +359,9 @@ async def test_an_event_postgres_refuses_is_dead_lettered_after_bounded_tries(
     assert letter.headers[SUBJECT_HEADER] == names.event_subject("completed")
     assert "NumericValueOutOfRange" in letter.headers[ERROR_HEADER]
     assert "out of range" in letter.headers[ERROR_HEADER]
-    line = await asyncio.to_thread(wait_log, env.worker, r"ERROR .*dead-lettered the completed event of r6")
+    line = await asyncio.to_thread(
+        wait_log, env.worker, r'"level":"ERROR".*dead-lettered the completed event of r6'
+    )
     assert "out of range" in line and f"after {MAX_DELIVER} tries" in line
     # Terminated, not redelivered: nothing is left pending or in flight.
     await wait_settled(js)
@@ -383,7 +385,9 @@ async def test_statement_timeout_turns_a_blocked_write_into_a_retry(
         await locker.execute("SELECT 1 FROM requests WHERE request_id = 'r8' FOR UPDATE")
         await publish(js, completed("r8", tokens=9))
         line = await asyncio.to_thread(
-            wait_log, env.worker, r"WARNING .*QueryCanceled.*statement timeout.*completed event of r8"
+            wait_log,
+            env.worker,
+            r'"level":"WARNING".*QueryCanceled.*statement timeout.*completed event of r8',
         )
         assert "retrying" in line
         await asyncio.sleep(STATEMENT_TIMEOUT_MS / 1000 * MAX_DELIVER + 1)  # longer than bounded tries
@@ -732,7 +736,9 @@ async def test_a_title_job_the_queue_refuses_is_logged_and_the_turn_is_stored(
         await publish(js, first)
         await publish(js, first_done)
         line = await asyncio.to_thread(
-            wait_log, env.worker, rf"WARNING .*could not queue the title job of conversation {conversation}"
+            wait_log,
+            env.worker,
+            rf'"level":"WARNING".*could not queue the title job of conversation {conversation}',
         )
         assert "maximum messages" in line
         await wait_settled(js)
@@ -764,6 +770,10 @@ async def test_the_timeouts_reach_the_session(env: Env) -> None:
 def test_the_worker_log_is_plain(env: Env) -> None:
     text = env.worker.log.read_text(errors="replace")
     assert "\x1b[" not in text
-    assert re.search(r"INFO persistence chatq\.persistence: persistence worker started", text), text
+    assert re.search(
+        r'"level":"INFO","service":"persistence","logger":"chatq\.persistence",'
+        r'"msg":"persistence worker started',
+        text,
+    ), text
     # FastStream's two lines per message are not shown at INFO.
     assert "Received" not in text and "Processed" not in text

@@ -19,7 +19,8 @@ from nats.js.kv import KeyValue
 
 import schemas
 from broker import names, topology
-from broker.bus import Bus
+from broker.bus import REQUEST_ID_HEADER, Bus
+from chatq import logs
 from chatq.profiles import Profile, ProfileSet
 from schemas.messages import FinishReason, Priority, SwitchReply
 from workers.inference import metrics
@@ -344,7 +345,8 @@ class InferenceWorker:
         try:
             job = schemas.decode_job(msg.data)
         except Exception as exc:  # noqa: BLE001 - any malformed payload is dropped
-            log.error("dropping malformed job (%r)", exc)
+            rid = (msg.headers or {}).get(REQUEST_ID_HEADER)
+            log.error("dropping malformed job (%r)", exc, extra={"request_id": rid} if rid else None)
             self.spawn(msg.term())
             return
         now = time.time()
@@ -380,6 +382,8 @@ class InferenceWorker:
     async def _run_job(self, active: ActiveRequest) -> None:
         job = active.job
         rid = job.request_id
+        # This task's log lines (and those of the tasks it starts) name the request.
+        logs.bind(rid, user_id=job.meta.user_id if job.meta else None, model=job.model)
         outcome = "completed"
         try:
             if job.deadline < time.time():
@@ -414,6 +418,7 @@ class InferenceWorker:
                 await self._ack(active)
                 await self._fail(active, "engine_error", "the engine failed on this request")
         finally:
+            log.debug("job %s in %.0f ms", outcome, (time.monotonic() - active.fetched_at) * 1000)
             active.chunks.close()
             self.active.pop(rid, None)
             metrics.ACTIVE.labels(**self._labels).set(len(self.active))
@@ -569,7 +574,9 @@ class InferenceWorker:
             log.warning("ignoring a malformed cancel message")
             return
         if self.cancel(cancel.request_id, cancel.reason):
-            log.info("cancelled %s (%s)", cancel.request_id, cancel.reason)
+            log.info(
+                "cancelled %s (%s)", cancel.request_id, cancel.reason, extra={"request_id": cancel.request_id}
+            )
 
     async def _housekeeping(self) -> None:
         """Stream heartbeats, in_progress for long prefills, and the KV status."""

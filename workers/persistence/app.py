@@ -26,7 +26,7 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 
 import schemas
 from broker import names, topology
-from broker.bus import Bus
+from broker.bus import Bus, RequestContext
 from workers.persistence.store import Store, is_transient
 from workers.persistence.titles import TitleSource, title_job
 
@@ -108,6 +108,8 @@ def build_app(
         name="chatq-persistence",
         logger=faststream_log,
         log_level=logging.DEBUG,
+        # Each event's Chatq-Request-Id header tags what is logged while handling it.
+        middlewares=[RequestContext],
     )
     app = FastStream(broker, logger=log)
     tally = Tally()
@@ -181,7 +183,7 @@ def build_app(
                 names.job_subject(job.model, job.priority),
                 schemas.encode(job),
                 stream=names.JOBS_STREAM,
-                headers={"Nats-Msg-Id": job.request_id},
+                headers={"Nats-Msg-Id": job.request_id, REQUEST_ID_HEADER: job.request_id},
             )
         except Exception as exc:  # noqa: BLE001 - NATS trouble or a full queue: no title
             log.warning(
