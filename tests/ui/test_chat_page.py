@@ -153,13 +153,19 @@ def test_reload_and_continue_an_old_conversation(page: Any, stack: AccountsStack
     wait_answer_done(page)
     page.wait_for_url(re.compile(r"/c/[0-9a-f-]{36}$"))
     conversation_id = page.url.rsplit("/", 1)[1]
+    headers = login(stack.url, alice.username, alice.password)
+    deadline = time.monotonic() + 15  # the persistence worker stores the turn just after it ends
+    while time.monotonic() < deadline:
+        got = httpx.get(f"{stack.url}/api/conversations/{conversation_id}", headers=headers, timeout=10)
+        if len(got.json()["messages"]) >= 2:
+            break
+        time.sleep(0.2)
     page.reload()
     page.locator('article[data-role="assistant"]').first.wait_for()
     assert "the first answer" in page.locator('article[data-role="assistant"]').first.inner_text()
     send(page, "!say the second answer")
     wait_answer_done(page)
     assert page.locator('article[data-role="assistant"]').count() == 2
-    headers = login(stack.url, alice.username, alice.password)
     stored = httpx.get(f"{stack.url}/api/conversations/{conversation_id}", headers=headers, timeout=10).json()
     contents = [m["content"] for m in stored["messages"]]
     assert contents[:2] == ["!say the first answer", "the first answer"]
