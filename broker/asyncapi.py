@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from broker import names, status, topology
+from broker import bus, names, status, topology
 from schemas import messages
 from schemas import status as status_schemas
 
@@ -85,6 +85,8 @@ class Subject:
     # Request/reply: the messages chatq answers with on the request's reply subject.
     replies: tuple[type[msgspec.Struct], ...] = ()
     summary: str = ""
+    # NATS headers its messages carry: name → meaning (the first subject of a message says).
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def members(union: Any) -> tuple[type[msgspec.Struct], ...]:
@@ -128,6 +130,13 @@ def _events_text() -> str:
     )
 
 
+# The headers bus.publish_event sets on every event.
+EVENT_HEADERS = {
+    "Nats-Msg-Id": "`<request id>:<kind>`: JetStream's de-duplication key",
+    bus.REQUEST_ID_HEADER: "the event's request id, readable without decoding the body",
+}
+
+
 def _event_subjects() -> list[Subject]:
     shared = _events_text()
     subjects = []
@@ -142,6 +151,7 @@ def _event_subjects() -> list[Subject]:
                 summary=EVENT_TEXT.get(tag) or (struct.__doc__ or "").strip(),
                 description=shared,
                 action="send",
+                headers=EVENT_HEADERS,
             )
         )
     return subjects
@@ -259,7 +269,12 @@ def _ref(*path: str) -> dict[str, str]:
     return {"$ref": "#/" + "/".join(path)}
 
 
-def _message(struct: type[msgspec.Struct]) -> dict[str, Any]:
+def _headers(headers: Mapping[str, str]) -> dict[str, Any]:
+    properties = {name: {"type": "string", "description": text} for name, text in headers.items()}
+    return {"type": "object", "properties": properties}
+
+
+def _message(struct: type[msgspec.Struct], headers: Mapping[str, str]) -> dict[str, Any]:
     name = struct.__name__
     tag = tag_of(struct)
     message: dict[str, Any] = {
@@ -268,6 +283,8 @@ def _message(struct: type[msgspec.Struct]) -> dict[str, Any]:
         "contentType": CONTENT_TYPE,
         "payload": _ref("components", "schemas", name),
     }
+    if headers:
+        message["headers"] = _headers(headers)
     if tag is not None:
         message["summary"] = f"{TAG_FIELD} = {tag!r}"
     doc = (struct.__doc__ or "").strip()
@@ -296,6 +313,10 @@ def _servers(nats_url: str | None) -> dict[str, Any]:
 def document(*, version: str, nats_url: str | None = None) -> dict[str, Any]:
     """The AsyncAPI 3.0 document, as JSON-ready data; `nats_url` names the server (no credentials)."""
     listed = subjects()
+    headers: dict[type[msgspec.Struct], Mapping[str, str]] = {}
+    for subject in listed:
+        for struct in subject.messages:
+            headers.setdefault(struct, subject.headers)
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
     for subject in listed:
@@ -348,7 +369,7 @@ def document(*, version: str, nats_url: str | None = None) -> dict[str, Any]:
         "channels": channels,
         "operations": operations,
         "components": {
-            "messages": {s.__name__: _message(s) for s in structs(listed)},
+            "messages": {s.__name__: _message(s, headers.get(s, {})) for s in structs(listed)},
             "schemas": schemas_of(listed),
         },
     }

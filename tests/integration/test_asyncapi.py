@@ -16,7 +16,7 @@ import pytest
 from faststream.specification.asyncapi.v3_0_0.schema import ApplicationSchema
 
 import schemas
-from broker import asyncapi, names, topology
+from broker import asyncapi, bus, names, topology
 from chatq.servers import NatsServer
 from schemas import messages, status
 from tests.helpers import Proc, base_env, start_api
@@ -129,6 +129,8 @@ def test_every_event_kind_has_its_subject_and_the_stream_is_described(doc: dict[
         assert "EVENTS" in channel["description"]
         assert "7 days" in channel["description"]
         assert f"`{persistence.DURABLE}`" in channel["description"]  # the consumer name not to take
+        headers = doc["components"]["messages"][struct.__name__]["headers"]["properties"]
+        assert set(headers) == {"Nats-Msg-Id", bus.REQUEST_ID_HEADER}
     assert topology.events_stream_config().max_age == 7 * 24 * 3600.0
     workers = by_address[f"$KV.{names.WORKERS_BUCKET}.{{worker}}"]
     assert list(workers["messages"]) == ["WorkerStatus"]
