@@ -545,6 +545,11 @@ async def _chat_turn(
         messages = [schemas.ChatMessage(role="system", content=body.system_prompt), *new]
     previous: str | None = None
     conversation_id: str | None = None
+    if body.replace_last and conversation is None:
+        raise InvalidRequest(
+            "`replace_last` replaces the last turn of a conversation: send its `conversation_id`",
+            param="replace_last",
+        )
     if user_id is not None:
         if conversation is None:
             system_prompt = body.system_prompt or prefs.system_prompt
@@ -567,7 +572,9 @@ async def _chat_turn(
             await conversations.wait_for_turn(services, previous)
             stored_prompt = conversation["system_prompt"]
             system_prompt = body.system_prompt or (stored_prompt if isinstance(stored_prompt, str) else None)
-            history, position = await conversations.history(services, conversation_id)
+            history, position = await conversations.history(
+                services, conversation_id, without=previous if body.replace_last else None
+            )
         await conversations.claim(services, user_id, conversation_id, previous, call.request_id)
         system = [schemas.ChatMessage(role="system", content=system_prompt)] if system_prompt else []
         budget = settings.vllm_max_model_len - (max_tokens or settings.default_max_tokens)
@@ -579,6 +586,7 @@ async def _chat_turn(
             position=position,
             answer_position=position + len(new),
             priority=body.priority or "interactive",
+            replaces=previous if body.replace_last else None,
         )
         call.prelude = (
             b"event: conversation\ndata: "

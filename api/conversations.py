@@ -221,24 +221,30 @@ def fit_history(
     return [*system, *kept, *new]
 
 
-async def history(services: Services, conversation_id: str) -> tuple[list[ChatMessage], int]:
-    """The stored messages of a conversation for its next prompt, and the next free position.
+async def history(
+    services: Services, conversation_id: str, *, without: str | None = None
+) -> tuple[list[ChatMessage], int]:
+    """The stored messages of a conversation for its next prompt, and where the turn goes.
 
     A turn that failed left its question without an answer: it is not sent again.
+    `without`: the request whose turn the new one replaces; its messages are left out and
+    the new turn takes their place.
     """
     async with services.db() as conn:
         cur = await conn.execute(
-            "SELECT m.position, m.role, m.content, COALESCE(r.status, 'completed') FROM messages m "
-            "LEFT JOIN requests r ON r.request_id = m.request_id "
+            "SELECT m.position, m.role, m.content, COALESCE(r.status, 'completed'), m.request_id "
+            "FROM messages m LEFT JOIN requests r ON r.request_id = m.request_id "
             "WHERE m.conversation_id = %s ORDER BY m.position",
             (conversation_id,),
         )
         rows = await cur.fetchall()
+    kept = [row for row in rows if row[4] != without]
     messages = [
-        ChatMessage(role=role, content=content) for _, role, content, status in rows if status != "failed"
+        ChatMessage(role=role, content=content) for _, role, content, status, _ in kept if status != "failed"
     ]
-    next_position = rows[-1][0] + 1 if rows else 0
-    return messages, next_position
+    replaced = [row[0] for row in rows if row[4] == without]
+    position = min(replaced) if replaced else (rows[-1][0] + 1 if rows else 0)
+    return messages, position
 
 
 # --- routes -----------------------------------------------------------------------------------

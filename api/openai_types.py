@@ -88,6 +88,9 @@ class SimpleChatRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
     system_prompt: Annotated[str, msgspec.Meta(max_length=20_000)] | None = None
     priority: Literal["interactive", "background"] | None = None
+    # Replace the conversation's last turn (its question and answer) with this one:
+    # regenerate an answer, or edit and resend the last question.
+    replace_last: bool = False
 
 
 class ModelCard(msgspec.Struct):

@@ -54,6 +54,9 @@ class RequestMeta(msgspec.Struct, frozen=True, omit_defaults=True):
     answer_position: int = ANSWER_POSITION
     purpose: Purpose = "chat"
     priority: Priority = "interactive"
+    # A turn that replaces the conversation's last one (regenerate, edit and resend): the
+    # messages of this earlier request are removed when this turn's are stored.
+    replaces: str | None = None
 
 
 # --- chat.jobs.<model>.<priority> (JetStream JOBS) -------------------------------------

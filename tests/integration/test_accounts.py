@@ -277,6 +277,26 @@ def test_back_to_back_turns_each_see_the_whole_history(stack: AccountsStack, ali
     assert answer["token_out"] == 6 and answer["token_in"] == words(questions[0])
 
 
+def test_regenerate_and_edit_replace_the_last_turn(stack: AccountsStack, alice: User) -> None:
+    first = chat(stack.url, alice.headers, "one question", max_tokens=4)
+    cid = first.conversation_id
+    second = chat(stack.url, alice.headers, "second question", cid, max_tokens=4)
+    # Regenerate: the same question again, without the old answer in the prompt.
+    again = chat(stack.url, alice.headers, "second question", cid, max_tokens=5, replace_last=True)
+    assert again.usage["prompt_tokens"] == words("one question", first.text, "second question")
+    # Edit and resend: another question in its place.
+    edited = chat(stack.url, alice.headers, "an edited question", cid, max_tokens=4, replace_last=True)
+    assert edited.usage["prompt_tokens"] == words("one question", first.text, "an edited question")
+    stored = httpx.get(f"{stack.url}/api/conversations/{cid}", headers=alice.headers).json()["messages"]
+    assert [m["content"] for m in stored] == ["one question", first.text, "an edited question", edited.text]
+    assert [m["position"] for m in stored] == [0, 1, 2, 3]
+    assert second.text not in [m["content"] for m in stored] or second.text == edited.text
+    r = httpx.post(
+        stack.url + "/api/chat", json={"message": "x", "replace_last": True}, headers=alice.headers
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "replace_last"
+
+
 def test_the_system_prompt_from_settings_is_used_and_kept(stack: AccountsStack, bob: User) -> None:
     system = "you are a terse assistant"
     r = httpx.put(

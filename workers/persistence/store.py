@@ -61,6 +61,7 @@ INSERT INTO messages (request_id, position, role, content, conversation_id, toke
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (request_id, position) DO NOTHING
 """
+_REPLACED = "DELETE FROM messages WHERE request_id = %s AND conversation_id = %s::uuid"
 # Whether the conversation is still there (a deleted one took its messages with it).
 _CONVERSATION = "SELECT 1 FROM conversations WHERE id = %s::uuid"
 # The event's own time, not now(): the same event applied twice leaves the same value.
@@ -271,6 +272,9 @@ class Store:
             if await cur.fetchone() is None:
                 return False
             await conn.execute(_TOUCH, (_ts(event.time), conversation))
+            if meta.replaces is not None:
+                # This turn replaces an earlier one (regenerate, edit): its messages go.
+                await conn.execute(_REPLACED, (meta.replaces, conversation))
         if isinstance(event, schemas.Accepted):
             # A conversation turn's new message(s) from meta.position on; else the whole prompt.
             first = meta.position if conversation is not None else 0
