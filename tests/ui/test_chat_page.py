@@ -148,6 +148,35 @@ def test_stop_cancels_the_answer_and_the_worker_aborts_it(page: Any, stack: Acco
     assert page.get_by_role("button", name="Regenerate").is_visible()
 
 
+def test_regenerate_replaces_the_last_answer_on_the_page_and_in_the_conversation(
+    page: Any, stack: AccountsStack, alice: Account
+) -> None:
+    send(page, "!say the first answer")
+    wait_answer_done(page)
+    page.wait_for_url(re.compile(r"/c/[0-9a-f-]{36}$"))
+    conversation_id = page.url.rsplit("/", 1)[1]
+    headers = login(stack.url, alice.username, alice.password)
+
+    def stored() -> list[dict[str, Any]]:
+        deadline = time.monotonic() + 15
+        while True:
+            got = httpx.get(f"{stack.url}/api/conversations/{conversation_id}", headers=headers, timeout=10)
+            messages: list[dict[str, Any]] = got.json()["messages"]
+            if len(messages) >= 2 or time.monotonic() > deadline:
+                return messages
+            time.sleep(0.2)
+
+    assert len(stored()) == 2
+    page.get_by_role("button", name="Regenerate").first.click()
+    wait_answer_done(page)
+    assert page.locator('article[data-role="user"]').count() == 1
+    assert page.locator('article[data-role="assistant"]').count() == 1
+    time.sleep(1.0)  # the new turn is stored a moment after it ends
+    messages = stored()
+    assert [m["role"] for m in messages] == ["user", "assistant"], messages
+    assert messages[0]["content"] == "!say the first answer"
+
+
 def test_reload_and_continue_an_old_conversation(page: Any, stack: AccountsStack, alice: Account) -> None:
     send(page, "!say the first answer")
     wait_answer_done(page)
@@ -166,8 +195,13 @@ def test_reload_and_continue_an_old_conversation(page: Any, stack: AccountsStack
     send(page, "!say the second answer")
     wait_answer_done(page)
     assert page.locator('article[data-role="assistant"]').count() == 2
-    stored = httpx.get(f"{stack.url}/api/conversations/{conversation_id}", headers=headers, timeout=10).json()
-    contents = [m["content"] for m in stored["messages"]]
+    deadline = time.monotonic() + 15  # stored a moment after the answer ends
+    while True:
+        got = httpx.get(f"{stack.url}/api/conversations/{conversation_id}", headers=headers, timeout=10)
+        contents = [m["content"] for m in got.json()["messages"]]
+        if len(contents) >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert contents[:2] == ["!say the first answer", "the first answer"]
     assert "the second answer" in contents
     # Opening it from the sidebar after starting a new chat shows it again.

@@ -214,6 +214,8 @@ export function ChatPage({
       const n = Number.parseInt(maxTokens, 10);
       if (maxTokens.trim() && Number.isFinite(n) && n > 0) body.max_tokens = n;
       if (systemPrompt.trim()) body.system_prompt = systemPrompt;
+      // Regenerate and edit replace the last turn on the server too (not a new turn).
+      if (replace !== "none" && id) body.replace_last = true;
 
       setFailure(null);
       setCountdown(null);
@@ -222,7 +224,7 @@ export function ChatPage({
       setMessages((list) => {
         let kept = list;
         if (replace !== "none" && kept.at(-1)?.role === "assistant") kept = kept.slice(0, -1);
-        if (replace === "turn" && kept.at(-1)?.role === "user") kept = kept.slice(0, -1);
+        if (replace !== "none" && kept.at(-1)?.role === "user") kept = kept.slice(0, -1);
         return [
           ...kept,
           { key: nextKey++, role: "user", content: text },

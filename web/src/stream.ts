@@ -10,6 +10,8 @@ export interface ChatBody {
   temperature?: number;
   max_tokens?: number;
   system_prompt?: string;
+  // Replace the conversation's last turn (regenerate, edit and resend).
+  replace_last?: boolean;
 }
 
 export interface QueueInfo {
