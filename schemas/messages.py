@@ -211,6 +211,8 @@ class WorkerStatus(msgspec.Struct, frozen=True, omit_defaults=True):
     switch_to: str | None = None  # the profile a switch in progress is loading
     progress: str = ""  # "draining", "loading 40%", "ready", "failed: <reason>"
     gpus: int = 0  # GPUs NVML reports on the worker's host
+    host: str = ""  # the worker's host name
+    engine_version: str = ""  # e.g. vLLM's version, "synthetic"
 
 
 # --- control.workers.<worker>.model (core NATS request/reply) ---------------------------

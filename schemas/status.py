@@ -72,10 +72,9 @@ class WorkerView(msgspec.Struct, frozen=True):
 
 def worker_view(status: WorkerStatus, now: float) -> WorkerView:
     """The operator's view of a worker's heartbeat; host and engine version when it sends them."""
-    # Read with getattr: WorkerStatus gains these fields in a later version of the worker.
-    host = getattr(status, "host", None) or None
-    version = getattr(status, "engine_version", None) or None
-    progress = getattr(status, "progress", None) or None
+    host = status.host or None
+    version = status.engine_version or None
+    progress = status.progress or None
     return WorkerView(
         id=status.worker_id,
         host=host,

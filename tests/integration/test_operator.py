@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -149,6 +150,8 @@ def test_an_admin_sees_workers_queues_and_how_old_the_snapshot_is(operated: Oper
         workers[0]
     )
     assert time.time() - workers[0]["last_seen"] < 10
+    assert workers[0]["host"] == socket.gethostname()
+    assert workers[0]["engine_version"] == "synthetic"
 
 
 def test_users_who_are_not_admins_get_403(operated: Operated) -> None:
@@ -166,6 +169,11 @@ def test_users_who_are_not_admins_get_403(operated: Operated) -> None:
         assert response.status_code == 403, response.text
         assert response.json()["error"]["code"] == "forbidden"
         assert httpx.get(url + path, timeout=10).status_code == 401
+    # Nor may they switch a worker's model.
+    switch = httpx.post(
+        url + "/api/admin/workers/worker/model", json={"profile": "x"}, headers=user, timeout=10
+    )
+    assert switch.status_code == 403 and switch.json()["error"]["code"] == "forbidden"
 
 
 def _cli_status(operated: Operated, *args: str) -> subprocess.CompletedProcess[str]:

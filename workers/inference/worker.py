@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from workers.inference.chunker import ChunkStream
 from workers.inference.engine import Answer, Engine, OpenAIRequest, Progress, RequestRejected
 
 log = logging.getLogger(__name__)
+_HOST = socket.gethostname()
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
@@ -169,6 +171,8 @@ class InferenceWorker:
             switch_to=self._switch_to,
             progress=self._progress,
             gpus=self.config.gpus,
+            host=_HOST,
+            engine_version=str(getattr(self.engine, "version", "") or ""),
         )
         try:
             await self._kv.put(names.worker_key(self.config.worker_id), schemas.encode(status))
