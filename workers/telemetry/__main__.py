@@ -14,6 +14,7 @@ from broker.bus import Bus, connect
 from broker.status import SNAPSHOT_KEY, status_kv
 from broker.workers import WorkerRegistry
 from chatq.logs import setup_logging
+from chatq.profiles import load_profiles
 from chatq.settings import Settings, load
 from schemas.status import encode_snapshot
 from workers.telemetry.collector import Gauges, Nvml, collect
@@ -30,6 +31,7 @@ async def run(settings: Settings) -> None:
     workers = WorkerRegistry(Bus(nc))
     await workers.start()
     kv: KeyValue | None = None
+    profiles = load_profiles(settings.profiles_file)
     while True:
         try:
             snapshot = await collect(
@@ -37,7 +39,8 @@ async def run(settings: Settings) -> None:
                 gauges,
                 nvml,
                 list(workers.workers.values()),
-                models=settings.models,
+                # Profile ids too: their queues exist (the API declares them) and get names.
+                models=(*settings.models, *(p.id for p in profiles)),
                 interval_s=settings.telemetry_interval_s,
             )
             if kv is None:
