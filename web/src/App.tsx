@@ -1,9 +1,12 @@
 // The session (token in sessionStorage: gone with the tab) and the routes.
-import { useCallback, useEffect, useState } from "react";
+import { lazy, Suspense, useCallback, useEffect, useState } from "react";
 import { Route, Switch } from "wouter";
 import { api, setSessionLostHandler, type Verified } from "./api";
 import { ChatPage } from "./ChatPage";
 import { Login } from "./Login";
+
+// The operator page is its own chunk: the chat page does not load it.
+const OperatorPage = lazy(() => import("./operator/OperatorPage").then((m) => ({ default: m.OperatorPage })));
 
 const TOKEN_KEY = "chatq.token";
 
@@ -57,7 +60,9 @@ export function App() {
   return (
     <Switch>
       <Route path="/admin">
-        <OperatorPage session={session} />
+        <Suspense fallback={<main className="center">Loading…</main>}>
+          <OperatorPage session={session} />
+        </Suspense>
       </Route>
       <Route path="/c/:id">
         {(params) => <ChatPage session={session} conversationId={params.id} onLogout={() => logout(null)} />}
@@ -66,22 +71,5 @@ export function App() {
         <ChatPage session={session} conversationId={null} onLogout={() => logout(null)} />
       </Route>
     </Switch>
-  );
-}
-
-function OperatorPage({ session }: { session: Session }) {
-  const admin = session.user.role === "admin";
-  return (
-    <main className="center" data-testid="operator-page">
-      <h1>Operator</h1>
-      {admin ? (
-        <p>The operator page is not built yet.</p>
-      ) : (
-        <p role="alert">This page is for administrators. Your account ({session.user.username}) is not one.</p>
-      )}
-      <p>
-        <a href="/">Back to the chat</a>
-      </p>
-    </main>
   );
 }

@@ -1,0 +1,196 @@
+// Usage: filters (user, model, since, until, grouping), the rows with totals, the CSV download.
+import { useCallback, useEffect, useState, type FormEvent } from "react";
+import { describeError, isSessionError } from "../api";
+import { downloadUsageCsv, isForbidden, usage, type UsageAnswer, type UsageFilter } from "./adminApi";
+import { count, when } from "./format";
+
+const ROW_COLUMNS = [
+  "created_at",
+  "finished_at",
+  "user",
+  "model",
+  "purpose",
+  "status",
+  "finish_reason",
+  "prompt_tokens",
+  "completion_tokens",
+  "total_tokens",
+  "ttft_ms",
+  "latency_ms",
+  "request_id",
+];
+const SUM_COLUMNS = ["requests", "prompt_tokens", "completion_tokens", "total_tokens", "cancelled", "failed"];
+const TIMES = new Set(["created_at", "finished_at"]);
+const NUMBERS = new Set([...SUM_COLUMNS, "prompt_tokens", "completion_tokens", "total_tokens", "ttft_ms", "latency_ms"]);
+
+const HEADINGS: Record<string, string> = {
+  created_at: "Started",
+  finished_at: "Finished",
+  user: "User",
+  model: "Model",
+  purpose: "Purpose",
+  status: "Status",
+  finish_reason: "Finish",
+  prompt_tokens: "Prompt tokens",
+  completion_tokens: "Completion tokens",
+  total_tokens: "Total tokens",
+  ttft_ms: "TTFT ms",
+  latency_ms: "Latency ms",
+  request_id: "Request",
+  requests: "Requests",
+  cancelled: "Cancelled",
+  failed: "Failed",
+  day: "Day (UTC)",
+};
+
+const EMPTY: UsageFilter = { user: "", model: "", since: "", until: "", group_by: "" };
+
+function cell(column: string, value: string | number | null | undefined): string {
+  if (value === null || value === undefined || value === "") return column === "user" ? "(service key)" : "—";
+  if (TIMES.has(column)) return when(String(value));
+  if (typeof value === "number") return count(value);
+  return String(value);
+}
+
+export function UsagePanel({ token, onForbidden }: { token: string; onForbidden: () => void }) {
+  const [filter, setFilter] = useState<UsageFilter>(EMPTY);
+  const [answer, setAnswer] = useState<UsageAnswer | null>(null);
+  const [problem, setProblem] = useState<string | null>(null);
+  const [busy, setBusy] = useState(false);
+  const [downloaded, setDownloaded] = useState<string | null>(null);
+
+  const load = useCallback(
+    async (f: UsageFilter) => {
+      setBusy(true);
+      try {
+        setAnswer(await usage(token, f));
+        setProblem(null);
+      } catch (error) {
+        if (isForbidden(error)) onForbidden();
+        else if (!isSessionError(error)) setProblem(describeError(error));
+      } finally {
+        setBusy(false);
+      }
+    },
+    [token, onForbidden],
+  );
+
+  useEffect(() => {
+    void load(EMPTY);
+  }, [load]);
+
+  const submit = (event: FormEvent) => {
+    event.preventDefault();
+    setDownloaded(null);
+    void load(filter);
+  };
+
+  const download = async () => {
+    setDownloaded(null);
+    try {
+      const name = await downloadUsageCsv(token, filter);
+      setDownloaded(name);
+      setProblem(null);
+    } catch (error) {
+      if (isForbidden(error)) onForbidden();
+      else if (!isSessionError(error)) setProblem(describeError(error));
+    }
+  };
+
+  const set = (name: keyof UsageFilter) => (e: { target: { value: string } }) =>
+    setFilter((f) => ({ ...f, [name]: e.target.value }));
+
+  const columns = answer?.group_by ? [answer.group_by, ...SUM_COLUMNS] : ROW_COLUMNS;
+  return (
+    <section id="usage" aria-labelledby="usage-title" className="panel">
+      <h2 id="usage-title">Usage</h2>
+      <form className="filters" onSubmit={submit} aria-label="Usage filters">
+        <label>
+          User
+          <input value={filter.user} onChange={set("user")} placeholder="everyone" />
+        </label>
+        <label>
+          Model
+          <input value={filter.model} onChange={set("model")} placeholder="every model" />
+        </label>
+        <label>
+          Since
+          <input type="date" value={filter.since} onChange={set("since")} />
+        </label>
+        <label>
+          Until
+          <input type="date" value={filter.until} onChange={set("until")} />
+        </label>
+        <label>
+          Group by
+          <select value={filter.group_by} onChange={set("group_by")}>
+            <option value="">— (each request)</option>
+            <option value="day">day</option>
+            <option value="user">user</option>
+            <option value="model">model</option>
+          </select>
+        </label>
+        <div className="filter-buttons">
+          <button type="submit" className="primary" disabled={busy}>
+            Show
+          </button>
+          <button type="button" onClick={() => void download()}>
+            Download CSV
+          </button>
+        </div>
+      </form>
+      {problem && (
+        <p className="error" role="alert">
+          {problem}
+        </p>
+      )}
+      {downloaded && (
+        <p className="meta" role="status">
+          Saved {downloaded}.
+        </p>
+      )}
+      {answer && (
+        <>
+          <p data-testid="usage-totals" className="totals">
+            <strong>{count(answer.totals.requests)}</strong> requests ·{" "}
+            <strong>{count(answer.totals.prompt_tokens)}</strong> prompt tokens ·{" "}
+            <strong>{count(answer.totals.completion_tokens)}</strong> completion tokens ·{" "}
+            <strong>{count(answer.totals.total_tokens)}</strong> in all
+            {answer.truncated && <span className="meta"> (the table shows the newest {answer.rows.length})</span>}
+          </p>
+          <div className="table-scroll">
+            <table data-testid="usage">
+              <thead>
+                <tr>
+                  {columns.map((c) => (
+                    <th key={c} scope="col">
+                      {HEADINGS[c] ?? c}
+                    </th>
+                  ))}
+                </tr>
+              </thead>
+              <tbody>
+                {answer.rows.map((row, i) => (
+                  <tr key={String(row.request_id ?? i)}>
+                    {columns.map((c) => (
+                      <td key={c} className={NUMBERS.has(c) ? "num" : undefined}>
+                        {cell(c, row[c])}
+                      </td>
+                    ))}
+                  </tr>
+                ))}
+                {answer.rows.length === 0 && (
+                  <tr>
+                    <td colSpan={columns.length} className="meta">
+                      No request matches.
+                    </td>
+                  </tr>
+                )}
+              </tbody>
+            </table>
+          </div>
+        </>
+      )}
+    </section>
+  );
+}
