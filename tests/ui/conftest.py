@@ -39,7 +39,9 @@ def chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+# Package scope: Playwright's sync API keeps its event loop running in this thread until it
+# stops, which breaks the asyncio tests that run after tests/ui.
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     executable = chromium_path()
     if executable is None:

@@ -63,6 +63,10 @@ def output(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stdout", stream)
+    # Filters other libraries put on these loggers in this pytest process (litellm, imported
+    # by the e2e tests, redacts Authorization on uvicorn's) would hide what chatq's do.
+    for name in LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])
     logs.setup_logging("test")
     # What vLLM does with VLLM_LOGGING_CONFIG_PATH, in this process.
     with open(os.environ["VLLM_LOGGING_CONFIG_PATH"]) as f:
