@@ -58,6 +58,7 @@ export function StatusPanel({ token, onForbidden }: { token: string; onForbidden
   const [choice, setChoice] = useState<Record<string, string>>({});
   const [switching, setSwitching] = useState<Record<string, Switching>>({});
   const [switchNote, setSwitchNote] = useState<Record<string, { text: string; bad: boolean }>>({});
+  const [allQueues, setAllQueues] = useState(false);
 
   const load = useCallback(async () => {
     try {
@@ -113,6 +114,12 @@ export function StatusPanel({ token, onForbidden }: { token: string; onForbidden
   };
 
   const telemetry = status?.services.telemetry;
+  // Idle queues of models no worker serves are noise unless asked for.
+  const served = new Set(status?.workers.map((w) => w.model) ?? []);
+  const queues = (status?.queues ?? []).filter(
+    (q) => allQueues || served.has(q.model) || q.depth > 0 || (q.in_flight ?? 0) > 0,
+  );
+  const hiddenQueues = (status?.queues.length ?? 0) - queues.length;
   return (
     <section id="status" aria-labelledby="status-title" className="panel">
       <h2 id="status-title">Status</h2>
@@ -273,7 +280,7 @@ export function StatusPanel({ token, onForbidden }: { token: string; onForbidden
                 </tr>
               </thead>
               <tbody>
-                {status.queues.map((q) => (
+                {queues.map((q) => (
                   <tr key={q.consumer}>
                     <th scope="row">{q.model}</th>
                     <td>{q.priority}</td>
@@ -283,7 +290,7 @@ export function StatusPanel({ token, onForbidden }: { token: string; onForbidden
                     <td className="num">{count(q.redelivered ?? 0)}</td>
                   </tr>
                 ))}
-                {status.queues.length === 0 && (
+                {queues.length === 0 && (
                   <tr>
                     <td colSpan={6} className="meta">
                       {telemetry?.status === "missing" ? "No telemetry snapshot yet." : "No queue."}
@@ -293,6 +300,14 @@ export function StatusPanel({ token, onForbidden }: { token: string; onForbidden
               </tbody>
             </table>
           </div>
+          {(hiddenQueues > 0 || allQueues) && (
+            <p className="meta">
+              {allQueues ? "Every queue is shown. " : `${hiddenQueues} empty queues of models no worker serves are hidden. `}
+              <button type="button" className="small" onClick={() => setAllQueues((a) => !a)}>
+                {allQueues ? "Hide idle queues" : "Show every queue"}
+              </button>
+            </p>
+          )}
 
           <h3>GPUs</h3>
           <div className="table-scroll">

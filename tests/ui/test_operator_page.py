@@ -1,0 +1,310 @@
+"""The operator page (/admin) in chromium against the whole service.
+
+The module's own stack: the synthetic worker starts on the bundled CPU profile
+(SmolLM2-135M-Instruct, chatq/profiles.toml) so an admin can switch it to another CPU
+profile (Qwen2.5-0.5B-Instruct; the synthetic engine loads nothing, in SYNTH_START_S),
+and a telemetry worker writes the queues snapshot every 0.5 s.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from chatq.servers import free_port, wait_for_port
+from tests.helpers import AccountsStack, accounts_stack, login, spawn
+from tests.ui.conftest import Account, shoot
+
+pytestmark = pytest.mark.timeout(300)
+
+FIRST = "SmolLM2-135M-Instruct"
+SECOND = "Qwen2.5-0.5B-Instruct"
+WORKER = "worker"  # tests/helpers.start_worker's WORKER_ID
+# What the focused control is called: its aria-label, else its text.
+FOCUSED = """() => {
+  const e = document.activeElement;
+  return (e?.getAttribute('aria-label') || e?.textContent) ?? '';
+}"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, built_web: Path, browser: Any) -> Iterator[AccountsStack]:
+    telemetry_port = free_port()
+    with accounts_stack(
+        tmp_path_factory.mktemp("ui-operator"),
+        FIRST,
+        CHATQ_WEB_DIST=str(built_web),
+        MODEL_PROFILE=FIRST,  # the id: the API takes MODEL_PROFILE as its configured model as written
+        SYNTH_TOKENS_PER_S="50",
+        SYNTH_TTFT_MS="20",
+        SYNTH_START_S="3",
+        SWITCH_GRACE_S="2",
+        WORKER_SLOTS="2",
+        TELEMETRY_INTERVAL_S="0.5",
+        RATE_LIMIT_USER_RPM="0",
+        RATE_LIMIT_USER_TPM="0",
+        RATE_LIMIT_USER_CONCURRENCY="0",
+        RATE_LIMIT_ADMIN_RPM="0",
+        RATE_LIMIT_ADMIN_TPM="0",
+        RATE_LIMIT_ADMIN_CONCURRENCY="0",
+    ) as s:
+        env = {**s.env, "TELEMETRY_PORT": str(telemetry_port)}
+        telemetry = spawn("telemetry", "workers.telemetry", env, s.logdir)
+        s.procs.append(telemetry)
+        wait_for_port("127.0.0.1", telemetry_port, 30, telemetry.proc)
+        yield s
+
+
+def open_operator(browser: Any, stack: AccountsStack, account: Account, **context: Any) -> Any:
+    page = browser.new_context(accept_downloads=True, **context).new_page()
+    page.goto(stack.url + "/login")
+    page.get_by_label("Username").fill(account.username)
+    page.get_by_label("Password").fill(account.password)
+    page.get_by_role("button", name="Log in").click()
+    page.get_by_label("Message", exact=True).wait_for()
+    page.goto(stack.url + "/admin")
+    page.get_by_test_id("operator-page").wait_for()
+    return page
+
+
+@pytest.fixture
+def admin_page(browser: Any, stack: AccountsStack, root: Account) -> Iterator[Any]:
+    page = open_operator(browser, stack, root)
+    yield page
+    page.context.close()
+
+
+def worker_row(page: Any) -> Any:
+    return page.get_by_test_id(f"worker-{WORKER}")
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not seen within {timeout} s")
+
+
+def chat(stack: AccountsStack, account: Account, text: str) -> None:
+    headers = login(stack.url, account.username, account.password)
+    answer = httpx.post(
+        stack.url + "/v1/chat/completions",
+        headers=headers,
+        json={"model": "smollm2", "messages": [{"role": "user", "content": "!say " + text}]},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def test_a_non_admin_gets_the_refusal_and_no_data(browser: Any, stack: AccountsStack, alice: Account) -> None:
+    page = browser.new_context().new_page()
+    calls: list[str] = []
+    page.on(
+        "request",
+        lambda r: (
+            calls.append(r.url)
+            if any(p in r.url for p in ("/api/admin", "/api/users", "/api/usage", "/api/models"))
+            else None
+        ),
+    )
+    page.goto(stack.url + "/login")
+    page.get_by_label("Username").fill(alice.username)
+    page.get_by_label("Password").fill(alice.password)
+    page.get_by_role("button", name="Log in").click()
+    page.get_by_label("Message", exact=True).wait_for()
+    assert page.get_by_role("link", name="Operator").count() == 0
+    page.goto(stack.url + "/admin")
+    refusal = page.get_by_test_id("operator-refusal")
+    refusal.wait_for()
+    assert "for administrators" in refusal.inner_text()
+    page.wait_for_timeout(2500)  # a poll would have gone out by now
+    assert page.locator("table").count() == 0
+    assert calls == []
+    # The API says the same to her token.
+    headers = login(stack.url, alice.username, alice.password)
+    for path in ("/api/admin/status", "/api/users", "/api/admin/workers"):
+        assert httpx.get(stack.url + path, headers=headers, timeout=10).status_code == 403
+    page.context.close()
+
+
+def test_the_page_refuses_when_the_api_does(browser: Any, stack: AccountsStack, root: Account) -> None:
+    """An admin token the API no longer honours as one (the role changed): refusal, not a broken table."""
+    page = browser.new_context().new_page()
+    forbidden = {"error": {"type": "permission_error", "code": "forbidden", "message": "admins only"}}
+    page.route("**/api/admin/**", lambda route: route.fulfill(status=403, json=forbidden))
+    page.goto(stack.url + "/login")
+    page.get_by_label("Username").fill(root.username)
+    page.get_by_label("Password").fill(root.password)
+    page.get_by_role("button", name="Log in").click()
+    page.get_by_label("Message", exact=True).wait_for()
+    page.goto(stack.url + "/admin")
+    page.get_by_test_id("operator-refusal").wait_for()
+    assert page.get_by_test_id("workers").count() == 0
+    page.context.close()
+
+
+def test_an_admin_sees_workers_queues_and_gpus_refreshing(admin_page: Any) -> None:
+    page = admin_page
+    row = worker_row(page)
+    row.wait_for()
+    assert row.get_by_test_id("worker-model").inner_text() == FIRST
+    assert row.get_by_test_id("worker-state").inner_text() == "ready"
+    assert "2 / 2" in row.inner_text()  # free slots of slots
+    assert "healthy" in page.get_by_test_id("health").inner_text()
+    # The telemetry snapshot's queues: the served model, each priority.
+    queues = page.get_by_test_id("queues")
+    queues.get_by_role("rowheader", name=FIRST).first.wait_for()
+    text = queues.inner_text()
+    assert "interactive" in text or "background" in text
+    assert "No GPU reported." in page.get_by_test_id("gpus").inner_text()  # no NVIDIA driver here
+    # It refreshes on its own every 2 s while the tab shows, and not while it is hidden.
+    polls: list[float] = []
+    page.on("request", lambda r: polls.append(time.monotonic()) if "/api/admin/status" in r.url else None)
+    page.wait_for_timeout(4500)
+    assert len(polls) >= 2
+    page.evaluate(
+        """() => {
+        Object.defineProperty(document, 'visibilityState', {value: 'hidden', configurable: true});
+        document.dispatchEvent(new Event('visibilitychange'));
+    }"""
+    )
+    page.wait_for_timeout(300)
+    hidden_from = len(polls)
+    page.wait_for_timeout(4500)
+    assert len(polls) == hidden_from
+    page.evaluate(
+        """() => {
+        Object.defineProperty(document, 'visibilityState', {value: 'visible', configurable: true});
+        document.dispatchEvent(new Event('visibilitychange'));
+    }"""
+    )
+    wait_until("a poll once visible again", lambda: len(polls) > hidden_from, 5)
+
+
+def test_usage_rows_after_a_chat_and_the_csv(admin_page: Any, stack: AccountsStack, alice: Account) -> None:
+    page = admin_page
+    chat(stack, alice, "counted in the usage table")
+    filters = page.get_by_role("form", name="Usage filters")
+    filters.get_by_label("User", exact=True).fill(alice.username)
+    usage = page.get_by_test_id("usage")
+
+    def shown() -> bool:
+        filters.get_by_role("button", name="Show").click()
+        page.wait_for_timeout(300)
+        return "completed" in usage.inner_text()
+
+    wait_until("alice's request in the usage table", shown)  # once persistence stored its end
+    body = usage.locator("tbody tr").first.inner_text()
+    assert FIRST in body and "completed" in body
+    assert "1 requests" in page.get_by_test_id("usage-totals").inner_text()
+    filters.get_by_label("Group by").select_option("model")
+    filters.get_by_role("button", name="Show").click()
+    usage.get_by_role("columnheader", name="Requests").wait_for()
+    assert FIRST in usage.inner_text()
+    filters.get_by_label("Group by").select_option("")
+    with page.expect_download() as info:
+        filters.get_by_role("button", name="Download CSV").click()
+    download = info.value
+    assert download.suggested_filename.startswith("chatq-usage-")
+    assert download.suggested_filename.endswith(".csv")
+    rows = list(csv.reader(io.StringIO(Path(download.path()).read_text())))
+    assert rows[0][:5] == ["request_id", "created_at", "finished_at", "user", "model"]
+    assert len(rows) == 2  # the filter went with it: alice's one request
+    assert rows[1][3] == "alice" and rows[1][4] == FIRST
+
+
+def test_create_a_user_see_their_keys_and_disable_them(admin_page: Any, stack: AccountsStack) -> None:
+    page = admin_page
+    form = page.get_by_role("form", name="New user")
+    form.get_by_label("Username").fill("carol")
+    form.get_by_label("Password").fill("pw-carol-12345")
+    form.get_by_role("button", name="Create user").click()
+    row = page.get_by_test_id("user-carol")
+    row.wait_for()
+    assert row.get_by_test_id("user-state").inner_text() == "active"
+    headers = login(stack.url, "carol", "pw-carol-12345")
+    key = httpx.post(stack.url + "/api/keys", headers=headers, json={"name": "laptop"}, timeout=10)
+    assert key.status_code == 201, key.text
+    row.get_by_role("button", name="Keys of carol").click()
+    keys = page.get_by_test_id("keys")
+    keys.wait_for()
+    assert "laptop" in keys.inner_text()
+    assert key.json()["prefix"] in keys.inner_text()
+    row.get_by_role("button", name="Disable carol").click()
+    wait_until("carol disabled", lambda: row.get_by_test_id("user-state").inner_text() == "disabled", 10)
+    refused = httpx.post(
+        stack.url + "/api/auth/login", json={"username": "carol", "password": "pw-carol-12345"}, timeout=10
+    )
+    assert refused.status_code in (401, 403), refused.text
+    # Reloaded from the server, she is still disabled.
+    page.reload()
+    page.get_by_test_id("user-carol").wait_for()
+    assert page.get_by_test_id("user-carol").get_by_test_id("user-state").inner_text() == "disabled"
+
+
+def test_switch_a_worker_and_watch_it_come_back_on_the_new_model(admin_page: Any) -> None:
+    page = admin_page
+    row = worker_row(page)
+    row.wait_for()
+    row.get_by_label(f"New model for {WORKER}").select_option(SECOND)
+    row.get_by_role("button", name="Switch").click()
+    seen: set[str] = set()
+
+    def back_on_second() -> bool:
+        state: str = row.get_by_test_id("worker-state").inner_text()
+        seen.add(state.split(" ")[0])
+        model: str = row.get_by_test_id("worker-model").inner_text()
+        return model == SECOND and state == "ready"
+
+    wait_until("the worker ready on the new model", back_on_second, 60)
+    assert "loading" in seen  # 3 s of loading, polled every 2 s
+    assert f"Now serving {SECOND}." in row.get_by_test_id("switch-note").inner_text()
+    # Now the old model is offered to switch back to, and the one it serves is not.
+    options = row.get_by_label(f"New model for {WORKER}").locator("option").all_inner_texts()
+    assert any(o.startswith(FIRST) for o in options)
+    assert not any(o.startswith(SECOND) for o in options)
+
+
+def test_screenshots_light_dark_and_narrow(browser: Any, stack: AccountsStack, root: Account) -> None:
+    for name, context in (
+        ("operator-light", {"color_scheme": "light", "viewport": {"width": 1280, "height": 900}}),
+        ("operator-dark", {"color_scheme": "dark", "viewport": {"width": 1280, "height": 900}}),
+        ("operator-narrow", {"color_scheme": "light", "viewport": {"width": 375, "height": 740}}),
+    ):
+        page = open_operator(browser, stack, root, **context)
+        worker_row(page).wait_for()
+        page.get_by_test_id("usage").wait_for()
+        page.get_by_test_id("users").wait_for()
+        if name == "operator-dark":
+            background = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+            assert background != "rgb(255, 255, 255)"
+        if name == "operator-narrow":
+            # The page never scrolls sideways; wide tables scroll inside their own box.
+            assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
+            scroller = page.locator(".table-scroll").first
+            assert scroller.evaluate("e => e.scrollWidth > e.clientWidth")
+        shoot(page, name)
+        page.context.close()
+
+
+def test_keyboard_alone_reaches_the_switch_and_the_csv(admin_page: Any) -> None:
+    page = admin_page
+    worker_row(page).wait_for()
+    reached: set[str] = set()
+    for _ in range(80):
+        page.keyboard.press("Tab")
+        label = page.evaluate(FOCUSED)
+        reached.add(label.strip())
+    assert f"New model for {WORKER}" in reached
+    assert "Download CSV" in reached
+    assert "Create user" in reached
