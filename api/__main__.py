@@ -46,10 +46,10 @@ class _Server(uvicorn.Server):
 
 def main() -> int:
     setup_logging("api")
-    settings = load()
     from api.app import VERSION, create_app
 
     try:
+        settings = load()
         app = create_app(settings)
     except ConfigError as exc:
         print(f"chatq api: {exc}", file=sys.stderr)

@@ -204,12 +204,23 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     }
     model_id = env.optional("MODEL_ID")
     model_profile = env.optional("MODEL_PROFILE")
-    # A profile's id is its served name (the worker resolves an alias to it).
-    model_name = model_profile or env.text("MODEL_NAME", served_name(model_id))
     unserved_model = env.text("UNSERVED_MODEL", "wait")
     if unserved_model not in ("wait", "reject"):
         raise ConfigError(f"UNSERVED_MODEL must be 'wait' or 'reject', got {unserved_model!r}")
     profiles_file = env.optional("PROFILES_FILE")
+    if model_profile is not None:
+        # A profile's id is its served name: an alias given here names the same queue.
+        from chatq.profiles import load_profiles
+
+        profiles = load_profiles(profiles_file)
+        resolved = profiles.resolve(model_profile)
+        if resolved is None:
+            raise ConfigError(
+                f"MODEL_PROFILE {model_profile!r} is not a profile in {profiles.source}; "
+                f"profiles: {', '.join(p.id for p in profiles)}"
+            )
+        model_profile = resolved.id
+    model_name = model_profile or env.text("MODEL_NAME", served_name(model_id))
     engine = env.text("INFERENCE_ENGINE", "vllm")
     if engine not in ("vllm", "synthetic"):
         raise ConfigError(f"INFERENCE_ENGINE must be 'vllm' or 'synthetic', got {engine!r}")

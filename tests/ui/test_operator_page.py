@@ -41,7 +41,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, built_web: Path, browser: An
         tmp_path_factory.mktemp("ui-operator"),
         FIRST,
         CHATQ_WEB_DIST=str(built_web),
-        MODEL_PROFILE=FIRST,  # the id: the API takes MODEL_PROFILE as its configured model as written
+        MODEL_PROFILE=FIRST,
         SYNTH_TOKENS_PER_S="50",
         SYNTH_TTFT_MS="20",
         SYNTH_START_S="3",

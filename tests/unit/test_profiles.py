@@ -102,7 +102,7 @@ def test_profiles_file_and_model_profile_settings() -> None:
     from chatq.settings import load
 
     s = load({"MODEL_PROFILE": "qwen2.5-7b", "PROFILES_FILE": str(DEFAULT_PROFILES_FILE)})
-    assert s.model_profile == "qwen2.5-7b" and s.profiles_file == DEFAULT_PROFILES_FILE
+    assert s.model_profile == "Qwen2.5-7B-Instruct" and s.profiles_file == DEFAULT_PROFILES_FILE
     assert s.unserved_model == "wait" and s.switch_grace_s == 30.0 and not s.require_gpu
     with pytest.raises(ConfigError, match="UNSERVED_MODEL"):
         load({"UNSERVED_MODEL": "sometimes"})

@@ -6,13 +6,18 @@ import asyncio
 import logging
 import sys
 
+from chatq.errors import ConfigError
 from chatq.logs import setup_logging
 from chatq.settings import load
 
 
 def main() -> int:
     setup_logging("worker")
-    settings = load()
+    try:
+        settings = load()
+    except ConfigError as exc:
+        logging.getLogger("chatq.worker").error("%s", exc)
+        return 2
     from workers.inference.app import build_app
 
     app, _ = build_app(settings)
