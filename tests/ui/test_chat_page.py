@@ -258,7 +258,9 @@ def test_html_and_script_in_model_output_are_shown_as_text(page: Any) -> None:
 
 def test_queue_place_is_shown_while_waiting(page: Any, stack: AccountsStack) -> None:
     # Two long answers fill the worker's two slots; the page's turn waits in the queue.
+    # Sent only once both are streaming (an earlier test's title job may still hold a slot).
     stop = threading.Event()
+    streaming = threading.Semaphore(0)
 
     def hold() -> None:
         body = {
@@ -270,7 +272,12 @@ def test_queue_place_is_shown_while_waiting(page: Any, stack: AccountsStack) -> 
         with httpx.stream(
             "POST", stack.url + "/v1/chat/completions", json=body, headers=auth(), timeout=60
         ) as r:
-            for _ in r.iter_bytes():
+            assert r.status_code == 200, r.read()
+            started = False
+            for chunk in r.iter_bytes():
+                if not started and b'"content"' in chunk:
+                    started = True
+                    streaming.release()
                 if stop.is_set():
                     return
 
@@ -278,10 +285,11 @@ def test_queue_place_is_shown_while_waiting(page: Any, stack: AccountsStack) -> 
     for t in holders:
         t.start()
     try:
-        time.sleep(1.0)
+        for _ in holders:
+            assert streaming.acquire(timeout=60), "the two long answers did not start"
         send(page, "!say out of the queue at last")
         waiting = page.get_by_test_id("waiting")
-        waiting.filter(has_text="Waiting in the queue").wait_for(timeout=10_000)
+        waiting.filter(has_text="Waiting in the queue").wait_for(timeout=20_000)
         assert re.search(r"place 1 of \d+", waiting.inner_text()), waiting.inner_text()
         shoot(page, "chat-queued")
     finally:
