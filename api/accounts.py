@@ -12,6 +12,7 @@ from litestar.di import NamedDependency
 
 from api.auth import principal_of
 from api.body import decode_body
+from api.ratelimit import LoginThrottled
 from api.services import Services
 from chatq import accounts
 from chatq.accounts import AccountError
@@ -49,6 +50,13 @@ class Token(msgspec.Struct):
 async def login(request: AnyRequest, services: NamedDependency[Services]) -> Response[bytes]:
     """Username and password → a bearer token. Wrong password and unknown user: the same 401."""
     body: Login = decode_body(await request.body(), Login)
+    settings, limiter = services.settings, services.limiter
+    client = request.client.host if request.client else "unknown"
+    wait_s = await limiter.login_wait(
+        body.username, client, settings.login_max_failures, settings.login_max_failures_per_client
+    )
+    if wait_s:
+        raise LoginThrottled(wait_s)
     async with services.db() as conn:
         found = await accounts.find_user(conn, body.username)
         user, password_hash = found if found is not None else (None, None)
@@ -56,8 +64,10 @@ async def login(request: AnyRequest, services: NamedDependency[Services]) -> Res
         # argon2id takes ~0.1 s of CPU: in a thread, so this process's streams keep flowing.
         ok = await asyncio.to_thread(accounts.verify_password, password_hash, body.password)
         if user is None or not ok or user.disabled:
+            await limiter.login_failed(body.username, client, settings.login_window_s)
             raise Unauthorized("wrong username or password", code="invalid_credentials")
         await conn.execute("UPDATE users SET last_login_at = now() WHERE id = %s", (user.id,))
+    await limiter.login_succeeded(body.username, client)
     token, ttl = services.auth.issue(user.id, user.username, user.role)
     return json_response(Token(access_token=token, expires_in=ttl))
 

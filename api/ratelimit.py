@@ -47,7 +47,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -208,6 +208,27 @@ class RateLimited(ClientError):
         self.limit: LimitKind = limit
         self.value = value
         self.scope = scope
+
+
+class LoginThrottled(ClientError):
+    """429: too many failed logins for this username from this client, or from this client."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "too_many_login_attempts"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"too many failed logins; try again in {retry_after} s", retry_after=retry_after)
+
+
+# KEYS: failure counters. ARGV[1]: the window (s). Each counter counts one more failure
+# and, when it is new, expires at the end of the window (a fixed window per counter).
+_LOGIN_FAILED = """
+for _, key in ipairs(KEYS) do
+  if redis.call('INCR', key) == 1 then redis.call('EXPIRE', key, tonumber(ARGV[1])) end
+end
+return 1
+"""
 
 
 def estimate_prompt_tokens(body: bytes) -> int:
@@ -397,6 +418,64 @@ class RateLimiter:
         except NoScriptError:
             await self._redis.script_load(_SCRIPT)
             return await self._redis.evalsha(_SHA, len(keys), *keys, *args)
+
+    # Failed logins (POST /api/auth/login): counted per username and client address, and
+    # per client address, in fixed windows. Without Redis nothing is throttled (logged).
+
+    def _login_keys(self, username: str, client: str) -> tuple[str, str]:
+        user = hashlib.sha256(username.strip().lower().encode()).hexdigest()[:24]
+        return (f"{self.prefix}login:{user}:{client}", f"{self.prefix}login-client:{client}")
+
+    async def _login_call(self, call: Callable[[Any], Awaitable[Any]]) -> Any:
+        """One Redis call for the login throttle, under the breaker; None when Redis fails."""
+        if self._redis is None or not self._usable():
+            return None
+        probing = self._probing
+        try:
+            result = await call(self._redis)
+        except _FAILURES as exc:
+            self._failed(exc)
+            self._warn("failed logins are not throttled")
+            return None
+        finally:
+            if probing:
+                self._probing = False
+        self._succeeded()
+        return result
+
+    async def login_wait(self, username: str, client: str, max_failures: int, max_per_client: int) -> int:
+        """Seconds until `username` may try again from `client`; 0 when it may now."""
+        if not (max_failures or max_per_client):
+            return 0
+        keys = self._login_keys(username, client)
+
+        async def read(redis: Any) -> Any:
+            async with redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.get(key)
+                    pipe.pttl(key)
+                return await pipe.execute()
+
+        found = await self._login_call(read)
+        if found is None:
+            return 0
+        user_n, user_ttl, client_n, client_ttl = found
+        wait_ms = 0
+        counters = ((user_n, user_ttl, max_failures), (client_n, client_ttl, max_per_client))
+        for count, ttl_ms, limit in counters:
+            if limit and int(count or 0) >= limit:
+                wait_ms = max(wait_ms, int(ttl_ms) if int(ttl_ms) > 0 else 1000)
+        return max(1, math.ceil(wait_ms / 1000)) if wait_ms else 0
+
+    async def login_failed(self, username: str, client: str, window_s: int) -> None:
+        """Count a failed login; never raises."""
+        keys = self._login_keys(username, client)
+        await self._login_call(lambda redis: redis.eval(_LOGIN_FAILED, 2, *keys, window_s))
+
+    async def login_succeeded(self, username: str, client: str) -> None:
+        """A right password: this username's failures from this client are forgotten."""
+        key = self._login_keys(username, client)[0]
+        await self._login_call(lambda redis: redis.delete(key))
 
     # The failure policy and the circuit breaker.
 

@@ -54,6 +54,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str | None
     rate_limit_failure: Literal["open", "closed"]
     rate_limits: dict[str, RoleLimits]
+    login_max_failures: int
+    login_max_failures_per_client: int
+    login_window_s: int
     # API
     host: str
     port: int
@@ -260,6 +263,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         redis_url=env.optional("REDIS_URL"),
         rate_limit_failure=failure,  # type: ignore[arg-type]
         rate_limits=rate_limits,
+        login_max_failures=env.integer("LOGIN_MAX_FAILURES", 10),
+        login_max_failures_per_client=env.integer("LOGIN_MAX_FAILURES_PER_CLIENT", 100),
+        login_window_s=env.integer("LOGIN_WINDOW_S", 900, minimum=1),
         host=env.text("CHATQ_HOST", "127.0.0.1"),
         port=env.integer("CHATQ_PORT", 8080),
         api_keys=api_keys,

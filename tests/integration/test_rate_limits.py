@@ -18,6 +18,7 @@ from tests.helpers import AccountsStack, accounts_stack, auth, login, metric_val
 
 MODEL = "limits-model"
 RPM, TPM, CONCURRENCY = 6, 500, 2
+LOGIN_FAILURES, LOGIN_FAILURES_PER_CLIENT = 3, 12
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
         RATE_LIMIT_USER_TPM=str(TPM),
         RATE_LIMIT_USER_CONCURRENCY=str(CONCURRENCY),
         RATE_LIMIT_FAILURE="open",
+        LOGIN_MAX_FAILURES=str(LOGIN_FAILURES),
+        LOGIN_MAX_FAILURES_PER_CLIENT=str(LOGIN_FAILURES_PER_CLIENT),
+        LOGIN_WINDOW_S="60",
     ) as s:
         yield s
 
@@ -140,6 +144,38 @@ def _metric(url: str, name: str, **labels: str) -> float:
         return 0.0
 
 
+def try_login(url: str, username: str, password: str) -> httpx.Response:
+    return httpx.post(url + "/api/auth/login", json={"username": username, "password": password}, timeout=30)
+
+
+def test_failed_logins_are_throttled_per_username_across_api_processes(stack: AccountsStack) -> None:
+    user(stack, "login-user")
+    for i in range(LOGIN_FAILURES):
+        wrong = try_login(stack.urls[i % 2], "login-user", "not-the-password")
+        assert wrong.status_code == 401, wrong.text
+    # Now even the right password waits, on either process, and says for how long.
+    for url in stack.urls:
+        refused = try_login(url, "login-user", "pw-login-user-12345")
+        assert refused.status_code == 429, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "too_many_login_attempts" and error["type"] == "rate_limit_error"
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        assert f"try again in {refused.headers['Retry-After']} s" in error["message"]
+    # Others from the same address are not locked out by it.
+    user(stack, "login-other")
+    # An unknown username is throttled the same way (nothing tells the two apart).
+    answers = [try_login(stack.url, "nobody-here", "guess").status_code for _ in range(LOGIN_FAILURES + 1)]
+    assert answers == [401] * LOGIN_FAILURES + [429], answers
+    # A right password forgets the failures before it.
+    user(stack, "login-again")
+    for _ in range(2):
+        assert try_login(stack.url, "login-again", "wrong").status_code == 401
+    assert try_login(stack.url, "login-again", "pw-login-again-12345").status_code == 200
+    for _ in range(2):
+        assert try_login(stack.url, "login-again", "wrong").status_code == 401
+    assert try_login(stack.url, "login-again", "pw-login-again-12345").status_code == 200
+
+
 def test_redis_down_open_serves_closed_refuses_and_limits_return_with_redis(stack: AccountsStack) -> None:
     closed_api, closed_url = start_api(
         {**stack.env, "RATE_LIMIT_FAILURE": "closed"}, stack.logdir, name="api-closed"
@@ -158,6 +194,8 @@ def test_redis_down_open_serves_closed_refuses_and_limits_return_with_redis(stac
             assert refused.status_code == 503
             assert refused.json()["error"]["code"] == "rate_limiter_unavailable"
             assert time.monotonic() - started < 5, "a dead Redis must not stall requests"
+            # Logins go on, unthrottled, while Redis is away.
+            login(stack.url, "outage-user", "pw-outage-user-12345")
         finally:
             stack.redis.start(stack.logdir / "redis.log")
         # Back: the breaker asks Redis again within seconds and limits apply again: a few
@@ -173,3 +211,19 @@ def test_redis_down_open_serves_closed_refuses_and_limits_return_with_redis(stac
         assert statuses.count(200) <= 2, statuses
     finally:
         closed_api.stop()
+
+
+def test_failed_logins_are_throttled_per_client_address(stack: AccountsStack) -> None:
+    # Last in the module: it locks this address out of logging in for the window.
+    user(stack, "spray-target")
+    answers = []
+    for i in range(LOGIN_FAILURES_PER_CLIENT + 1):
+        answers.append(try_login(stack.urls[i % 2], f"spray-{i}", "guess").status_code)
+        if answers[-1] == 429:
+            break
+    assert answers[-1] == 429 and set(answers[:-1]) == {401}, answers
+    refused = try_login(stack.url, "spray-target", "pw-spray-target-12345")
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "too_many_login_attempts"
+    # API keys are not logins: they keep working.
+    assert httpx.get(stack.url + "/api/auth/verify", headers=auth(), timeout=10).status_code == 200
