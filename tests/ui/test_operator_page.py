@@ -223,14 +223,20 @@ def test_usage_rows_after_a_chat_and_the_csv(admin_page: Any, stack: AccountsSta
     assert rows[1][3] == "alice" and rows[1][4] == FIRST
 
 
+def create_user_on_page(page: Any, name: str) -> Any:
+    """Create user `name` (password pw-NAME-12345) with the page's form; their table row."""
+    form = page.get_by_role("form", name="New user")
+    form.get_by_label("Username").fill(name)
+    form.get_by_label("Password").fill(f"pw-{name}-12345")
+    form.get_by_role("button", name="Create user").click()
+    row = page.get_by_test_id(f"user-{name}")
+    row.wait_for()
+    return row
+
+
 def test_create_a_user_see_their_keys_and_disable_them(admin_page: Any, stack: AccountsStack) -> None:
     page = admin_page
-    form = page.get_by_role("form", name="New user")
-    form.get_by_label("Username").fill("carol")
-    form.get_by_label("Password").fill("pw-carol-12345")
-    form.get_by_role("button", name="Create user").click()
-    row = page.get_by_test_id("user-carol")
-    row.wait_for()
+    row = create_user_on_page(page, "carol")
     assert row.get_by_test_id("user-state").inner_text() == "active"
     headers = login(stack.url, "carol", "pw-carol-12345")
     key = httpx.post(stack.url + "/api/keys", headers=headers, json={"name": "laptop"}, timeout=10)
@@ -250,6 +256,50 @@ def test_create_a_user_see_their_keys_and_disable_them(admin_page: Any, stack: A
     page.reload()
     page.get_by_test_id("user-carol").wait_for()
     assert page.get_by_test_id("user-carol").get_by_test_id("user-state").inner_text() == "disabled"
+
+
+def test_make_a_user_admin_set_their_password_and_revoke_their_key(
+    admin_page: Any, stack: AccountsStack
+) -> None:
+    page = admin_page
+    row = create_user_on_page(page, "dave")
+    headers = login(stack.url, "dave", "pw-dave-12345")
+    made = httpx.post(stack.url + "/api/keys", headers=headers, json={"name": "ci"}, timeout=10)
+    assert made.status_code == 201, made.text
+    dave_key = {"Authorization": f"Bearer {made.json()['key']}"}
+    assert httpx.get(stack.url + "/api/users", headers=dave_key, timeout=10).status_code == 403
+
+    row.get_by_label("Role of dave").select_option("admin")
+    page.get_by_role("status").filter(has_text="dave is now an admin").wait_for()
+    # His key acts as an admin within the key cache's time.
+    wait_until(
+        "dave's key lists users",
+        lambda: httpx.get(stack.url + "/api/users", headers=dave_key, timeout=10).status_code == 200,
+        15,
+    )
+
+    row.get_by_role("button", name="Password of dave").click()
+    reset = page.get_by_role("form", name="New password for dave")
+    reset.get_by_label("New password").fill("pw-dave-new-67890")
+    reset.get_by_role("button", name="Set password").click()
+    page.get_by_role("status").filter(has_text="dave has a new password").wait_for()
+    old = httpx.post(
+        stack.url + "/api/auth/login", json={"username": "dave", "password": "pw-dave-12345"}, timeout=10
+    )
+    assert old.status_code == 401, old.text
+    login(stack.url, "dave", "pw-dave-new-67890")
+
+    row.get_by_role("button", name="Keys of dave").click()
+    keys = page.get_by_test_id("keys")
+    keys.get_by_role("button", name="Revoke key ci").click()
+    page.get_by_role("status").filter(has_text="Revoked dave's key ci").wait_for()
+    assert keys.get_by_test_id("key-revoked").inner_text() != "no"
+    assert keys.get_by_role("button", name="Revoke key ci").count() == 0
+    wait_until(
+        "dave's key refused",
+        lambda: httpx.get(stack.url + "/api/users", headers=dave_key, timeout=10).status_code == 401,
+        15,
+    )
 
 
 def test_switch_a_worker_and_watch_it_come_back_on_the_new_model(admin_page: Any) -> None:

@@ -1,7 +1,17 @@
-// Users: the list, a new user, disable and enable, and one user's API keys.
+// Users: the list, a new user, role, disable and enable, a new password, and one user's
+// API keys (revocable).
 import { Fragment, useCallback, useEffect, useState, type FormEvent } from "react";
 import { describeError, isSessionError } from "../api";
-import { changeUser, createUser, isForbidden, listUsers, userKeys, type ApiKey, type User } from "./adminApi";
+import {
+  changeUser,
+  createUser,
+  isForbidden,
+  listUsers,
+  revokeKey,
+  userKeys,
+  type ApiKey,
+  type User,
+} from "./adminApi";
 import { when } from "./format";
 
 export function UsersPanel({ token, me, onForbidden }: { token: string; me: string; onForbidden: () => void }) {
@@ -9,6 +19,8 @@ export function UsersPanel({ token, me, onForbidden }: { token: string; me: stri
   const [problem, setProblem] = useState<string | null>(null);
   const [done, setDone] = useState<string | null>(null);
   const [keysOf, setKeysOf] = useState<number | null>(null);
+  const [passwordOf, setPasswordOf] = useState<number | null>(null);
+  const [newPassword, setNewPassword] = useState("");
   const [keys, setKeys] = useState<ApiKey[] | null>(null);
   const [username, setUsername] = useState("");
   const [password, setPassword] = useState("");
@@ -56,13 +68,42 @@ export function UsersPanel({ token, me, onForbidden }: { token: string; me: stri
     }
   };
 
-  const toggle = async (user: User) => {
+  // One PATCH of a user; the row shows the server's answer.
+  const change = async (user: User, body: { disabled?: boolean; role?: string; password?: string }, said: (u: User) => string) => {
     setProblem(null);
     setDone(null);
     try {
-      const changed = await changeUser(token, user.id, { disabled: !user.disabled });
+      const changed = await changeUser(token, user.id, body);
       setUsers((list) => list?.map((u) => (u.id === changed.id ? changed : u)) ?? null);
-      setDone(`${changed.username} is ${changed.disabled ? "disabled" : "enabled"}.`);
+      setDone(said(changed));
+      return true;
+    } catch (error) {
+      failed(error);
+      return false;
+    }
+  };
+
+  const toggle = (user: User) =>
+    change(user, { disabled: !user.disabled }, (u) => `${u.username} is ${u.disabled ? "disabled" : "enabled"}.`);
+
+  const setUserRole = (user: User, next: string) =>
+    change(user, { role: next }, (u) => `${u.username} is now ${u.role === "admin" ? "an admin" : "a user"}.`);
+
+  const savePassword = async (event: FormEvent, user: User) => {
+    event.preventDefault();
+    if (await change(user, { password: newPassword }, (u) => `${u.username} has a new password.`)) {
+      setPasswordOf(null);
+      setNewPassword("");
+    }
+  };
+
+  const revoke = async (key: ApiKey, owner: User) => {
+    setProblem(null);
+    setDone(null);
+    try {
+      await revokeKey(token, key.id);
+      setKeys(await userKeys(token, owner.id));
+      setDone(`Revoked ${owner.username}'s key ${key.name}.`);
     } catch (error) {
       failed(error);
     }
@@ -91,16 +132,7 @@ export function UsersPanel({ token, me, onForbidden }: { token: string; me: stri
           Username
           <input value={username} onChange={(e) => setUsername(e.target.value)} required autoComplete="off" />
         </label>
-        <label>
-          Password
-          <input
-            type="password"
-            value={password}
-            onChange={(e) => setPassword(e.target.value)}
-            required
-            autoComplete="new-password"
-          />
-        </label>
+        <PasswordField label="Password" value={password} onChange={setPassword} />
         <label>
           Role
           <select value={role} onChange={(e) => setRole(e.target.value)}>
@@ -148,7 +180,18 @@ export function UsersPanel({ token, me, onForbidden }: { token: string; me: stri
                 <Fragment key={u.id}>
                   <tr data-testid={`user-${u.username}`}>
                     <th scope="row">{u.username}</th>
-                    <td>{u.role}</td>
+                    <td>
+                      <select
+                        aria-label={`Role of ${u.username}`}
+                        value={u.role}
+                        disabled={u.username === me}
+                        title={u.username === me ? "You cannot change your own role here" : undefined}
+                        onChange={(e) => void setUserRole(u, e.target.value)}
+                      >
+                        <option value="user">user</option>
+                        <option value="admin">admin</option>
+                      </select>
+                    </td>
                     <td data-testid="user-state" className={u.disabled ? "state bad" : "state good"}>
                       {u.disabled ? "disabled" : "active"}
                     </td>
@@ -174,8 +217,37 @@ export function UsersPanel({ token, me, onForbidden }: { token: string; me: stri
                       >
                         Keys<span className="visually-hidden"> of {u.username}</span>
                       </button>
+                      <button
+                        type="button"
+                        className="small"
+                        aria-expanded={passwordOf === u.id}
+                        onClick={() => {
+                          setPasswordOf(passwordOf === u.id ? null : u.id);
+                          setNewPassword("");
+                        }}
+                      >
+                        Password<span className="visually-hidden"> of {u.username}</span>
+                      </button>
                     </td>
                   </tr>
+                  {passwordOf === u.id && (
+                    <tr className="keys-row">
+                      <td colSpan={7}>
+                        <form
+                          className="filters"
+                          aria-label={`New password for ${u.username}`}
+                          onSubmit={(e) => void savePassword(e, u)}
+                        >
+                          <PasswordField label="New password" value={newPassword} onChange={setNewPassword} autoFocus />
+                          <div className="filter-buttons">
+                            <button type="submit" className="primary">
+                              Set password
+                            </button>
+                          </div>
+                        </form>
+                      </td>
+                    </tr>
+                  )}
                   {keysOf === u.id && (
                     <tr className="keys-row">
                       <td colSpan={7}>
@@ -194,6 +266,7 @@ export function UsersPanel({ token, me, onForbidden }: { token: string; me: stri
                                 <th scope="col">Created</th>
                                 <th scope="col">Last used</th>
                                 <th scope="col">Revoked</th>
+                                <th scope="col">Actions</th>
                               </tr>
                             </thead>
                             <tbody>
@@ -205,7 +278,14 @@ export function UsersPanel({ token, me, onForbidden }: { token: string; me: stri
                                   </td>
                                   <td>{when(k.created_at)}</td>
                                   <td>{when(k.last_used_at)}</td>
-                                  <td>{k.revoked_at ? when(k.revoked_at) : "no"}</td>
+                                  <td data-testid="key-revoked">{k.revoked_at ? when(k.revoked_at) : "no"}</td>
+                                  <td>
+                                    {!k.revoked_at && (
+                                      <button type="button" className="small" onClick={() => void revoke(k, u)}>
+                                        Revoke<span className="visually-hidden"> key {k.name}</span>
+                                      </button>
+                                    )}
+                                  </td>
                                 </tr>
                               ))}
                             </tbody>
@@ -221,5 +301,21 @@ export function UsersPanel({ token, me, onForbidden }: { token: string; me: stri
         </div>
       )}
     </section>
+  );
+}
+
+function PasswordField(props: { label: string; value: string; onChange: (value: string) => void; autoFocus?: boolean }) {
+  return (
+    <label>
+      {props.label}
+      <input
+        type="password"
+        value={props.value}
+        onChange={(e) => props.onChange(e.target.value)}
+        required
+        autoComplete="new-password"
+        autoFocus={props.autoFocus}
+      />
+    </label>
   );
 }

@@ -185,6 +185,9 @@ export const changeUser = (
 export const userKeys = (token: string, id: number) =>
   api<{ keys: ApiKey[] }>(`/api/users/${id}/keys`, token).then((b) => b.keys);
 
+export const revokeKey = (token: string, id: number) =>
+  api<void>(`/api/keys/${id}`, token, { method: "DELETE" });
+
 export function isForbidden(error: unknown): boolean {
   return error instanceof ApiError && error.status === 403;
 }
