@@ -43,6 +43,7 @@ from chatq.errors import (
     ServerError,
     error_body,
 )
+from chatq.gcfreeze import freeze_startup_objects
 from chatq.profiles import load_profiles
 from chatq.settings import Settings, jwt_secret_problem
 
@@ -221,6 +222,7 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
             pool=pool,
             profiles=profiles,
         )
+        freeze_startup_objects("api")
         try:
             yield
         finally:

@@ -19,6 +19,7 @@ from broker import names, topology
 from broker.bus import Bus
 from chatq import hardware
 from chatq.errors import ConfigError, EngineError
+from chatq.gcfreeze import freeze_startup_objects
 from chatq.profiles import Profile, ProfileSet, load_profiles
 from chatq.settings import Settings
 from schemas.messages import SwitchReply, decode_switch
@@ -149,6 +150,7 @@ def build_app(
         state["control"] = await bus.nc.subscribe(
             names.worker_control_subject(settings.worker_id), cb=on_control
         )
+        freeze_startup_objects(f"worker {settings.worker_id}")
         task = asyncio.create_task(worker.run())
         state["task"] = task
 

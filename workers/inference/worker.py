@@ -21,7 +21,7 @@ from nats.js.kv import KeyValue
 import schemas
 from broker import names, topology
 from broker.bus import REQUEST_ID_HEADER, Bus
-from chatq import logs
+from chatq import gcfreeze, logs
 from chatq.profiles import Profile, ProfileSet
 from schemas.messages import FinishReason, Priority, SwitchReply
 from workers.inference import metrics
@@ -251,6 +251,7 @@ class InferenceWorker:
         await self.announce("draining")
         await self._finish_active(self.config.switch_grace_s, "model_switch")
         await old_engine.stop()
+        gcfreeze.thaw()  # the old engine's objects may be collected now
         reason = self._fits(target, False)
         if reason is None:
             assert self._engine_factory is not None
@@ -269,6 +270,7 @@ class InferenceWorker:
                     await new_engine.stop()
         if reason is None:
             log.info("switched from %s to %s", old_model, target.id)
+            gcfreeze.freeze_startup_objects(f"engine {target.id}")
             self._progress = "ready"
             return
         log.warning("switch to %s failed: %s; loading %s again", target.id, reason, old_model)
@@ -279,6 +281,7 @@ class InferenceWorker:
         await self.announce("loading")
         # If the old model cannot come back either, the worker stops (and is restarted).
         await old_engine.start()
+        gcfreeze.freeze_startup_objects(f"engine {old_model}")
         self._progress = f"failed: {reason}"
 
     async def _finish_active(self, grace_s: float, reason: str) -> None:
