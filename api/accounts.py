@@ -52,8 +52,12 @@ async def login(request: AnyRequest, services: NamedDependency[Services]) -> Res
     body: Login = decode_body(await request.body(), Login)
     settings, limiter = services.settings, services.limiter
     client = request.client.host if request.client else "unknown"
-    wait_s = await limiter.login_wait(
-        body.username, client, settings.login_max_failures, settings.login_max_failures_per_client
+    wait_s = await limiter.login_attempt(
+        body.username,
+        client,
+        settings.login_max_failures,
+        settings.login_max_failures_per_client,
+        settings.login_window_s,
     )
     if wait_s:
         raise LoginThrottled(wait_s)
@@ -64,7 +68,6 @@ async def login(request: AnyRequest, services: NamedDependency[Services]) -> Res
         # argon2id takes ~0.1 s of CPU: in a thread, so this process's streams keep flowing.
         ok = await asyncio.to_thread(accounts.verify_password, password_hash, body.password)
         if user is None or not ok or user.disabled:
-            await limiter.login_failed(body.username, client, settings.login_window_s)
             raise Unauthorized("wrong username or password", code="invalid_credentials")
         await conn.execute("UPDATE users SET last_login_at = now() WHERE id = %s", (user.id,))
     await limiter.login_succeeded(body.username, client)

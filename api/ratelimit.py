@@ -221,12 +221,35 @@ class LoginThrottled(ClientError):
         super().__init__(f"too many failed logins; try again in {retry_after} s", retry_after=retry_after)
 
 
-# KEYS: failure counters. ARGV[1]: the window (s). Each counter counts one more failure
-# and, when it is new, expires at the end of the window (a fixed window per counter).
-_LOGIN_FAILED = """
-for _, key in ipairs(KEYS) do
-  if redis.call('INCR', key) == 1 then redis.call('EXPIRE', key, tonumber(ARGV[1])) end
+# Login attempts. KEYS: the username+address counter, the address counter. ARGV: their
+# limits (0 = none), the window (s). When a counter is at its limit, returns the ms until
+# its window ends; otherwise counts the attempt in both (a new counter expires at the end
+# of its window: fixed windows) and returns 0. Counting before the password is checked,
+# in one script, means guesses sent at once cannot pass the limit together.
+_LOGIN_ATTEMPT = """
+local wait = 0
+for i = 1, 2 do
+  local limit = tonumber(ARGV[i])
+  if limit > 0 and tonumber(redis.call('GET', KEYS[i]) or '0') >= limit then
+    local ttl = redis.call('PTTL', KEYS[i])
+    if ttl < 0 then ttl = 1000 end
+    if ttl > wait then wait = ttl end
+  end
 end
+if wait > 0 then return wait end
+for i = 1, 2 do
+  if tonumber(ARGV[i]) > 0 and redis.call('INCR', KEYS[i]) == 1 then
+    redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3]))
+  end
+end
+return 0
+"""
+
+# A right password: the username+address counter is forgotten, the address gets its
+# attempt back.
+_LOGIN_SUCCEEDED = """
+redis.call('DEL', KEYS[1])
+if tonumber(redis.call('GET', KEYS[2]) or '0') > 0 then redis.call('DECR', KEYS[2]) end
 return 1
 """
 
@@ -419,8 +442,9 @@ class RateLimiter:
             await self._redis.script_load(_SCRIPT)
             return await self._redis.evalsha(_SHA, len(keys), *keys, *args)
 
-    # Failed logins (POST /api/auth/login): counted per username and client address, and
-    # per client address, in fixed windows. Without Redis nothing is throttled (logged).
+    # Logins (POST /api/auth/login): attempts counted per username and client address, and
+    # per client address, in fixed windows; a success gives its attempt back. Without
+    # Redis nothing is throttled (logged).
 
     def _login_keys(self, username: str, client: str) -> tuple[str, str]:
         user = hashlib.sha256(username.strip().lower().encode()).hexdigest()[:24]
@@ -443,39 +467,24 @@ class RateLimiter:
         self._succeeded()
         return result
 
-    async def login_wait(self, username: str, client: str, max_failures: int, max_per_client: int) -> int:
-        """Seconds until `username` may try again from `client`; 0 when it may now."""
+    async def login_attempt(
+        self, username: str, client: str, max_failures: int, max_per_client: int, window_s: int
+    ) -> int:
+        """Count a login attempt, or say how many seconds until `username` may try again
+        from `client` (then nothing is counted). A success gives the attempt back
+        (`login_succeeded`), so what stays counted are the failures."""
         if not (max_failures or max_per_client):
             return 0
         keys = self._login_keys(username, client)
-
-        async def read(redis: Any) -> Any:
-            async with redis.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.get(key)
-                    pipe.pttl(key)
-                return await pipe.execute()
-
-        found = await self._login_call(read)
-        if found is None:
-            return 0
-        user_n, user_ttl, client_n, client_ttl = found
-        wait_ms = 0
-        counters = ((user_n, user_ttl, max_failures), (client_n, client_ttl, max_per_client))
-        for count, ttl_ms, limit in counters:
-            if limit and int(count or 0) >= limit:
-                wait_ms = max(wait_ms, int(ttl_ms) if int(ttl_ms) > 0 else 1000)
-        return max(1, math.ceil(wait_ms / 1000)) if wait_ms else 0
-
-    async def login_failed(self, username: str, client: str, window_s: int) -> None:
-        """Count a failed login; never raises."""
-        keys = self._login_keys(username, client)
-        await self._login_call(lambda redis: redis.eval(_LOGIN_FAILED, 2, *keys, window_s))
+        wait_ms = await self._login_call(
+            lambda redis: redis.eval(_LOGIN_ATTEMPT, 2, *keys, max_failures, max_per_client, window_s)
+        )
+        return max(1, math.ceil(int(wait_ms) / 1000)) if wait_ms else 0
 
     async def login_succeeded(self, username: str, client: str) -> None:
         """A right password: this username's failures from this client are forgotten."""
-        key = self._login_keys(username, client)[0]
-        await self._login_call(lambda redis: redis.delete(key))
+        keys = self._login_keys(username, client)
+        await self._login_call(lambda redis: redis.eval(_LOGIN_SUCCEEDED, 2, *keys))
 
     # The failure policy and the circuit breaker.
 
