@@ -45,8 +45,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
         CHATQ_MODELS=MODEL,
         SYNTH_TOKENS_PER_S="50",
         SYNTH_TTFT_MS="20",
-        # DEBUG: the worker's line per job and persistence's line per event, so that one
-        # request can be followed through every process.
+        # DEBUG: every line a request can cause (FastStream's per message included).
         LOG_LEVEL="DEBUG",
         LOG_PROMPTS="true",
     ) as stack:
@@ -222,6 +221,12 @@ def test_one_request_is_followed_through_every_process(stack: AccountsStack) -> 
     assert [r["ts"] for r in found] == sorted(r["ts"] for r in found)
     worker = [r for r in found if r["service"] == "worker"]
     assert all(r["user_id"] == created.json()["id"] and r["model"] == MODEL for r in worker), worker
+    # At INFO too (the default): the worker's line when the job ends, persistence's when it is stored.
+    ended = [r for r in worker if r["level"] == "INFO" and r["msg"].startswith("job completed in")]
+    assert len(ended) == 1 and ended[0]["outcome"] == "completed", worker
+    assert 0 < ended[0]["ttft_ms"] <= ended[0]["latency_ms"], ended
+    stored = [r for r in found if r["service"] == "persistence" and r["level"] == "INFO"]
+    assert [r["msg"] for r in stored] == [f"wrote the completed event of {request_id}"], stored
     # For people: one line each, local time, service, level, logger and message.
     pretty = logs_cli(stack, "--request", request_id).stdout.splitlines()
     assert len(pretty) == len(found)

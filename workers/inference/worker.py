@@ -425,7 +425,20 @@ class InferenceWorker:
                 await self._ack(active)
                 await self._fail(active, "engine_error", "the engine failed on this request")
         finally:
-            log.debug("job %s in %.0f ms", outcome, (time.monotonic() - active.fetched_at) * 1000)
+            # One line per job, so `./logs --request ID` follows a request through the worker.
+            ended = time.monotonic()
+            ttft = active.first_token_at
+            log.info(
+                "job %s in %.0f ms",
+                outcome,
+                (ended - active.fetched_at) * 1000,
+                extra={
+                    "outcome": outcome,
+                    "worker_id": self.config.worker_id,
+                    "ttft_ms": None if ttft is None else round((ttft - active.fetched_at) * 1000, 1),
+                    "latency_ms": round((ended - active.fetched_at) * 1000, 1),
+                },
+            )
             active.chunks.close()
             self.active.pop(rid, None)
             metrics.ACTIVE.labels(**self._labels).set(len(self.active))

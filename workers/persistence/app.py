@@ -243,7 +243,9 @@ def build_app(
             await queue_title(due)
         await msg.ack()
         tally.written[kind] += 1
-        log.debug("wrote the %s event of %s", kind, event.request_id)
+        # The request's end at INFO (so `./logs --request ID` shows it was stored), the rest at DEBUG.
+        level = logging.DEBUG if isinstance(event, schemas.Accepted) else logging.INFO
+        log.log(level, "wrote the %s event of %s", kind, event.request_id)
 
     async def summaries() -> None:
         while True:
