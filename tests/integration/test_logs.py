@@ -188,6 +188,19 @@ def test_a_client_that_leaves_mid_stream_is_one_line(stack: AccountsStack) -> No
     line = one_line(stack, request_id)
     assert (line["status_code"], line["outcome"]) == (200, "disconnected")
     assert line["output_tokens"] < 2000
+    # A job that did not complete has the worker's line at INFO too.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        ended = [
+            r
+            for r in records(proc(stack, "worker"))
+            if r.get("request_id") == request_id and r["msg"].startswith("job ")
+        ]
+        if ended:
+            break
+        time.sleep(0.1)
+    assert len(ended) == 1 and ended[0]["level"] == "INFO", ended
+    assert ended[0]["outcome"] == "cancelled" and ended[0]["msg"].startswith("job cancelled in"), ended
 
 
 def test_one_request_is_followed_through_every_process(stack: AccountsStack) -> None:
@@ -221,9 +234,10 @@ def test_one_request_is_followed_through_every_process(stack: AccountsStack) -> 
     assert [r["ts"] for r in found] == sorted(r["ts"] for r in found)
     worker = [r for r in found if r["service"] == "worker"]
     assert all(r["user_id"] == created.json()["id"] and r["model"] == MODEL for r in worker), worker
-    # At INFO too (the default): the worker's line when the job ends, persistence's when it is stored.
-    ended = [r for r in worker if r["level"] == "INFO" and r["msg"].startswith("job completed in")]
-    assert len(ended) == 1 and ended[0]["outcome"] == "completed", worker
+    # The worker's line when the job ended (DEBUG when it completed), persistence's at INFO
+    # when the request's end is stored.
+    ended = [r for r in worker if r["msg"].startswith("job completed in")]
+    assert len(ended) == 1 and (ended[0]["level"], ended[0]["outcome"]) == ("DEBUG", "completed"), worker
     assert 0 < ended[0]["ttft_ms"] <= ended[0]["latency_ms"], ended
     stored = [r for r in found if r["service"] == "persistence" and r["level"] == "INFO"]
     assert [r["msg"] for r in stored] == [f"wrote the completed event of {request_id}"], stored
