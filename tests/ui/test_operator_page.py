@@ -295,6 +295,8 @@ def test_make_a_user_admin_set_their_password_and_revoke_their_key(
     page.get_by_role("status").filter(has_text="Revoked dave's key ci").wait_for()
     assert keys.get_by_test_id("key-revoked").inner_text() != "no"
     assert keys.get_by_role("button", name="Revoke key ci").count() == 0
+    row.scroll_into_view_if_needed()
+    shoot(page, "operator-users")
     wait_until(
         "dave's key refused",
         lambda: httpx.get(stack.url + "/api/users", headers=dave_key, timeout=10).status_code == 401,
