@@ -284,9 +284,6 @@ class Authenticator:
         task.add_done_callback(self._tasks.discard)
 
 
-Guard = Callable[[ASGIConnection, BaseRouteHandler], Awaitable[None]]  # type: ignore[type-arg]
-
-
 async def authenticated(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
     """Litestar guard: resolve the caller and keep it in the request's state."""
     auth: Authenticator = connection.app.state.services.auth

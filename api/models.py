@@ -19,6 +19,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 import schemas
 from api.auth import principal_of
+from api.body import decode_body
 from api.services import Services
 from broker import names
 from broker.workers import ModelState
@@ -29,7 +30,6 @@ from chatq.errors import (
     ModelNotFound,
     NotFound,
     UpstreamUnavailable,
-    invalid_field,
 )
 from chatq.profiles import Profile
 from schemas.messages import SwitchModel, SwitchReply, decode_switch_reply
@@ -197,12 +197,7 @@ async def switch_model(
 ) -> Response[bytes]:
     """Admin: have one worker drain, unload, and load another profile (answers 202 at once)."""
     principal_of(request).require_admin()
-    try:
-        body = msgspec.json.decode(await request.body(), type=SwitchRequest)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(str(exc), param=invalid_field(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    body = decode_body(await request.body(), SwitchRequest)
     profile = services.profiles.resolve(body.profile)
     if profile is None:
         raise InvalidRequest(

@@ -91,17 +91,3 @@ class SimpleChatRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     # Replace the conversation's last turn (its question and answer) with this one:
     # regenerate an answer, or edit and resend the last question.
     replace_last: bool = False
-
-
-class ModelCard(msgspec.Struct):
-    id: str
-    created: int
-    owned_by: str = "chatq"
-    object: str = "model"
-    root: str | None = None
-    max_model_len: int | None = None
-
-
-class ModelList(msgspec.Struct):
-    data: list[ModelCard]
-    object: str = "list"

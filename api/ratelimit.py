@@ -302,6 +302,8 @@ class RateLimiter:
         self._timeout_s = timeout_s
         self._backoff_s = backoff_s
         self._redis: Any = None  # redis.asyncio.Redis, once started
+        self._login_attempt: Any = None  # its login scripts (redis.commands.core.AsyncScript)
+        self._login_succeeded: Any = None
         # Circuit breaker: Redis is skipped until `_down_until` (monotonic; 0 = healthy),
         # then one call (`_probing`) finds out whether it is back.
         self._down_until = 0.0
@@ -329,6 +331,9 @@ class RateLimiter:
             # Redis restart).
             protocol=2,
         )
+        # redis-py's Script objects: EVALSHA, loading the script again after NOSCRIPT.
+        self._login_attempt = self._redis.register_script(_LOGIN_ATTEMPT)
+        self._login_succeeded = self._redis.register_script(_LOGIN_SUCCEEDED)
         try:
             await self._redis.script_load(_SCRIPT)
         except _FAILURES as exc:
@@ -450,13 +455,13 @@ class RateLimiter:
         user = hashlib.sha256(username.strip().lower().encode()).hexdigest()[:24]
         return (f"{self.prefix}login:{user}:{client}", f"{self.prefix}login-client:{client}")
 
-    async def _login_call(self, call: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def _login_call(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """One Redis call for the login throttle, under the breaker; None when Redis fails."""
         if self._redis is None or not self._usable():
             return None
         probing = self._probing
         try:
-            result = await call(self._redis)
+            result = await call()
         except _FAILURES as exc:
             self._failed(exc)
             self._warn("failed logins are not throttled")
@@ -477,14 +482,14 @@ class RateLimiter:
             return 0
         keys = self._login_keys(username, client)
         wait_ms = await self._login_call(
-            lambda redis: redis.eval(_LOGIN_ATTEMPT, 2, *keys, max_failures, max_per_client, window_s)
+            lambda: self._login_attempt(keys=keys, args=(max_failures, max_per_client, window_s))
         )
         return max(1, math.ceil(int(wait_ms) / 1000)) if wait_ms else 0
 
     async def login_succeeded(self, username: str, client: str) -> None:
         """A right password: this username's failures from this client are forgotten."""
         keys = self._login_keys(username, client)
-        await self._login_call(lambda redis: redis.eval(_LOGIN_SUCCEEDED, 2, *keys))
+        await self._login_call(lambda: self._login_succeeded(keys=keys))
 
     # The failure policy and the circuit breaker.
 

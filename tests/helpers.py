@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 
+from broker import topology
 from chatq.servers import NatsServer, free_port, wait_for_port
 from loadtest.probes import metric_sum
 
@@ -67,6 +70,19 @@ def spawn(name: str, module: str, env: dict[str, str], logdir: Path) -> Proc:
             start_new_session=True,
         )
     return Proc(name, proc, log, env)
+
+
+def nats_with_streams(root: Path) -> NatsServer:
+    """A NATS server under `root` with chatq's streams declared (no model queues yet)."""
+    server = NatsServer(root / "nats").start(root / "nats.log")
+
+    async def declare() -> None:
+        nc = await nats.connect(server.url)
+        await topology.ensure_streams(nc.jetstream(), jobs_max_msgs=100)
+        await nc.close()
+
+    asyncio.run(declare())
+    return server
 
 
 def base_env(nats_url: str, home: Path, **extra: str) -> dict[str, str]:

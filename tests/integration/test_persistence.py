@@ -22,9 +22,9 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
 import schemas
-from broker import names, topology
+from broker import names
 from chatq.servers import EmbeddedPostgres, NatsServer
-from tests.helpers import Proc, spawn
+from tests.helpers import Proc, nats_with_streams, spawn
 from workers.persistence.app import (
     DELIVERIES_HEADER,
     DURABLE,
@@ -65,14 +65,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("persist")
-    server = NatsServer(root / "nats").start(root / "nats.log")
-
-    async def topo() -> None:
-        nc = await nats.connect(server.url)
-        await topology.ensure_streams(nc.jetstream(), jobs_max_msgs=100)
-        await nc.close()
-
-    asyncio.run(topo())
+    server = nats_with_streams(root)
     pg = private_postgres()
     dsn = pg.start()
     worker = spawn(

@@ -16,9 +16,7 @@ import nats
 import pytest
 
 import schemas
-from broker import topology
-from chatq.servers import NatsServer
-from tests.helpers import Proc, base_env, spawn, start_worker
+from tests.helpers import Proc, base_env, nats_with_streams, spawn, start_worker
 from tests.integration.test_persistence import (
     make_conversation,
     make_user,
@@ -45,14 +43,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("titles")
-    server = NatsServer(root / "nats").start(root / "nats.log")
-
-    async def topo() -> None:
-        nc = await nats.connect(server.url)
-        await topology.ensure_streams(nc.jetstream(), jobs_max_msgs=100)
-        await nc.close()
-
-    asyncio.run(topo())
+    server = nats_with_streams(root)
     pg = private_postgres()
     dsn = pg.start()
     env = base_env(

@@ -340,7 +340,8 @@ export function ChatPage({
     }
   };
 
-  const lastUser = [...messages].reverse().find((m) => m.role === "user");
+  let lastUser: UiMessage | undefined;
+  for (let i = messages.length - 1; i >= 0 && !lastUser; i--) if (messages[i].role === "user") lastUser = messages[i];
   const regenerate = () => {
     if (lastUser) void send(lastUser.content, "answer");
   };

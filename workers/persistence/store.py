@@ -63,8 +63,8 @@ ON CONFLICT (request_id, position) DO NOTHING
 """
 _REPLACED = "DELETE FROM messages WHERE request_id = %s AND conversation_id = %s::uuid"
 # Whether the conversation is still there (a deleted one took its messages with it).
-_CONVERSATION = "SELECT 1 FROM conversations WHERE id = %s::uuid"
 # The event's own time, not now(): the same event applied twice leaves the same value.
+# It matches (rowcount 1) whenever the conversation exists, so it is the existence check too.
 _TOUCH = "UPDATE conversations SET updated_at = GREATEST(updated_at, %s) WHERE id = %s::uuid"
 _SET_TITLE = "UPDATE conversations SET title = %s WHERE id = %s::uuid AND title IS NULL"
 # A conversation due a title: none yet, not deleted, no title job recorded yet (a title
@@ -268,10 +268,9 @@ class Store:
         meta = event.meta
         conversation = meta.conversation_id
         if conversation is not None:
-            cur = await conn.execute(_CONVERSATION, (conversation,))
-            if await cur.fetchone() is None:
+            touched = await conn.execute(_TOUCH, (_ts(event.time), conversation))
+            if touched.rowcount == 0:
                 return False
-            await conn.execute(_TOUCH, (_ts(event.time), conversation))
             if meta.replaces is not None:
                 # This turn replaces an earlier one (regenerate, edit): its messages go.
                 await conn.execute(_REPLACED, (meta.replaces, conversation))
