@@ -12,6 +12,7 @@ from litestar.di import NamedDependency
 
 from api.auth import principal_of
 from api.body import decode_body
+from api.models import model_setting
 from api.ratelimit import LoginThrottled
 from api.services import Services
 from chatq import accounts
@@ -261,8 +262,7 @@ async def get_settings(request: AnyRequest, services: NamedDependency[Services])
 async def put_settings(request: AnyRequest, services: NamedDependency[Services]) -> Response[bytes]:
     user_id = principal_of(request).require_account()
     body: UserSettings = decode_body(await request.body(), UserSettings)
-    if body.model is not None and body.model not in services.known_models():
-        raise InvalidRequest(f"the model {body.model!r} is not served here", param="model")
+    body = msgspec.structs.replace(body, model=model_setting(services, body.model))
     async with services.db() as conn:
         await conn.execute(
             "UPDATE users SET system_prompt = %s, default_model = %s, default_params = %s WHERE id = %s",

@@ -27,6 +27,7 @@ from psycopg.rows import dict_row
 from api.accounts import AnyRequest, json_response
 from api.auth import principal_of
 from api.body import decode_body
+from api.models import model_setting
 from api.services import Services
 from chatq.errors import Conflict, InvalidRequest, NotFound
 from schemas import ChatMessage
@@ -255,8 +256,7 @@ async def create_conversation(request: AnyRequest, services: NamedDependency[Ser
     user_id = principal_of(request).require_account()
     raw = await request.body()
     body: NewConversation = decode_body(raw, NewConversation) if raw.strip() else NewConversation()
-    if body.model is not None and body.model not in services.known_models():
-        raise InvalidRequest(f"the model {body.model!r} is not served here", param="model")
+    body = msgspec.structs.replace(body, model=model_setting(services, body.model))
     async with services.db() as conn:
         conversation = await create(
             conn, user_id, title=body.title, system_prompt=body.system_prompt, model=body.model
@@ -322,8 +322,8 @@ async def change_conversation(
     """Rename, or change the system prompt or model of later turns."""
     user_id = principal_of(request).require_account()
     body: ConversationChange = decode_body(await request.body(), ConversationChange)
-    if isinstance(body.model, str) and body.model not in services.known_models():
-        raise InvalidRequest(f"the model {body.model!r} is not served here", param="model")
+    if isinstance(body.model, str):
+        body = msgspec.structs.replace(body, model=model_setting(services, body.model))
     changes = {k: v for k, v in msgspec.structs.asdict(body).items() if v is not msgspec.UNSET}
     async with services.db() as conn:
         row = await fetch(conn, user_id, conversation_id)

@@ -38,19 +38,38 @@ _json = msgspec.json.Encoder()
 SWITCH_REPLY_TIMEOUT_S = 5.0
 
 
+def lookup_model(services: Services, name: str) -> tuple[str, Profile | None] | None:
+    """The model `name` names, by id or alias: its id (a profile's for an alias) and profile;
+    None when chatq knows no such model."""
+    profile = services.profiles.resolve(name)
+    if profile is not None:
+        return profile.id, profile
+    return (name, None) if name in services.known_models() else None
+
+
+def model_setting(services: Services, name: str | None) -> str | None:
+    """A model stored as a default (user settings, a conversation): its id; 400 if unknown."""
+    if name is None:
+        return None
+    found = lookup_model(services, name)
+    if found is None:
+        raise InvalidRequest(f"the model {name!r} is not served here", param="model")
+    return found[0]
+
+
 def resolve_model(services: Services, model: str) -> str:
     """The queue name for a request's `model`: a profile's id for an alias; 404 if unknown.
 
     With UNSERVED_MODEL=reject a model that no live worker serves or is loading is a 503
     model_unavailable; with `wait` its job waits in the queue (until the request's deadline).
     """
-    profile = services.profiles.resolve(model)
-    name = profile.id if profile is not None else model
-    if profile is None and name not in services.known_models():
+    found = lookup_model(services, model)
+    if found is None:
         raise ModelNotFound(
             f"the model {model!r} does not exist; served models: {', '.join(services.known_models())}",
             param="model",
         )
+    name = found[0]
     if services.settings.unserved_model == "reject" and services.registry.model_state(name) not in (
         "ready",
         "loading",
@@ -162,10 +181,10 @@ async def list_models(services: NamedDependency[Services]) -> Response[bytes]:
 async def get_model(model_id: str, services: NamedDependency[Services]) -> Response[bytes]:
     """One model, by id or alias, or 404 model_not_found."""
     model_id = model_id.lstrip("/")
-    profile = services.profiles.resolve(model_id)
-    name = profile.id if profile else model_id
-    if profile is None and name not in services.known_models():
+    found = lookup_model(services, model_id)
+    if found is None:
         raise ModelNotFound(f"the model {model_id!r} does not exist", param="model")
+    name, profile = found
     entry = await _entry(services, name, profile, int(time.time()))
     return Response(_json.encode(entry), media_type="application/json")
 

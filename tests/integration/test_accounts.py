@@ -429,6 +429,23 @@ def test_service_keys_have_no_conversations(stack: AccountsStack) -> None:
     assert r.status_code == 403 and r.json()["error"]["code"] == "account_required"
 
 
+def test_a_model_alias_is_stored_as_its_profile_id(stack: AccountsStack, alice: User) -> None:
+    # What /api/chat accepts, the defaults accept too; they keep the id, not the alias.
+    r = httpx.put(stack.url + "/api/me/settings", json={"model": "qwen-0.5b"}, headers=alice.headers)
+    assert r.status_code == 200, r.text
+    got = httpx.get(stack.url + "/api/me/settings", headers=alice.headers).json()
+    assert got["model"] == "Qwen2.5-0.5B-Instruct"
+    httpx.put(stack.url + "/api/me/settings", json={}, headers=alice.headers)
+    r = httpx.post(stack.url + "/api/conversations", json={"model": "qwen2.5-0.5b"}, headers=alice.headers)
+    assert r.status_code == 201 and r.json()["model"] == "Qwen2.5-0.5B-Instruct", r.text
+    r = httpx.patch(
+        f"{stack.url}/api/conversations/{r.json()['id']}", json={"model": "qwen-0.5b"}, headers=alice.headers
+    )
+    assert r.status_code == 200 and r.json()["model"] == "Qwen2.5-0.5B-Instruct", r.text
+    r = httpx.put(stack.url + "/api/me/settings", json={"model": "no-such-model"}, headers=alice.headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
 def test_unknown_fields_and_bad_bodies_are_400(stack: AccountsStack, alice: User) -> None:
     r = httpx.post(
         stack.url + "/api/chat", json={"message": "hi", "conversation": "x"}, headers=alice.headers
