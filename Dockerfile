@@ -7,9 +7,12 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY api api
 COPY broker broker
+COPY catalog catalog
 COPY chatq chatq
+COPY database database
 COPY loadtest loadtest
 COPY schemas schemas
+COPY stack stack
 COPY workers workers
 RUN if [ "$ENGINE" = none ]; then pip install --no-cache-dir . ; \
     else pip install --no-cache-dir ".[$ENGINE]"; fi

@@ -15,9 +15,9 @@ from api.body import decode_body
 from api.models import model_setting
 from api.ratelimit import LoginThrottled
 from api.services import Services
-from chatq import accounts
-from chatq.accounts import AccountError
 from chatq.errors import Conflict, InvalidRequest, NotFound, Unauthorized
+from database import accounts
+from database.accounts import AccountError
 
 _json = msgspec.json.Encoder()
 AnyRequest = Request[Any, Any, Any]

@@ -33,8 +33,7 @@ from broker import bus as bus_module
 from broker import topology
 from broker.bus import Bus
 from broker.workers import WorkerRegistry
-from chatq import db
-from chatq.accounts import seed_development_accounts
+from catalog.profiles import load_profiles, settle_model_profile
 from chatq.errors import (
     ApiError,
     ClientError,
@@ -44,8 +43,9 @@ from chatq.errors import (
     error_body,
 )
 from chatq.gcfreeze import freeze_startup_objects
-from chatq.profiles import load_profiles
 from chatq.settings import Settings, jwt_secret_problem
+from database import schema
+from database.accounts import seed_development_accounts
 
 log = logging.getLogger("chatq.api")
 _json = msgspec.json.Encoder()
@@ -166,7 +166,7 @@ async def _open_database(settings: Settings) -> AsyncConnectionPool[Any] | None:
     if not settings.database_url:
         log.warning("no DATABASE_URL: accounts, conversations and usage are off; service keys only")
         return None
-    applied = await db.migrate_url(settings.database_url)
+    applied = await schema.migrate_url(settings.database_url)
     if applied:
         log.info("database migrated: %s", ", ".join(applied))
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
@@ -190,6 +190,7 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
     """Build the API; `connect` is the NATS connector, swappable in tests."""
     check_settings(settings)
     profiles = load_profiles(settings.profiles_file)
+    settings = settle_model_profile(settings, profiles)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -29,9 +29,9 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from psycopg_pool import AsyncConnectionPool
 
-from chatq.accounts import key_digest
 from chatq.errors import Forbidden, Unauthorized, UpstreamUnavailable
 from chatq.settings import Settings
+from database.accounts import key_digest
 
 log = logging.getLogger("chatq.api.auth")
 

@@ -1,6 +1,6 @@
 """Models: which names a request may use, the model lists, and an admin's live switch.
 
-A request names a model by a profile's id or alias (chatq/profiles.toml), or by the name
+A request names a model by a profile's id or alias (catalog/profiles.toml), or by the name
 of a model a live worker serves without a profile (MODEL_ID), or one in CHATQ_MODELS.
 An alias resolves to its profile's id before the job is queued: one queue per model.
 """
@@ -23,6 +23,7 @@ from api.body import decode_body
 from api.services import Services
 from broker import names
 from broker.workers import ModelState
+from catalog.profiles import Profile
 from chatq.errors import (
     ClientError,
     Conflict,
@@ -31,7 +32,6 @@ from chatq.errors import (
     NotFound,
     UpstreamUnavailable,
 )
-from chatq.profiles import Profile
 from schemas.messages import SwitchModel, SwitchReply, decode_switch_reply
 
 _json = msgspec.json.Encoder()

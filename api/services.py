@@ -16,8 +16,8 @@ from api.ratelimit import RateLimiter
 from api.relay import Spawn
 from broker.bus import Bus
 from broker.workers import WorkerRegistry
+from catalog.profiles import ProfileSet
 from chatq.errors import ApiError, UpstreamUnavailable
-from chatq.profiles import ProfileSet
 from chatq.settings import Settings
 
 

@@ -34,9 +34,9 @@ from psycopg import sql
 from api.accounts import json_response
 from api.auth import principal_of
 from api.services import Services
-from chatq import accounts
-from chatq.accounts import AccountError
 from chatq.errors import InvalidRequest, NotFound
+from database import accounts
+from database.accounts import AccountError
 
 GroupBy = Literal["day", "user", "model"]
 GROUPS: tuple[GroupBy, ...] = ("day", "user", "model")

@@ -1,4 +1,4 @@
-"""The web interface: web/dist/ (built by chatq.web) served at `/`.
+"""The web interface: web/dist/ (built by stack.web) served at `/`.
 
 Hashed assets under /assets/ are cached for a year (immutable: a new build has new
 names); index.html is served for `/` and every client route (`/c/<id>`, `/admin`,
@@ -28,7 +28,7 @@ _NOT_BUILT = """<!doctype html>
 <h1>The web interface is not built</h1>
 <p>The API is running, but <code>{dist}</code> holds no built interface.
 <code>./start</code> builds it when its sources change; to build it by hand, run
-<code>.venv/bin/python -m chatq.web</code> (it needs Node 20.19+ or installs Node from PyPI),
+<code>.venv/bin/python -m stack.web</code> (it needs Node 20.19+ or installs Node from PyPI),
 then reload this page.</p>
 <p>The API itself works: <code>/v1/chat/completions</code>, <code>/api/chat</code>, <code>/health</code>.</p>
 </body></html>

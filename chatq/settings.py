@@ -211,18 +211,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     if unserved_model not in ("wait", "reject"):
         raise ConfigError(f"UNSERVED_MODEL must be 'wait' or 'reject', got {unserved_model!r}")
     profiles_file = env.optional("PROFILES_FILE")
-    if model_profile is not None:
-        # A profile's id is its served name: an alias given here names the same queue.
-        from chatq.profiles import load_profiles
-
-        profiles = load_profiles(profiles_file)
-        resolved = profiles.resolve(model_profile)
-        if resolved is None:
-            raise ConfigError(
-                f"MODEL_PROFILE {model_profile!r} is not a profile in {profiles.source}; "
-                f"profiles: {', '.join(p.id for p in profiles)}"
-            )
-        model_profile = resolved.id
+    # MODEL_PROFILE may be an alias; catalog.profiles.settle_model_profile names its id.
     model_name = model_profile or env.text("MODEL_NAME", served_name(model_id))
     engine = env.text("INFERENCE_ENGINE", "vllm")
     if engine not in ("vllm", "synthetic"):

@@ -141,7 +141,7 @@ def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> Ru
 
 def default_model_dir() -> Path:
     """chatq's default model, prepared under CHATQ_HOME/models (built once if missing)."""
-    from chatq.model_prep import prepare_default_model
+    from catalog.model_prep import prepare_default_model
 
     home = Path(os.environ.get("CHATQ_HOME") or REPO_ROOT / ".chatq")
     return prepare_default_model(home / "models")

@@ -26,8 +26,8 @@ from typing import IO, Any
 
 import httpx
 
-from chatq.servers import EmbeddedPostgres, NatsServer, RedisServer, free_port, wait_for_port
 from loadtest.config import API_KEY, EngineConfig, RunConfig, SynthConfig
+from stack.servers import EmbeddedPostgres, NatsServer, RedisServer, free_port, wait_for_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -257,7 +257,7 @@ def _user_key(dsn: str) -> str:
 
     import psycopg
 
-    from chatq import accounts
+    from database import accounts
 
     async def make() -> str:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from chatq.servers import NatsServer
+from stack.servers import NatsServer
 
 
 @pytest.fixture(scope="session")

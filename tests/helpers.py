@@ -19,8 +19,8 @@ import httpx
 import nats
 
 from broker import topology
-from chatq.servers import NatsServer, free_port, wait_for_port
 from loadtest.probes import metric_sum
+from stack.servers import NatsServer, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-0123456789abcdef"
@@ -275,8 +275,8 @@ class AccountsStack:
     urls: list[str]
     dsn: str
     nats_url: str
-    redis: Any  # chatq.servers.RedisServer
-    pg: Any  # chatq.servers.EmbeddedPostgres
+    redis: Any  # stack.servers.RedisServer
+    pg: Any  # stack.servers.EmbeddedPostgres
     env: dict[str, str]
     logdir: Path
     procs: list[Proc]
@@ -288,7 +288,7 @@ class AccountsStack:
 
 @contextmanager
 def accounts_stack(root: Path, model: str, *, apis: int = 1, **env: str) -> Iterator[AccountsStack]:
-    from chatq.servers import EmbeddedPostgres, RedisServer
+    from stack.servers import EmbeddedPostgres, RedisServer
 
     nats = NatsServer(root / "nats").start(root / "nats.log")
     pg = EmbeddedPostgres(root / "pg")

@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from chatq.servers import NatsServer, free_port
 from loadtest.targets import spawn as spawn_argv
 from loadtest.targets import wait_http
+from stack.servers import NatsServer, free_port
 from tests.helpers import (
     API_KEY,
     base_env,
@@ -65,7 +65,7 @@ class Pair:
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     from vllm.platforms import current_platform
 
-    from chatq.model_prep import resolve_model
+    from catalog.model_prep import resolve_model
     from chatq.settings import load
     from workers.inference.vllm_engine import engine_cli_args
 

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from chatq.model_prep import prepare_default_model
-from chatq.servers import NatsServer
+from catalog.model_prep import prepare_default_model
+from stack.servers import NatsServer
 from tests.helpers import Proc, auth, base_env, start_api, start_worker, wait_for_model
 
 pytestmark = pytest.mark.vllm

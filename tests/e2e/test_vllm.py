@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from chatq.servers import NatsServer
+from stack.servers import NatsServer
 from tests.helpers import (
     API_KEY,
     Proc,

@@ -17,9 +17,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from chatq import accounts
-from chatq import db as migrations_db
-from chatq.servers import EmbeddedPostgres
+from database import accounts
+from database import schema as migrations_db
+from stack.servers import EmbeddedPostgres
 from tests.helpers import ROOT
 
 
@@ -61,7 +61,7 @@ def chatq(
     if dsn is not None:
         env["DATABASE_URL"] = dsn
     return subprocess.run(
-        [sys.executable, "-m", "chatq.cli", *args],
+        [sys.executable, "-m", "stack.cli", *args],
         input=stdin if stdin is not None else "",
         capture_output=True,
         text=True,

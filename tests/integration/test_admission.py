@@ -16,7 +16,7 @@ from api.admission import QueueMonitor
 from broker import names, topology
 from broker.bus import Bus, connect
 from chatq.errors import Overloaded
-from chatq.servers import NatsServer
+from stack.servers import NatsServer
 
 MODEL = "admission-model"
 # JetStream's own per-subject limit, far above the bounds tested: every refusal below

@@ -17,8 +17,8 @@ from faststream.specification.asyncapi.v3_0_0.schema import ApplicationSchema
 
 import schemas
 from broker import asyncapi, bus, names, topology
-from chatq.servers import NatsServer
 from schemas import messages, status
+from stack.servers import NatsServer
 from tests.helpers import Proc, base_env, start_api
 from workers.persistence import app as persistence
 

@@ -16,8 +16,8 @@ from nats.js.api import AckPolicy, ConsumerConfig
 import schemas
 from broker import names, topology
 from broker.bus import Bus, connect
-from chatq.servers import NatsServer
 from examples.tokens_per_user import Row, Tally, read_events, start_at
+from stack.servers import NatsServer
 from tests.helpers import ROOT
 from workers.persistence.app import DURABLE
 

@@ -88,7 +88,7 @@ def logs_cli(stack: AccountsStack, *args: str) -> subprocess.CompletedProcess[st
     """./logs, reading the stack's log folder (CHATQ_HOME/logs)."""
     env = {**os.environ, "CHATQ_HOME": str(stack.logdir.parent)}
     return subprocess.run(
-        [sys.executable, "-m", "chatq.cli", "logs", *args],
+        [sys.executable, "-m", "stack.cli", "logs", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -1,4 +1,4 @@
-"""chatq.db.migrate against a real (embedded) PostgreSQL: data kept, idempotent, one at a time."""
+"""database.schema.migrate against a real (embedded) PostgreSQL: data kept, idempotent, one at a time."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from chatq import db
+from database import schema
 from tests.integration.test_persistence import private_postgres
 
-ALL = [m.name for m in db.migrations()]
+ALL = [m.name for m in schema.migrations()]
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
 
@@ -47,7 +47,7 @@ def only_first(tmp_path: Path) -> Path:
     """A migrations directory holding 0001 alone: the schema before accounts."""
     directory = tmp_path / "migrations"
     directory.mkdir()
-    shutil.copy(db.MIGRATIONS_DIR / "0001_initial.sql", directory)
+    shutil.copy(schema.MIGRATIONS_DIR / "0001_initial.sql", directory)
     return directory
 
 
@@ -147,10 +147,10 @@ async def old_database(dsn: str, tmp_path: Path, *, legacy: bool) -> None:
     """
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         if legacy:
-            await conn.execute((db.MIGRATIONS_DIR / "0001_initial.sql").read_bytes())
+            await conn.execute((schema.MIGRATIONS_DIR / "0001_initial.sql").read_bytes())
             await conn.commit()
         else:
-            assert await db.migrate(conn, only_first(tmp_path)) == ["0001_initial"]
+            assert await schema.migrate(conn, only_first(tmp_path)) == ["0001_initial"]
         async with conn.cursor() as cur:
             await cur.executemany(
                 "INSERT INTO chat_requests VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
@@ -167,11 +167,11 @@ async def test_migrating_an_old_database_keeps_every_row_and_figure(
 ) -> None:
     await old_database(dsn, tmp_path, legacy=legacy)
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        applied = await db.migrate(conn)
+        applied = await schema.migrate(conn)
     assert applied == (ALL if legacy else ALL[1:])
     assert [
         row[:2] for row in await fetch(dsn, "SELECT version, name FROM schema_migrations ORDER BY 1")
-    ] == [(m.version, m.name) for m in db.migrations()]
+    ] == [(m.version, m.name) for m in schema.migrations()]
 
     # Each request keeps its figures; usage is folded in; the orphan usage row becomes a request.
     found = await fetch(
@@ -216,9 +216,9 @@ async def test_migrating_an_old_database_keeps_every_row_and_figure(
     # Migrating again changes nothing: same migration rows (same applied_at), same data.
     before = await snapshot(dsn)
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        assert await db.migrate(conn) == []
+        assert await schema.migrate(conn) == []
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        assert await db.migrate(conn) == []  # the same from an autocommit connection
+        assert await schema.migrate(conn) == []  # the same from an autocommit connection
     assert await snapshot(dsn) == before
 
 
@@ -230,8 +230,8 @@ async def test_two_concurrent_migrations_apply_each_file_once(dsn: str, tmp_path
         await psycopg.AsyncConnection.connect(dsn) as second,
     ):
         # Hold the migration lock so that both migrations are surely waiting at once.
-        await holder.execute("SELECT pg_advisory_lock(%s)", (db._LOCK_ID,))
-        runs = [asyncio.create_task(db.migrate(conn)) for conn in (first, second)]
+        await holder.execute("SELECT pg_advisory_lock(%s)", (schema._LOCK_ID,))
+        runs = [asyncio.create_task(schema.migrate(conn)) for conn in (first, second)]
         deadline = asyncio.get_running_loop().time() + 20
         while True:
             cur = await holder.execute(
@@ -244,13 +244,13 @@ async def test_two_concurrent_migrations_apply_each_file_once(dsn: str, tmp_path
                 "the two migrations never waited for the lock"
             )
             await asyncio.sleep(0.05)
-        await holder.execute("SELECT pg_advisory_unlock(%s)", (db._LOCK_ID,))
+        await holder.execute("SELECT pg_advisory_unlock(%s)", (schema._LOCK_ID,))
         results = await asyncio.gather(*runs)
     # One of them applied the rest, the other found nothing left to do.
     assert sorted(results) == [[], ALL[1:]]
     assert [
         row[:2] for row in await fetch(dsn, "SELECT version, name FROM schema_migrations ORDER BY 1")
-    ] == [(m.version, m.name) for m in db.migrations()]
+    ] == [(m.version, m.name) for m in schema.migrations()]
     assert await fetch(dsn, "SELECT count(*), sum(completion_tokens) FROM requests") == [(5, 45)]
     assert await fetch(dsn, "SELECT count(*) FROM messages") == [(len(OLD_MESSAGES),)]
 
@@ -261,8 +261,8 @@ async def test_two_concurrent_migrations_of_an_empty_database(dsn: str) -> None:
         await psycopg.AsyncConnection.connect(dsn) as first,
         await psycopg.AsyncConnection.connect(dsn) as second,
     ):
-        results = await asyncio.gather(db.migrate(first), db.migrate(second))
+        results = await asyncio.gather(schema.migrate(first), schema.migrate(second))
     assert sorted(results) == [[], ALL]
     assert await fetch(dsn, "SELECT version FROM schema_migrations ORDER BY 1") == [
-        (m.version,) for m in db.migrations()
+        (m.version,) for m in schema.migrations()
     ]

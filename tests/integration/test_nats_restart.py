@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from chatq.servers import NatsServer
+from stack.servers import NatsServer
 from tests.helpers import (
     SseEvent,
     auth,

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import schemas
 from broker.bus import Bus
-from chatq.servers import free_port, wait_for_port
+from stack.servers import free_port, wait_for_port
 from tests.helpers import ROOT, AccountsStack, Proc, accounts_stack, auth, login, spawn, start_worker
 
 MODEL = "op-model"
@@ -180,7 +180,7 @@ def _cli_status(operated: Operated, *args: str) -> subprocess.CompletedProcess[s
     port = operated.stack.url.rsplit(":", 1)[1]
     env = {**operated.stack.env, "CHATQ_PORT": port, "CHATQ_HOME": str(operated.stack.logdir / "cli-home")}
     return subprocess.run(
-        [sys.executable, "-m", "chatq.cli", "status", *args],
+        [sys.executable, "-m", "stack.cli", "status", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -23,7 +23,7 @@ from nats.js.errors import NotFoundError
 
 import schemas
 from broker import names
-from chatq.servers import EmbeddedPostgres, NatsServer
+from stack.servers import EmbeddedPostgres, NatsServer
 from tests.helpers import Proc, nats_with_streams, spawn
 from workers.persistence.app import (
     DELIVERIES_HEADER,

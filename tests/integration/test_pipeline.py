@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chatq.servers import NatsServer
+from stack.servers import NatsServer
 from tests.helpers import (
     Stack,
     auth,

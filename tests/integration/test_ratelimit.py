@@ -1,4 +1,4 @@
-"""Rate limits (api.ratelimit.RateLimiter) against a real redis-server (chatq.servers.RedisServer):
+"""Rate limits (api.ratelimit.RateLimiter) against a real redis-server (stack.servers.RedisServer):
 RPM, TPM and concurrency per scope, exact under concurrent bursts from two OS processes,
 refusals that charge nothing, and the failure policy while Redis is down or hung."""
 
@@ -21,8 +21,8 @@ from prometheus_client import REGISTRY
 
 from api.ratelimit import RateLimited, RateLimiter, Ticket, estimate_prompt_tokens
 from chatq.errors import UpstreamUnavailable
-from chatq.servers import RedisServer, free_port
 from chatq.settings import RoleLimits
+from stack.servers import RedisServer, free_port
 
 HOLD_S = 60.0
 

@@ -28,9 +28,9 @@ import httpx
 import psutil
 import pytest
 
-from chatq.cli import Supervisor
-from chatq.servers import free_port
 from chatq.settings import DEFAULT_MODEL_NAME, load
+from stack.cli import Supervisor
+from stack.servers import free_port
 from tests.helpers import API_KEY, ROOT, auth, metric_value
 
 pytestmark = pytest.mark.timeout(300)
@@ -94,7 +94,7 @@ def children(home: Path) -> dict[str, Any]:
 
 @dataclass
 class Service:
-    """`python -m chatq.cli start` and what it printed (stdout and stderr, line by line)."""
+    """`python -m stack.cli start` and what it printed (stdout and stderr, line by line)."""
 
     proc: subprocess.Popen[str]
     env: dict[str, str]
@@ -122,7 +122,7 @@ class Service:
 
     def status(self) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "chatq.cli", "status"],
+            [sys.executable, "-m", "stack.cli", "status"],
             env=self.env,
             cwd=ROOT,
             capture_output=True,
@@ -178,7 +178,7 @@ def start_service(home: Path, **extra: str) -> Service:
     )
     env.update(extra)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chatq.cli", "start"],
+        [sys.executable, "-m", "stack.cli", "start"],
         env=env,
         cwd=ROOT,
         stdin=subprocess.DEVNULL,

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from chatq.servers import NatsServer
+from stack.servers import NatsServer
 from tests.helpers import Proc, auth, base_env, start_api, start_worker, wait_for_model
 
 PROFILES = """

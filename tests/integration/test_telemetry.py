@@ -12,7 +12,7 @@ import schemas
 from broker import names, topology
 from broker.bus import Bus, connect
 from broker.workers import WorkerRegistry
-from chatq.servers import NatsServer
+from stack.servers import NatsServer
 from tests.helpers import metric_value
 from workers.telemetry.collector import Gauges, Nvml, collect
 

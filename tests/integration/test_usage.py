@@ -19,8 +19,8 @@ import httpx
 import psycopg
 import pytest
 
-from chatq import accounts, db
-from chatq.servers import EmbeddedPostgres, NatsServer
+from database import accounts, schema
+from stack.servers import EmbeddedPostgres, NatsServer
 from tests.helpers import API_KEY, base_env, start_api
 
 D1 = dt.datetime(2025, 3, 10, tzinfo=dt.UTC)
@@ -110,7 +110,7 @@ def env(nats_server: NatsServer) -> Iterator[Env]:
 
 
 async def _seed(dsn: str) -> None:
-    await db.migrate_url(dsn)
+    await schema.migrate_url(dsn)
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         ids = {
             "alice": (await accounts.create_user(conn, "alice", "alice-secret")).id,

@@ -58,7 +58,7 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def built_web() -> Path:
-    from chatq.web import WebBuildError, build
+    from stack.web import WebBuildError, build
 
     try:
         return build()

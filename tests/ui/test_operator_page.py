@@ -1,7 +1,7 @@
 """The operator page (/admin) in chromium against the whole service.
 
 The module's own stack: the synthetic worker starts on the bundled CPU profile
-(SmolLM2-135M-Instruct, chatq/profiles.toml) so an admin can switch it to another CPU
+(SmolLM2-135M-Instruct, catalog/profiles.toml) so an admin can switch it to another CPU
 profile (Qwen2.5-0.5B-Instruct; the synthetic engine loads nothing, in SYNTH_START_S),
 and a telemetry worker writes the queues snapshot every 0.5 s.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from chatq.servers import free_port, wait_for_port
+from stack.servers import free_port, wait_for_port
 from tests.helpers import AccountsStack, accounts_stack, login, spawn
 from tests.ui.conftest import Account, shoot
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from catalog.hardware import GIB, GpuInfo, check, memory_need
+from catalog.profiles import DEFAULT_PROFILES_FILE, Profile, load_profiles, settle_model_profile
 from chatq.errors import ConfigError
-from chatq.hardware import GIB, GpuInfo, check, memory_need
-from chatq.profiles import DEFAULT_PROFILES_FILE, Profile, load_profiles
 
 MINIMAL = """
 [[profile]]
@@ -101,7 +101,9 @@ def test_a_missing_or_broken_file_is_named(tmp_path: Path) -> None:
 def test_profiles_file_and_model_profile_settings() -> None:
     from chatq.settings import load
 
-    s = load({"MODEL_PROFILE": "qwen2.5-7b", "PROFILES_FILE": str(DEFAULT_PROFILES_FILE)})
+    env = {"MODEL_PROFILE": "qwen2.5-7b", "PROFILES_FILE": str(DEFAULT_PROFILES_FILE)}
+    s = settle_model_profile(load(env))
+    assert s.model_name == s.models[0] == "Qwen2.5-7B-Instruct"
     assert s.model_profile == "Qwen2.5-7B-Instruct" and s.profiles_file == DEFAULT_PROFILES_FILE
     assert s.unserved_model == "wait" and s.switch_grace_s == 30.0 and not s.require_gpu
     with pytest.raises(ConfigError, match="UNSERVED_MODEL"):

@@ -17,10 +17,10 @@ from prometheus_client import start_http_server
 import schemas
 from broker import names, topology
 from broker.bus import Bus
-from chatq import hardware
+from catalog import hardware
+from catalog.profiles import Profile, ProfileSet, load_profiles, settle_model_profile
 from chatq.errors import ConfigError, EngineError
 from chatq.gcfreeze import freeze_startup_objects
-from chatq.profiles import Profile, ProfileSet, load_profiles
 from chatq.settings import Settings
 from schemas.messages import SwitchReply, decode_switch
 from workers.inference import metrics
@@ -52,15 +52,8 @@ def make_engine(settings: Settings, profile: Profile | None = None) -> Engine:
 
 def worker_profile(settings: Settings, profiles: ProfileSet) -> Profile | None:
     """The profile MODEL_PROFILE names (by id or alias); None without MODEL_PROFILE."""
-    if settings.model_profile is None:
-        return None
-    profile = profiles.resolve(settings.model_profile)
-    if profile is None:
-        raise ConfigError(
-            f"MODEL_PROFILE {settings.model_profile!r} is not a profile in "
-            f"{profiles.source}; profiles: {', '.join(p.id for p in profiles)}"
-        )
-    return profile
+    settled = settle_model_profile(settings, profiles)
+    return None if settled.model_profile is None else profiles.resolve(settled.model_profile)
 
 
 def fit_check(settings: Settings) -> tuple[int, Callable[[Profile, bool], str | None]]:

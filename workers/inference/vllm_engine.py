@@ -20,8 +20,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from catalog.profiles import CHATML_TEMPLATE, Profile
 from chatq.errors import EngineError
-from chatq.profiles import CHATML_TEMPLATE, Profile
 from workers.inference.engine import Answer, OpenAIRequest, Progress, RequestRejected
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ class VllmEngine:
                 f"vLLM cannot be imported ({exc!r}); install chatq with the 'cpu' or 'gpu' "
                 "extra (./start does this), or run INFERENCE_ENGINE=synthetic for pipeline tests"
             ) from exc
-        from chatq.model_prep import resolve_model
+        from catalog.model_prep import resolve_model
 
         s = self._settings
         self.version = str(getattr(vllm, "__version__", ""))

@@ -21,8 +21,8 @@ from nats.js.kv import KeyValue
 import schemas
 from broker import names, topology
 from broker.bus import REQUEST_ID_HEADER, Bus
+from catalog.profiles import Profile, ProfileSet
 from chatq import gcfreeze, logs
-from chatq.profiles import Profile, ProfileSet
 from schemas.messages import FinishReason, Priority, SwitchReply
 from workers.inference import metrics
 from workers.inference.chunker import ChunkStream

@@ -1,6 +1,6 @@
 """PostgreSQL storage of requests (usage included) and messages; every write is idempotent.
 
-The schema is chatq's (chatq/migrations, applied by chatq.db.migrate). One event makes one
+The schema is chatq's (database/migrations, applied by database.schema.migrate). One event makes one
 transaction: its `requests` row (upserted so that events may arrive in any order and more
 than once), its messages, and for a conversation turn the conversation's `updated_at`; a
 title job's Completed event sets the conversation's title instead of storing messages.
@@ -15,7 +15,7 @@ from typing import cast
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-import chatq.db
+import database.schema
 import schemas
 from schemas import ANSWER_POSITION
 from workers.persistence.titles import TitleSource, clean_title, title_request_id
@@ -214,7 +214,7 @@ class Store:
         )
 
     async def migrate(self) -> list[str]:
-        """Bring the schema up to date (chatq.db.migrate); returns the migrations applied.
+        """Bring the schema up to date (database.schema.migrate); returns the migrations applied.
 
         On a connection of its own, without the statement timeout: a migration may
         rewrite a large table, or wait for another process that is migrating.
@@ -222,7 +222,7 @@ class Store:
         async with await psycopg.AsyncConnection.connect(
             self._dsn, connect_timeout=self._connect_timeout_s
         ) as conn:
-            return await chatq.db.migrate(conn)
+            return await database.schema.migrate(conn)
 
     async def apply(self, event: schemas.Event, *, titles: bool = False) -> TitleSource | None:
         """Write an event; applying the same event twice changes nothing.

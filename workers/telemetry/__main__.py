@@ -13,8 +13,8 @@ from broker import topology
 from broker.bus import Bus, connect
 from broker.status import SNAPSHOT_KEY, status_kv
 from broker.workers import WorkerRegistry
+from catalog.profiles import load_profiles
 from chatq.logs import setup_logging
-from chatq.profiles import load_profiles
 from chatq.settings import Settings, load
 from schemas.status import encode_snapshot
 from workers.telemetry.collector import Gauges, Nvml, collect

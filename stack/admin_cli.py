@@ -21,7 +21,7 @@ import psycopg
 from chatq.settings import ROLES, Settings
 
 if TYPE_CHECKING:
-    from chatq.accounts import ApiKey, User
+    from database.accounts import ApiKey, User
 
 COMMANDS = ("migrate", "users", "keys")
 Conn = psycopg.AsyncConnection[Any]
@@ -65,7 +65,7 @@ def add_parsers(sub: Any) -> None:  # argparse's _SubParsersAction (a private ty
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
     """Run a migrate, users or keys command; 0 on success, 1 with a one-line error."""
-    from chatq.accounts import AccountError  # argon2 and friends load only for these commands
+    from database.accounts import AccountError  # argon2 and friends load only for these commands
 
     action = _action(args)
     try:
@@ -93,7 +93,7 @@ def _database(settings: Settings) -> tuple[str, Callable[[], None]]:
         return settings.database_url, lambda: None
     with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset (root, containers)
         warnings.simplefilter("ignore")
-        from chatq.servers import EmbeddedPostgres
+        from stack.servers import EmbeddedPostgres
 
         pg = EmbeddedPostgres(settings.home / "postgres")
         dsn = pg.start()
@@ -104,7 +104,7 @@ def _database(settings: Settings) -> tuple[str, Callable[[], None]]:
 
 async def _with_connection(dsn: str, action: Action | None) -> None:
     """Connect, migrate, then act (no action: `chatq migrate`, which says what it applied)."""
-    from chatq.db import migrate
+    from database.schema import migrate
 
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10) as conn:
         applied = await migrate(conn)
@@ -161,7 +161,7 @@ def read_password(given: str | None, *, stdin: TextIO | None = None) -> str:
 
 
 async def users_add(conn: Conn, args: argparse.Namespace) -> None:
-    from chatq import accounts
+    from database import accounts
 
     accounts.check_username(args.username)
     if await accounts.find_user(conn, args.username) is not None:  # before asking for a password
@@ -172,7 +172,7 @@ async def users_add(conn: Conn, args: argparse.Namespace) -> None:
 
 
 async def users_passwd(conn: Conn, args: argparse.Namespace) -> None:
-    from chatq import accounts
+    from database import accounts
 
     await accounts.user_id_of(conn, args.username)  # an unknown user fails before the prompt
     await accounts.set_password(conn, args.username, read_password(args.password))
@@ -188,7 +188,7 @@ async def users_enable(conn: Conn, args: argparse.Namespace) -> None:
 
 
 async def _set_disabled(conn: Conn, username: str, disabled: bool) -> None:
-    from chatq import accounts
+    from database import accounts
 
     await accounts.set_disabled(conn, await accounts.user_id_of(conn, username), disabled)
     if disabled:
@@ -198,7 +198,7 @@ async def _set_disabled(conn: Conn, username: str, disabled: bool) -> None:
 
 
 async def users_list(conn: Conn, _: argparse.Namespace) -> None:
-    from chatq import accounts
+    from database import accounts
 
     print(users_table(await accounts.list_users(conn)))
 
@@ -223,7 +223,7 @@ def users_table(users: Sequence[User]) -> str:
 
 
 async def keys_create(conn: Conn, args: argparse.Namespace) -> None:
-    from chatq import accounts
+    from database import accounts
 
     user_id = await accounts.user_id_of(conn, args.username)
     record, key = await accounts.create_key(conn, user_id, args.name)
@@ -236,7 +236,7 @@ async def keys_create(conn: Conn, args: argparse.Namespace) -> None:
 
 
 async def keys_revoke(conn: Conn, args: argparse.Namespace) -> None:
-    from chatq import accounts
+    from database import accounts
 
     if not await accounts.revoke_key(conn, args.key_id):
         raise CommandError(f"no API key {args.key_id}")
@@ -244,7 +244,7 @@ async def keys_revoke(conn: Conn, args: argparse.Namespace) -> None:
 
 
 async def keys_list(conn: Conn, args: argparse.Namespace) -> None:
-    from chatq import accounts
+    from database import accounts
 
     user_id = None if args.username is None else await accounts.user_id_of(conn, args.username)
     names = {u.id: u.username for u in await accounts.list_users(conn)}

@@ -1,4 +1,4 @@
-"""PostgreSQL schema migrations: numbered SQL files in chatq/migrations, applied once each.
+"""PostgreSQL schema migrations: numbered SQL files in database/migrations, applied once each.
 
 Why numbered SQL files and not a migration tool: the schema is small, psycopg is already
 here, and plain SQL is what an operator reads and reviews; a migration tool (Alembic,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatq.profiles import Profile
+from catalog.profiles import Profile
 
 GIB = 1 << 30
 # CUDA context, activations and vLLM's own buffers, per GPU (measured: 0.6-1.2 GiB).

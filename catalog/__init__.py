@@ -1,0 +1,1 @@
+"""The model catalogue: profiles, hardware checks, model preparation."""
