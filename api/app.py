@@ -27,7 +27,6 @@ from api.admission import QueueMonitor
 from api.auth import Authenticator, authenticated
 from api.chat import chat_completions, completions, new_request_id, simple_chat
 from api.ratelimit import RateLimiter
-from api.relay import Spawn
 from api.services import Services
 from broker import bus as bus_module
 from broker import topology
@@ -44,6 +43,7 @@ from chatq.errors import (
 )
 from chatq.gcfreeze import freeze_startup_objects
 from chatq.settings import Settings, jwt_secret_problem
+from chatq.tasks import TaskSet
 from database import schema
 from database.accounts import seed_development_accounts
 
@@ -207,7 +207,7 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
             await topology.ensure_model(bus.js, model, ack_wait_s=settings.ack_wait_s)
         registry = WorkerRegistry(bus)
         await registry.start()
-        spawn = Spawn()
+        spawn = TaskSet()
         limiter = RateLimiter(settings.redis_url, settings.rate_limit_failure)
         await limiter.start()
         if settings.redis_url is None:

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import secrets
@@ -31,6 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from chatq.errors import Forbidden, Unauthorized, UpstreamUnavailable
 from chatq.settings import Settings
+from chatq.tasks import TaskSet
 from database.accounts import key_digest
 
 log = logging.getLogger("chatq.api.auth")
@@ -102,7 +102,7 @@ class Authenticator:
         self._users: dict[int, _Cached] = {}
         self._last_used: dict[int, float] = {}
         self._development: Principal | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._spawn = TaskSet("auth bookkeeping")
 
     # --- tokens ---------------------------------------------------------------------
 
@@ -277,11 +277,6 @@ class Authenticator:
                 await conn.execute("UPDATE api_keys SET last_used_at = now() WHERE id = %s", (key_id,))
         except Exception as exc:  # noqa: BLE001 - bookkeeping only
             log.debug("could not record a key's last use: %r", exc)
-
-    def _spawn(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 async def authenticated(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Literal
 
 import anyio
@@ -24,6 +23,7 @@ from chatq.errors import (
     StreamFailed,
     UpstreamUnavailable,
 )
+from chatq.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Relay:
         job: schemas.Job,
         *,
         watchdog_s: float,
-        spawn: Spawn,
+        spawn: TaskSet,
         buffer_bytes: int = DEFAULT_STREAM_BUFFER_BYTES,
     ) -> None:
         self.bus = bus
@@ -301,24 +301,3 @@ def _stored_messages(job: schemas.Job) -> list[schemas.ChatMessage]:
     if meta.conversation_id is None:
         return job.messages
     return job.messages[len(job.messages) - (meta.answer_position - meta.position) :]
-
-
-class Spawn:
-    """Runs background coroutines and keeps a reference to each until it ends."""
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def __call__(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("background task failed: %r", task.exception())
-
-    async def wait(self, timeout: float = 5.0) -> None:
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout)

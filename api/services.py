@@ -13,12 +13,12 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from api.admission import QueueMonitor
 from api.auth import Authenticator
 from api.ratelimit import RateLimiter
-from api.relay import Spawn
 from broker.bus import Bus
 from broker.workers import WorkerRegistry
 from catalog.profiles import ProfileSet
 from chatq.errors import ApiError, UpstreamUnavailable
 from chatq.settings import Settings
+from chatq.tasks import TaskSet
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Services:
     registry: WorkerRegistry
     auth: Authenticator
     limiter: RateLimiter
-    spawn: Spawn
+    spawn: TaskSet
     pool: AsyncConnectionPool[Any] | None = None
     profiles: ProfileSet = field(default_factory=ProfileSet.empty)
 

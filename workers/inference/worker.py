@@ -8,7 +8,7 @@ import functools
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
@@ -23,6 +23,7 @@ from broker import names, topology
 from broker.bus import REQUEST_ID_HEADER, Bus
 from catalog.profiles import Profile, ProfileSet
 from chatq import gcfreeze, logs
+from chatq.tasks import TaskSet
 from schemas.messages import FinishReason, Priority, SwitchReply
 from workers.inference import metrics
 from workers.inference.chunker import ChunkStream
@@ -30,12 +31,6 @@ from workers.inference.engine import Answer, Engine, OpenAIRequest, Progress, Re
 
 log = logging.getLogger(__name__)
 _HOST = socket.gethostname()
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    """A done-callback: say so when a task ended with an exception nobody awaited."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task %s failed: %r", task.get_name(), task.exception())
 
 
 def _deliveries(msg: Msg) -> int:
@@ -125,7 +120,8 @@ class InferenceWorker:
         self.active: dict[str, ActiveRequest] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Acks, naks, heartbeats, announcements, and each job's own task.
+        self.spawn = TaskSet("worker task")
         self._kv: KeyValue | None = None
         self._state: str = "loading"
         self._labels = {"model": self.model}
@@ -133,16 +129,6 @@ class InferenceWorker:
         metrics.ENGINE_LOAD.watch(self)
 
     # --- helpers --------------------------------------------------------------------
-
-    def spawn(self, coro: Awaitable[None]) -> None:
-        """Run a coroutine in the background, keeping a reference until it ends."""
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._spawned_done)
-
-    def _spawned_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        _log_failure(task)
 
     @property
     def free_slots(self) -> int:
@@ -371,8 +357,7 @@ class InferenceWorker:
         active = ActiveRequest(job=job, msg=msg, chunks=chunks, fetched_at=time.monotonic())
         self.active[job.request_id] = active
         metrics.ACTIVE.labels(**self._labels).set(len(self.active))
-        active.task = asyncio.create_task(self._run_job(active))
-        active.task.add_done_callback(_log_failure)
+        active.task = self.spawn(self._run_job(active))
 
     async def _ack(self, active: ActiveRequest) -> None:
         if not active.acked:
