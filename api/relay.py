@@ -110,18 +110,7 @@ class Relay:
         except Exception as exc:
             await self._sub.close()
             raise UpstreamUnavailable(f"the job queue is unreachable: {type(exc).__name__}") from exc
-        self._spawn(
-            self.bus.publish_event(
-                schemas.Accepted(
-                    request_id=self.job.request_id,
-                    model=self.job.model,
-                    time=self.job.created,
-                    user=self.job.user,
-                    meta=self.job.meta,
-                    messages=_stored_messages(self.job),
-                )
-            )
-        )
+        self._spawn(self.bus.publish_event(schemas.Accepted.for_job(self.job, _stored_messages(self.job))))
 
     async def accepted(self) -> None:
         """Wait until a worker's engine has accepted the job; its refusal raises (a 4xx)."""
@@ -265,31 +254,17 @@ class Relay:
                 if withdrawn:
                     self._spawn(
                         self.bus.publish_event(
-                            schemas.Cancelled(
-                                request_id=rid,
-                                model=self.job.model,
-                                time=time.time(),
-                                worker_id="api",
-                                reason=reason,
-                                text="",
-                                usage=schemas.Usage(0, 0),
-                                user=self.job.user,
-                                meta=self.job.meta,
-                            )
+                            schemas.Cancelled.for_job(self.job, worker_id="api", reason=reason)
                         )
                     )
             elif reason == "stream_failed":
                 self._spawn(
                     self.bus.publish_event(
-                        schemas.Failed(
-                            request_id=rid,
-                            model=self.job.model,
-                            time=time.time(),
+                        schemas.Failed.for_job(
+                            self.job,
                             code=self.failure.code if self.failure else "worker_lost",
                             message=self.failure.message if self.failure else "the stream broke mid-way",
                             worker_id=self.worker_id,
-                            user=self.job.user,
-                            meta=self.job.meta,
                         )
                     )
                 )

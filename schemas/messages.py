@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from time import time as _now
 from typing import Literal
 
 import msgspec
@@ -140,6 +141,8 @@ class Cancel(msgspec.Struct, frozen=True, tag="cancel", tag_field="t"):
 
 
 # --- chat.events.> (JetStream EVENTS) --------------------------------------------------
+# Each event of a job is built by its `for_job`, which copies what every event of the
+# job carries (request id, model, user, meta) from the job, and stamps the time.
 
 
 class Accepted(msgspec.Struct, frozen=True, tag="accepted", tag_field="t", omit_defaults=True):
@@ -151,6 +154,19 @@ class Accepted(msgspec.Struct, frozen=True, tag="accepted", tag_field="t", omit_
     # The messages to store: the whole prompt, or a conversation turn's new message(s).
     messages: list[ChatMessage] = []
     meta: RequestMeta = RequestMeta()
+
+    @classmethod
+    def for_job(cls, job: Job, messages: list[ChatMessage]) -> Accepted:
+        """The job is queued; `messages` are what its record stores of the prompt."""
+        return cls(
+            request_id=job.request_id,
+            model=job.model,
+            time=job.created,
+            user=job.user,
+            stream=job.stream,
+            messages=messages,
+            meta=job.meta,
+        )
 
 
 class Completed(msgspec.Struct, frozen=True, tag="completed", tag_field="t", omit_defaults=True):
@@ -166,6 +182,33 @@ class Completed(msgspec.Struct, frozen=True, tag="completed", tag_field="t", omi
     user: str | None = None
     meta: RequestMeta = RequestMeta()
 
+    @classmethod
+    def for_job(
+        cls,
+        job: Job,
+        *,
+        worker_id: str,
+        text: str,
+        finish_reason: FinishReason,
+        usage: Usage,
+        ttft_s: float | None,
+        duration_s: float,
+    ) -> Completed:
+        """The job's answer is complete."""
+        return cls(
+            request_id=job.request_id,
+            model=job.model,
+            time=_now(),
+            worker_id=worker_id,
+            text=text,
+            finish_reason=finish_reason,
+            usage=usage,
+            ttft_s=ttft_s,
+            duration_s=duration_s,
+            user=job.user,
+            meta=job.meta,
+        )
+
 
 class Cancelled(msgspec.Struct, frozen=True, tag="cancelled", tag_field="t", omit_defaults=True):
     """Partial output of a cancelled stream is billed and stored."""
@@ -180,6 +223,23 @@ class Cancelled(msgspec.Struct, frozen=True, tag="cancelled", tag_field="t", omi
     user: str | None = None
     meta: RequestMeta = RequestMeta()
 
+    @classmethod
+    def for_job(
+        cls, job: Job, *, worker_id: str, reason: str, text: str = "", usage: Usage | None = None
+    ) -> Cancelled:
+        """The job was cancelled; its partial text and usage (none if it never ran)."""
+        return cls(
+            request_id=job.request_id,
+            model=job.model,
+            time=_now(),
+            worker_id=worker_id,
+            reason=reason,
+            text=text,
+            usage=usage if usage is not None else Usage(0, 0),
+            user=job.user,
+            meta=job.meta,
+        )
+
 
 class Failed(msgspec.Struct, frozen=True, tag="failed", tag_field="t", omit_defaults=True):
     request_id: str
@@ -190,6 +250,20 @@ class Failed(msgspec.Struct, frozen=True, tag="failed", tag_field="t", omit_defa
     worker_id: str | None = None
     user: str | None = None
     meta: RequestMeta = RequestMeta()
+
+    @classmethod
+    def for_job(cls, job: Job, *, code: str, message: str, worker_id: str | None) -> Failed:
+        """The job failed; `worker_id` is None when no worker had taken it."""
+        return cls(
+            request_id=job.request_id,
+            model=job.model,
+            time=_now(),
+            code=code,
+            message=message,
+            worker_id=worker_id,
+            user=job.user,
+            meta=job.meta,
+        )
 
 
 Event = Accepted | Completed | Cancelled | Failed

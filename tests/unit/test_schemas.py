@@ -37,6 +37,37 @@ def test_events_round_trip_and_keep_their_kind() -> None:
     assert isinstance(decoded, schemas.Completed) and decoded == event
 
 
+def test_every_event_of_a_job_carries_the_jobs_identity() -> None:
+    meta = schemas.RequestMeta(user_id=7, conversation_id="c", position=2, answer_position=3)
+    job = schemas.Job(
+        request_id="r",
+        model="m",
+        messages=[schemas.ChatMessage("user", "hi")],
+        sampling=schemas.Sampling(),
+        created=100.0,
+        deadline=200.0,
+        user="u",
+        stream=False,
+        meta=meta,
+    )
+    usage = schemas.Usage(1, 2)
+    events: list[schemas.Event] = [
+        schemas.Accepted.for_job(job, job.messages),
+        schemas.Completed.for_job(
+            job, worker_id="w", text="t", finish_reason="stop", usage=usage, ttft_s=0.1, duration_s=1.0
+        ),
+        schemas.Cancelled.for_job(job, worker_id="api", reason="deadline"),
+        schemas.Failed.for_job(job, code="engine_error", message="x", worker_id=None),
+    ]
+    for event in events:
+        assert (event.request_id, event.model, event.user, event.meta) == ("r", "m", "u", meta)
+        assert schemas.decode_event(schemas.encode(event)) == event
+    accepted, completed, cancelled, _ = events
+    assert isinstance(accepted, schemas.Accepted) and accepted.time == 100.0 and not accepted.stream
+    assert isinstance(completed, schemas.Completed) and completed.time > job.created
+    assert isinstance(cancelled, schemas.Cancelled) and cancelled.usage == schemas.Usage(0, 0)
+
+
 def test_a_newer_job_with_extra_fields_still_decodes() -> None:
     job = schemas.Job(
         request_id="r",

@@ -499,16 +499,12 @@ class InferenceWorker:
             await chunks.finish("cancelled", usage)
             metrics.CHUNKS.labels(**self._labels).inc(chunks.seq)
             await self.bus.publish_event(
-                schemas.Cancelled(
-                    request_id=rid,
-                    model=job.model,
-                    time=time.time(),
+                schemas.Cancelled.for_job(
+                    job,
                     worker_id=self.config.worker_id,
                     reason=active.cancel_reason,
                     text=progress.text,
                     usage=usage,
-                    user=job.user,
-                    meta=job.meta,
                 )
             )
             return "cancelled"
@@ -520,18 +516,14 @@ class InferenceWorker:
         await chunks.finish(reason, usage, last)
         metrics.CHUNKS.labels(**self._labels).inc(chunks.seq)
         await self.bus.publish_event(
-            schemas.Completed(
-                request_id=rid,
-                model=job.model,
-                time=time.time(),
+            schemas.Completed.for_job(
+                job,
                 worker_id=self.config.worker_id,
                 text=progress.text,
                 finish_reason=reason,
                 usage=usage,
                 ttft_s=ttft,
                 duration_s=time.monotonic() - active.fetched_at,
-                user=job.user,
-                meta=job.meta,
             )
         )
         return "completed"
@@ -548,16 +540,7 @@ class InferenceWorker:
             ),
         )
         await self.bus.publish_event(
-            schemas.Failed(
-                request_id=job.request_id,
-                model=job.model,
-                time=time.time(),
-                code=code,
-                message=message,
-                worker_id=self.config.worker_id,
-                user=job.user,
-                meta=job.meta,
-            )
+            schemas.Failed.for_job(job, code=code, message=message, worker_id=self.config.worker_id)
         )
 
     # --- cancel and housekeeping ----------------------------------------------------
