@@ -84,6 +84,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     require_gpu: bool
     unserved_model: Literal["wait", "reject"]
     switch_grace_s: float
+    drain_grace_s: float
     worker_id: str
     worker_slots: int
     worker_metrics_port: int
@@ -278,6 +279,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         require_gpu=env.flag("REQUIRE_GPU", False),
         unserved_model=unserved_model,  # type: ignore[arg-type]
         switch_grace_s=env.number("SWITCH_GRACE_S", 30.0),
+        drain_grace_s=env.number("DRAIN_GRACE_S", 30.0),
         worker_id=env.text("WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
         worker_slots=env.integer("WORKER_SLOTS", 0),
         worker_metrics_port=env.integer("WORKER_METRICS_PORT", 9101),

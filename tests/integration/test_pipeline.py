@@ -38,7 +38,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with synthetic_stack(
         tmp_path_factory.mktemp("stack"),
         MODEL,
-        CHATQ_MODELS=f"{MODEL},killed-before,killed-after,unserved",
+        CHATQ_MODELS=f"{MODEL},killed-before,stopped-before,killed-after,unserved",
         SYNTH_TOKENS_PER_S="50",
         SYNTH_TTFT_MS="20",
         STREAM_WATCHDOG_S=str(WATCHDOG_S),
@@ -342,17 +342,7 @@ def test_worker_killed_before_first_token_is_replaced(stack: Stack) -> None:
             timeout=60,
         ) as resp:
             assert resp.status_code == 200
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                text = httpx.get(f"http://127.0.0.1:{first_metrics}/metrics").text
-                try:
-                    if metric_value(text, "chatq_worker_active_requests", model="killed-before") == 1:
-                        break
-                except KeyError:  # the gauge appears with the worker's first job
-                    pass
-                time.sleep(0.05)
-            else:
-                pytest.fail("the first worker never took the job")
+            wait_until_running(first_metrics, "killed-before")
             first.kill()
             second, _ = start_worker({**slow_env, "SYNTH_TTFT_MS": "20"}, stack.logdir, name="rescuer")
             try:
@@ -367,6 +357,58 @@ def test_worker_killed_before_first_token_is_replaced(stack: Stack) -> None:
     assert text == expected_text(content, 10)
     completed = asyncio.run(find_event(stack.nats.url, chunks[0]["id"], "completed"))
     assert completed.worker_id == "rescuer"
+
+
+def test_worker_stopped_before_first_token_hands_the_job_on(stack: Stack) -> None:
+    """A graceful stop gives back a job with no token yet, as a model switch does."""
+    slow_env = {
+        **stack.env,
+        "MODEL_NAME": "stopped-before",
+        "SYNTH_TTFT_MS": "60000",
+        "DRAIN_GRACE_S": "0.5",
+    }
+    first, first_metrics = start_worker(slow_env, stack.logdir, name="stopped-before")
+    content = "survive a restart"
+    try:
+        wait_for_model(stack.url, "stopped-before", 60, [first])
+        with httpx.stream(
+            "POST",
+            stack.url + "/v1/chat/completions",
+            json=chat_body(content, model="stopped-before", max_tokens=10),
+            headers=auth(),
+            timeout=60,
+        ) as resp:
+            assert resp.status_code == 200
+            wait_until_running(first_metrics, "stopped-before")
+            first.stop()  # SIGTERM: the worker drains, then exits
+            assert first.proc.returncode == 0, first.tail()
+            second, _ = start_worker({**slow_env, "SYNTH_TTFT_MS": "20"}, stack.logdir, name="relief")
+            try:
+                events = list(sse_events(resp.iter_lines()))
+            finally:
+                second.stop()
+    finally:
+        first.kill()
+    assert events[-1].data == "[DONE]", events[-3:]
+    chunks = [e.json() for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == expected_text(content, 10)
+    completed = asyncio.run(find_event(stack.nats.url, chunks[0]["id"], "completed"))
+    assert completed.worker_id == "relief"
+
+
+def wait_until_running(metrics_port: int, model: str, timeout: float = 10) -> None:
+    """Wait until the worker behind metrics_port runs a job of `model`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        try:
+            if metric_value(text, "chatq_worker_active_requests", model=model) == 1:
+                return
+        except KeyError:  # the gauge appears with the worker's first job
+            pass
+        time.sleep(0.05)
+    pytest.fail(f"the worker never took the {model} job")
 
 
 def test_worker_killed_after_first_token_gives_an_error_event(stack: Stack) -> None:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 import schemas
+from workers.inference.engine import Answer, OpenAIRequest, Progress
 from workers.inference.synthetic import SyntheticEngine
 from workers.inference.worker import InferenceWorker, WorkerConfig
 
@@ -16,9 +22,12 @@ class FakeBus:
     def __init__(self) -> None:
         self.stream: list[schemas.StreamMsg] = []
         self.events: list[schemas.Event] = []
+        self.chunked = asyncio.Event()  # set at the first Chunk
 
     async def publish_stream(self, request_id: str, message: schemas.StreamMsg) -> None:
         self.stream.append(message)
+        if isinstance(message, schemas.Chunk):
+            self.chunked.set()
 
     async def publish_event(self, event: schemas.Event) -> None:
         self.events.append(event)
@@ -42,11 +51,34 @@ class FakeMsg:
         self.calls.append("term")
 
 
-def make(slots: int = 2) -> tuple[InferenceWorker, FakeBus, SyntheticEngine]:
-    engine = SyntheticEngine(model="m", tokens_per_s=50, ttft_s=0.01, slots=slots)
+class StuckEngine(SyntheticEngine):
+    """An engine whose request ignores cancellation until released."""
+
+    def __init__(self) -> None:
+        super().__init__(model="m", tokens_per_s=50, ttft_s=0.01, slots=2)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def serve(self, request: OpenAIRequest, progress: Progress) -> Answer:
+        self.entered.set()
+        while not self.release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.release.wait()
+        raise asyncio.CancelledError
+
+
+def make(
+    slots: int = 2, engine: SyntheticEngine | None = None, ttft_s: float = 0.01
+) -> tuple[InferenceWorker, FakeBus, SyntheticEngine]:
+    engine = engine or SyntheticEngine(model="m", tokens_per_s=50, ttft_s=ttft_s, slots=slots)
     bus = FakeBus()
     config = WorkerConfig(
-        worker_id="w", ack_wait_s=30, heartbeat_s=1, chunk_max_tokens=16, chunk_max_delay_s=0.015
+        worker_id="w",
+        ack_wait_s=30,
+        heartbeat_s=1,
+        chunk_max_tokens=16,
+        chunk_max_delay_s=0.015,
+        cancel_wait_s=0.2,
     )
     return InferenceWorker(bus, engine, config), bus, engine  # type: ignore[arg-type]
 
@@ -72,9 +104,7 @@ def job(rid: str, max_tokens: int = 100) -> schemas.Job:
 
 
 async def settle(worker: InferenceWorker, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while worker.active and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    assert await worker.wait_idle(timeout), f"still running after {timeout} s: {list(worker.active)}"
 
 
 async def test_a_cancel_that_arrives_with_the_job_frees_the_slot_and_acks() -> None:
@@ -95,8 +125,7 @@ async def test_a_cancel_mid_stream_aborts_the_engine_and_reports_partial_usage()
     worker, bus, engine = make()
     msg: Any = FakeMsg(job("r2", max_tokens=1000))
     worker._start_job(msg)
-    while not any(isinstance(m, schemas.Chunk) for m in bus.stream):
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(bus.chunked.wait(), 5)
     assert worker.cancel("r2", "client_disconnected")
     await settle(worker)
     assert worker.active == {} and engine.aborted == ["r2"]
@@ -129,6 +158,41 @@ async def test_an_engine_refusal_is_a_stream_error_with_its_status_and_nothing_e
     assert msg.calls.count("ack") == 1
     (event,) = bus.events
     assert isinstance(event, schemas.Failed)
+
+
+async def test_ending_the_active_requests_requeues_one_with_no_token_yet() -> None:
+    worker, bus, _ = make(ttft_s=60)
+    msg: Any = FakeMsg(job("r5"))
+    worker._start_job(msg)
+    await asyncio.wait_for(wait_until(lambda: worker.active["r5"].in_engine), 5)
+    await asyncio.wait_for(worker._end_active(0.1, "worker_shutdown"), 5)
+    assert worker.active == {} and msg.calls == ["nak"]  # back to its queue, not acked
+    assert bus.events == [] and not any(isinstance(m, schemas.Chunk) for m in bus.stream)
+
+
+async def test_a_request_that_ignores_its_cancel_is_abandoned_at_the_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = StuckEngine()
+    worker, _, _ = make(engine=engine)
+    msg: Any = FakeMsg(job("r6"))
+    worker._start_job(msg)
+    await asyncio.wait_for(engine.entered.wait(), 5)
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR):
+        # grace 0.1 s, then the cancel, then cancel_wait_s (0.2 s): never unbounded.
+        await asyncio.wait_for(worker._end_active(0.1, "worker_shutdown"), 5)
+    assert time.monotonic() - started < 2
+    assert worker.active == {} and worker.free_slots == 2
+    assert any("r6 still runs" in r.getMessage() for r in caplog.records)
+    engine.release.set()  # the abandoned task ends; it must not disturb the worker
+    await worker.spawn.wait(5)
+    assert worker.active == {} and msg.calls == ["nak"]
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
 
 
 def msgspec_replace(job: schemas.Job, **changes: Any) -> schemas.Job:

@@ -29,8 +29,6 @@ from workers.inference.worker import InferenceWorker, WorkerConfig
 
 log = logging.getLogger("chatq.worker")
 
-DRAIN_GRACE_S = 30.0
-
 
 def make_engine(settings: Settings, profile: Profile | None = None) -> Engine:
     """The engine INFERENCE_ENGINE names for a profile (None: MODEL_ID); vLLM unless synthetic."""
@@ -88,7 +86,7 @@ def build_app(
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         name=f"chatq-worker-{settings.worker_id}",
-        graceful_timeout=DRAIN_GRACE_S,
+        graceful_timeout=settings.drain_grace_s,
     )
     engine = engine or make_engine(settings, profile)
     state: dict[str, InferenceWorker | asyncio.Task[None] | Subscription] = {}
@@ -170,7 +168,7 @@ def build_app(
                 await control.unsubscribe()  # type: ignore[union-attr]
         worker = state.get("worker")
         if isinstance(worker, InferenceWorker):
-            await worker.drain(DRAIN_GRACE_S)
+            await worker.drain(settings.drain_grace_s)
         task = state.get("task")
         if isinstance(task, asyncio.Task):
             task.cancel()

@@ -76,6 +76,8 @@ class WorkerConfig:
     status_interval_s: float = 2.0
     # A live switch: how long in-flight streams may run on before they are ended.
     switch_grace_s: float = 30.0
+    # After a switch or shutdown cancels a request, how long it may take to end.
+    cancel_wait_s: float = 5.0
     gpus: int = 0
 
 
@@ -119,6 +121,8 @@ class InferenceWorker:
         self._shutting_down = False
         self.active: dict[str, ActiveRequest] = {}
         self._slot_freed = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no request runs
+        self._idle.set()
         self._stopping = asyncio.Event()
         # Acks, naks, heartbeats, announcements, and each job's own task.
         self.spawn = TaskSet("worker task")
@@ -235,7 +239,7 @@ class InferenceWorker:
         """Drain, unload, check, load the target; on any failure load the previous model again."""
         old_engine, old_profile, old_model = self.engine, self.profile, self.model
         await self.announce("draining")
-        await self._finish_active(self.config.switch_grace_s, "model_switch")
+        await self._end_active(self.config.switch_grace_s, "model_switch")
         await old_engine.stop()
         gcfreeze.thaw()  # the old engine's objects may be collected now
         reason = self._fits(target, False)
@@ -270,20 +274,42 @@ class InferenceWorker:
         gcfreeze.freeze_startup_objects(f"engine {old_model}")
         self._progress = f"failed: {reason}"
 
-    async def _finish_active(self, grace_s: float, reason: str) -> None:
+    async def _end_active(self, grace_s: float, reason: str) -> None:
         """Let running requests finish for grace_s, then end the rest.
 
         A request with no token yet goes back to its queue (another worker, or this one
-        later, answers it); one that is streaming ends with the standard error.
+        later, answers it); one that is streaming ends with the standard error, `reason`.
+        A request still running cancel_wait_s after that is abandoned: logged, its task
+        cancelled, its slot forgotten, so a stuck engine cannot hold up a switch or a
+        shutdown (an unacked job is redelivered by JetStream after its ack wait).
         """
-        deadline = time.monotonic() + grace_s
-        while self.active and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if await self.wait_idle(grace_s):
+            return
         for active in list(self.active.values()):
             started = active.acked or active.first_token_at is not None
             self.cancel(active.job.request_id, reason if started else "requeue")
-        while self.active:
-            await asyncio.sleep(0.05)
+        if await self.wait_idle(self.config.cancel_wait_s):
+            return
+        for rid, active in list(self.active.items()):
+            log.error(
+                "job %s still runs %g s after its cancel (%s); abandoning it",
+                rid,
+                self.config.cancel_wait_s,
+                reason,
+                extra={"request_id": rid},
+            )
+            if active.task is not None:
+                active.task.cancel()
+            self._forget(active)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request runs: True, or False if some still run after timeout seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _pull_loop(self, subs: dict[Priority, JetStreamContext.PullSubscription]) -> None:
         while not self._stopping.is_set():
@@ -317,17 +343,11 @@ class InferenceWorker:
         self._slot_freed.set()
 
     async def drain(self, grace_s: float) -> None:
-        """Stop taking jobs and let running ones finish (cancelled after grace_s)."""
+        """Stop taking jobs and end running ones as a switch does, then leave the workers bucket."""
         self.stop_fetching()
         self._progress = "draining"
         await self.announce("draining")
-        deadline = time.monotonic() + grace_s
-        while self.active and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        for active in list(self.active.values()):
-            self.cancel(active.job.request_id, "worker_shutdown")
-        while self.active:
-            await asyncio.sleep(0.05)
+        await self._end_active(grace_s, "worker_shutdown")
         with contextlib.suppress(Exception):
             if self._kv is not None:
                 await self._kv.delete(names.worker_key(self.config.worker_id))
@@ -356,6 +376,7 @@ class InferenceWorker:
         )
         active = ActiveRequest(job=job, msg=msg, chunks=chunks, fetched_at=time.monotonic())
         self.active[job.request_id] = active
+        self._idle.clear()
         metrics.ACTIVE.labels(**self._labels).set(len(self.active))
         active.task = self.spawn(self._run_job(active))
 
@@ -428,10 +449,18 @@ class InferenceWorker:
                 },
             )
             active.chunks.close()
-            self.active.pop(rid, None)
-            metrics.ACTIVE.labels(**self._labels).set(len(self.active))
             metrics.JOBS.labels(outcome=outcome, **self._labels).inc()
-            self._slot_freed.set()
+            self._forget(active)
+
+    def _forget(self, active: ActiveRequest) -> None:
+        """Free a request's slot: it ended (or was abandoned)."""
+        # An abandoned task that ends later must not remove a redelivery of its job.
+        if self.active.get(active.job.request_id) is active:
+            del self.active[active.job.request_id]
+        metrics.ACTIVE.labels(**self._labels).set(len(self.active))
+        if not self.active:
+            self._idle.set()
+        self._slot_freed.set()
 
     def _first_token(self, active: ActiveRequest) -> None:
         metrics.TTFT.labels(**self._labels).observe(time.monotonic() - active.fetched_at)
