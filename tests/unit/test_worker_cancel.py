@@ -104,13 +104,13 @@ def job(rid: str, max_tokens: int = 100) -> schemas.Job:
 
 
 async def settle(worker: InferenceWorker, timeout: float = 5.0) -> None:
-    assert await worker.wait_idle(timeout), f"still running after {timeout} s: {list(worker.active)}"
+    assert await worker.jobs.wait_idle(timeout), f"still running after {timeout} s: {list(worker.active)}"
 
 
 async def test_a_cancel_that_arrives_with_the_job_frees_the_slot_and_acks() -> None:
     worker, bus, engine = make()
     msg: Any = FakeMsg(job("r1"))
-    worker._start_job(msg)
+    worker.jobs.start(msg)
     assert worker.cancel("r1", "client_disconnected")  # before the job's task ever ran
     await settle(worker)
     assert worker.active == {}
@@ -124,7 +124,7 @@ async def test_a_cancel_that_arrives_with_the_job_frees_the_slot_and_acks() -> N
 async def test_a_cancel_mid_stream_aborts_the_engine_and_reports_partial_usage() -> None:
     worker, bus, engine = make()
     msg: Any = FakeMsg(job("r2", max_tokens=1000))
-    worker._start_job(msg)
+    worker.jobs.start(msg)
     await asyncio.wait_for(bus.chunked.wait(), 5)
     assert worker.cancel("r2", "client_disconnected")
     await settle(worker)
@@ -139,7 +139,7 @@ async def test_a_cancel_mid_stream_aborts_the_engine_and_reports_partial_usage()
 async def test_a_cancel_after_the_engine_finished_changes_nothing() -> None:
     worker, bus, _ = make()
     msg: Any = FakeMsg(job("r3", max_tokens=2))
-    worker._start_job(msg)
+    worker.jobs.start(msg)
     await settle(worker)
     assert not worker.cancel("r3", "deadline")
     (event,) = bus.events
@@ -151,7 +151,7 @@ async def test_an_engine_refusal_is_a_stream_error_with_its_status_and_nothing_e
     worker, bus, _ = make()
     bad = job("r4")
     msg: Any = FakeMsg(msgspec_replace(bad, body=b'{"messages": "not a list"}'))
-    worker._start_job(msg)
+    worker.jobs.start(msg)
     await settle(worker)
     (error,) = bus.stream
     assert isinstance(error, schemas.StreamError) and error.status == 400
@@ -163,9 +163,9 @@ async def test_an_engine_refusal_is_a_stream_error_with_its_status_and_nothing_e
 async def test_ending_the_active_requests_requeues_one_with_no_token_yet() -> None:
     worker, bus, _ = make(ttft_s=60)
     msg: Any = FakeMsg(job("r5"))
-    worker._start_job(msg)
+    worker.jobs.start(msg)
     await asyncio.wait_for(wait_until(lambda: worker.active["r5"].in_engine), 5)
-    await asyncio.wait_for(worker._end_active(0.1, "worker_shutdown"), 5)
+    await asyncio.wait_for(worker.jobs.end_active(0.1, "worker_shutdown"), 5)
     assert worker.active == {} and msg.calls == ["nak"]  # back to its queue, not acked
     assert bus.events == [] and not any(isinstance(m, schemas.Chunk) for m in bus.stream)
 
@@ -176,12 +176,12 @@ async def test_a_request_that_ignores_its_cancel_is_abandoned_at_the_deadline(
     engine = StuckEngine()
     worker, _, _ = make(engine=engine)
     msg: Any = FakeMsg(job("r6"))
-    worker._start_job(msg)
+    worker.jobs.start(msg)
     await asyncio.wait_for(engine.entered.wait(), 5)
     started = time.monotonic()
     with caplog.at_level(logging.ERROR):
         # grace 0.1 s, then the cancel, then cancel_wait_s (0.2 s): never unbounded.
-        await asyncio.wait_for(worker._end_active(0.1, "worker_shutdown"), 5)
+        await asyncio.wait_for(worker.jobs.end_active(0.1, "worker_shutdown"), 5)
     assert time.monotonic() - started < 2
     assert worker.active == {} and worker.free_slots == 2
     assert any("r6 still runs" in r.getMessage() for r in caplog.records)
