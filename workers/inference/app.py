@@ -70,6 +70,37 @@ def fit_check(settings: Settings) -> tuple[int, Callable[[Profile, bool], str | 
     return len(gpus), fits
 
 
+def make_worker(
+    settings: Settings,
+    bus: Bus,
+    engine: Engine,
+    profile: Profile | None,
+    profiles: ProfileSet,
+    *,
+    gpus: int,
+    fits: Callable[[Profile, bool], str | None],
+) -> InferenceWorker:
+    """The worker the settings describe, on this bus and engine; a switch builds engines with make_engine."""
+    config = WorkerConfig(
+        worker_id=settings.worker_id,
+        ack_wait_s=settings.ack_wait_s,
+        heartbeat_s=settings.heartbeat_s,
+        chunk_max_tokens=settings.chunk_max_tokens,
+        chunk_max_delay_s=settings.chunk_max_delay_s,
+        switch_grace_s=settings.switch_grace_s,
+        gpus=gpus,
+    )
+    return InferenceWorker(
+        bus,
+        engine,
+        config,
+        profile=profile,
+        profiles=profiles,
+        engine_factory=functools.partial(make_engine, settings),
+        fits=fits,
+    )
+
+
 def build_app(
     settings: Settings, engine: Engine | None = None, profiles: ProfileSet | None = None
 ) -> tuple[FastStream, NatsBroker]:
@@ -111,23 +142,7 @@ def build_app(
     async def start_worker() -> None:
         bus = Bus(broker.connection)
         await topology.ensure_streams(bus.js, jobs_max_msgs=settings.jobs_max_msgs)
-        worker = InferenceWorker(
-            bus,
-            engine,
-            WorkerConfig(
-                worker_id=settings.worker_id,
-                ack_wait_s=settings.ack_wait_s,
-                heartbeat_s=settings.heartbeat_s,
-                chunk_max_tokens=settings.chunk_max_tokens,
-                chunk_max_delay_s=settings.chunk_max_delay_s,
-                switch_grace_s=settings.switch_grace_s,
-                gpus=gpus,
-            ),
-            profile=profile,
-            profiles=profiles,
-            engine_factory=functools.partial(make_engine, settings),
-            fits=fits,
-        )
+        worker = make_worker(settings, bus, engine, profile, profiles, gpus=gpus, fits=fits)
         state["worker"] = worker
 
         async def on_control(msg: Msg) -> None:
