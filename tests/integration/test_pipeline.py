@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -15,6 +15,7 @@ import pytest
 
 from stack.servers import NatsServer
 from tests.helpers import (
+    Proc,
     Stack,
     auth,
     base_env,
@@ -329,60 +330,37 @@ async def test_full_queue_answers_429_and_queues_nothing(stack: Stack) -> None:
 
 def test_worker_killed_before_first_token_is_replaced(stack: Stack) -> None:
     """The job is acked only at the first token: a second worker finishes it."""
-    slow_env = {**stack.env, "MODEL_NAME": "killed-before", "SYNTH_TTFT_MS": "60000"}
-    first, first_metrics = start_worker(slow_env, stack.logdir, name="doomed-before")
-    content = "survive a crash"
-    try:
-        wait_for_model(stack.url, "killed-before", 60, [first])
-        with httpx.stream(
-            "POST",
-            stack.url + "/v1/chat/completions",
-            json=chat_body(content, model="killed-before", max_tokens=10),
-            headers=auth(),
-            timeout=60,
-        ) as resp:
-            assert resp.status_code == 200
-            wait_until_running(first_metrics, "killed-before")
-            first.kill()
-            second, _ = start_worker({**slow_env, "SYNTH_TTFT_MS": "20"}, stack.logdir, name="rescuer")
-            try:
-                events = list(sse_events(resp.iter_lines()))
-            finally:
-                second.stop()
-    finally:
-        first.kill()
-    assert events[-1].data == "[DONE]", events[-3:]
-    chunks = [e.json() for e in events[:-1]]
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
-    assert text == expected_text(content, 10)
-    completed = asyncio.run(find_event(stack.nats.url, chunks[0]["id"], "completed"))
-    assert completed.worker_id == "rescuer"
+    hand_over(stack, "killed-before", "survive a crash", lambda first: first.kill())
 
 
 def test_worker_stopped_before_first_token_hands_the_job_on(stack: Stack) -> None:
     """A graceful stop gives back a job with no token yet, as a model switch does."""
-    slow_env = {
-        **stack.env,
-        "MODEL_NAME": "stopped-before",
-        "SYNTH_TTFT_MS": "60000",
-        "DRAIN_GRACE_S": "0.5",
-    }
-    first, first_metrics = start_worker(slow_env, stack.logdir, name="stopped-before")
-    content = "survive a restart"
+
+    def stop(first: Proc) -> None:
+        first.stop()  # SIGTERM: the worker drains, then exits
+        assert first.proc.returncode == 0, first.tail()
+
+    hand_over(stack, "stopped-before", "survive a restart", stop, DRAIN_GRACE_S="0.5")
+
+
+def hand_over(stack: Stack, model: str, content: str, end_first: Callable[[Proc], None], **env: str) -> None:
+    """A worker slow to its first token takes a job and is ended; a second one answers it in full."""
+    slow_env = {**stack.env, "MODEL_NAME": model, "SYNTH_TTFT_MS": "60000", **env}
+    first, first_metrics = start_worker(slow_env, stack.logdir, name=f"first-{model}")
     try:
-        wait_for_model(stack.url, "stopped-before", 60, [first])
+        wait_for_model(stack.url, model, 60, [first])
         with httpx.stream(
             "POST",
             stack.url + "/v1/chat/completions",
-            json=chat_body(content, model="stopped-before", max_tokens=10),
+            json=chat_body(content, model=model, max_tokens=10),
             headers=auth(),
             timeout=60,
         ) as resp:
             assert resp.status_code == 200
-            wait_until_running(first_metrics, "stopped-before")
-            first.stop()  # SIGTERM: the worker drains, then exits
-            assert first.proc.returncode == 0, first.tail()
-            second, _ = start_worker({**slow_env, "SYNTH_TTFT_MS": "20"}, stack.logdir, name="relief")
+            wait_until_running(first_metrics, model)
+            end_first(first)
+            fast_env = {**slow_env, "SYNTH_TTFT_MS": "20"}
+            second, _ = start_worker(fast_env, stack.logdir, name=f"second-{model}")
             try:
                 events = list(sse_events(resp.iter_lines()))
             finally:
@@ -394,7 +372,7 @@ def test_worker_stopped_before_first_token_hands_the_job_on(stack: Stack) -> Non
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == expected_text(content, 10)
     completed = asyncio.run(find_event(stack.nats.url, chunks[0]["id"], "completed"))
-    assert completed.worker_id == "relief"
+    assert completed.worker_id == f"second-{model}"
 
 
 def wait_until_running(metrics_port: int, model: str, timeout: float = 10) -> None:
