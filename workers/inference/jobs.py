@@ -76,6 +76,7 @@ class JobRunner:
 
     @property
     def free_slots(self) -> int:
+        """Jobs the engine can take now."""
         return max(0, self.engine.slots - len(self.active))
 
     async def end_active(self, grace_s: float, reason: str) -> None:
@@ -116,6 +117,7 @@ class JobRunner:
         return True
 
     def start(self, msg: Msg) -> None:
+        """Run a fetched job in its own task; a malformed one is terminated, a redelivery kept alive."""
         try:
             job = schemas.decode_job(msg.data)
         except Exception as exc:  # noqa: BLE001 - any malformed payload is dropped
