@@ -8,7 +8,6 @@ endpoints are api/openai_relay.py (/v1) and api/chat_turn.py (/api/chat).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -300,14 +299,20 @@ async def unless_gone(request: Request, work: Awaitable[T]) -> T:  # type: ignor
     """Await work; a client that goes away first cancels it (its clean-up cancels the job)."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_until_disconnect(request))
+    stopped = False
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        # Client gone or handler cancelled: the work stops too, and its clean-up ends
+        # before this returns; the handler's own cancellation still propagates.
         gone.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ApiError):
-            await task
+        if not task.done():
+            stopped = True
+            task.cancel()
+            await asyncio.wait({task})
+            if not task.cancelled():
+                task.exception()  # retrieved: nobody wants the answer any more
+    if stopped:
         raise ClientGone
     return task.result()
 
