@@ -339,7 +339,7 @@ async def logged(request: Request, work: Awaitable[T]) -> T:  # type: ignore[typ
 
 
 async def abandon(call: ChatCall, relay: Relay) -> None:
-    """After a stream response: close the relay and log the request if its stream never ran."""
-    await relay.close("client_disconnected")
+    """After a stream response: log the request if its stream never ran, free its slot, close the relay."""
     call.line.end(499, "disconnected")
     call.finish(None, 0)
+    await relay.close("client_disconnected")

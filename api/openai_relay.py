@@ -48,13 +48,14 @@ async def _answer(request: Request, call: ChatCall, job: schemas.Job) -> Respons
     try:
         await unless_gone(request, relay.accepted())
     except ClientGone:
-        await relay.close("client_disconnected")
+        # Slot and log line first: they must not wait for (or depend on) the clean-up.
         call.line.end(499, "disconnected")
         call.finish(None, 0)
+        await relay.close("client_disconnected")
         return Response(b"", status_code=499)
     except ApiError as exc:
-        await relay.close(close_reason(exc))
         call.finish(None, 0)
+        await relay.close(close_reason(exc))
         raise
     headers = {"X-Request-Id": call.request_id}
     if job.stream:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats
+import nats.errors
 from faststream import BaseMiddleware
 from faststream.message import StreamMessage
 from nats.aio.client import Client
@@ -216,6 +217,11 @@ class Bus:
         try:
             return await self.js.delete_msg(names.JOBS_STREAM, seq)
         except (NotFoundError, APIError):
+            return False
+        except nats.errors.TimeoutError:
+            # The job stays queued: a worker that takes it finds it cancelled, or its
+            # deadline passed, and drops it.
+            log.warning("withdrawing job %d from %s timed out", seq, names.JOBS_STREAM)
             return False
 
     async def publish_event(self, event: schemas.Event, *, attempts: int = 3) -> None:
