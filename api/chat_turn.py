@@ -118,36 +118,37 @@ async def _chat_turn(
             history, position = await conversations.history(
                 services, conversation_id, without=previous if body.replace_last else None
             )
-        await conversations.claim(services, user_id, conversation_id, previous, call.request_id)
-        system = [schemas.ChatMessage(role="system", content=system_prompt)] if system_prompt else []
-        budget = settings.vllm_max_model_len - (max_tokens or settings.default_max_tokens)
-        messages = conversations.fit_history(system, history, new, budget)
-        meta = schemas.RequestMeta(
-            user_id=user_id,
-            key_id=call.principal.key_id,
-            conversation_id=conversation_id,
-            position=position,
-            answer_position=position + len(new),
-            priority=body.priority or "interactive",
-            replaces=previous if body.replace_last else None,
-        )
-        call.prelude = (
-            b"event: conversation\ndata: "
-            + _json.encode(
-                {"conversation_id": conversation_id, "request_id": call.request_id, "model": model}
-            )
-            + b"\n\n"
-        )
-    openai_body: dict[str, object] = {
-        "model": model,
-        "messages": messages,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    for name, value in (("temperature", temperature), ("max_tokens", max_tokens), ("top_p", top_p)):
-        if value is not None:
-            openai_body[name] = value
     try:
+        if user_id is not None and conversation_id is not None:
+            await conversations.claim(services, user_id, conversation_id, previous, call.request_id)
+            system = [schemas.ChatMessage(role="system", content=system_prompt)] if system_prompt else []
+            budget = _context_len(call, model) - (max_tokens or settings.default_max_tokens)
+            messages = conversations.fit_history(system, history, new, budget)
+            meta = schemas.RequestMeta(
+                user_id=user_id,
+                key_id=call.principal.key_id,
+                conversation_id=conversation_id,
+                position=position,
+                answer_position=position + len(new),
+                priority=body.priority or "interactive",
+                replaces=previous if body.replace_last else None,
+            )
+            call.prelude = (
+                b"event: conversation\ndata: "
+                + _json.encode(
+                    {"conversation_id": conversation_id, "request_id": call.request_id, "model": model}
+                )
+                + b"\n\n"
+            )
+        openai_body: dict[str, object] = {
+            "model": model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for name, value in (("temperature", temperature), ("max_tokens", max_tokens), ("top_p", top_p)):
+            if value is not None:
+                openai_body[name] = value
         job = call.job(
             model=model,
             endpoint="chat",
@@ -161,14 +162,21 @@ async def _chat_turn(
         )
         return await _stream_turn(call, job)
     except BaseException:
-        # Refused before it started (rate limit, full queue, the engine's 4xx): a continued
-        # conversation is free again; a new one is removed (its id never reached the client).
+        # Refused before it started (the claim, rate limit, full queue, the engine's 4xx): a
+        # continued conversation is free again; a new one is removed (its id never reached
+        # the client).
         if conversation_id is not None and (conversation is None or not call.queued):
             with contextlib.suppress(ApiError):
                 await conversations.unclaim(
                     services, conversation_id, previous, call.request_id, created=conversation is None
                 )
         raise
+
+
+def _context_len(call: ChatCall, model: str) -> int:
+    """The served model's context length: its profile's max_model_len, else VLLM_MAX_MODEL_LEN."""
+    profile = call.services.profiles.get(model)
+    return profile.engine.max_model_len if profile is not None else call.services.settings.vllm_max_model_len
 
 
 async def _stream_turn(call: ChatCall, job: schemas.Job) -> Stream:
