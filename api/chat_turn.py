@@ -213,7 +213,7 @@ async def _turn_events(call: ChatCall, relay: Relay) -> AsyncIterator[bytes]:
         accepted.result()
     except ApiError as exc:
         call.line.end(exc.status, exc.code)
-        call.finish(None, 0)
+        call.finish(None, 0, refused=True)
         await relay.close(close_reason(exc))
         yield sse_error(exc, call.request_id)
         return

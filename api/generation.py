@@ -133,15 +133,20 @@ class ChatCall:
         # Sent before the engine's own events (an /api/chat turn names its conversation).
         self.prelude = b""
 
-    def finish(self, usage: schemas.Usage | None, tokens: int) -> None:
-        """The request ended: charge its real tokens and free its concurrency slot (once)."""
+    def finish(self, usage: schemas.Usage | None, tokens: int, *, refused: bool = False) -> None:
+        """The request ended: charge its real tokens and free its concurrency slot (once).
+
+        A request `refused` before it ran (too large to queue, the engine's 4xx) gives its
+        prompt estimate back: only what ran counts against tokens per minute.
+        """
         ticket, self._ticket = self._ticket, None
         if ticket is None:
             return
+        prompt_tokens = 0 if refused else None if usage is None else usage.prompt_tokens
         self.services.spawn(
             self.services.limiter.release(
                 ticket,
-                prompt_tokens=None if usage is None else usage.prompt_tokens,
+                prompt_tokens=prompt_tokens,
                 completion_tokens=tokens if usage is None else usage.completion_tokens,
             )
         )
@@ -216,8 +221,8 @@ class ChatCall:
         )
         try:
             await relay.open(services.monitor)
-        except BaseException:
-            self.finish(None, 0)
+        except BaseException as exc:
+            self.finish(None, 0, refused=isinstance(exc, ApiError))
             raise
         self.queued = True
         return relay

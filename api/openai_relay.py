@@ -54,7 +54,7 @@ async def _answer(request: Request, call: ChatCall, job: schemas.Job) -> Respons
         await relay.close("client_disconnected")
         return Response(b"", status_code=499)
     except ApiError as exc:
-        call.finish(None, 0)
+        call.finish(None, 0, refused=True)
         await relay.close(close_reason(exc))
         raise
     headers = {"X-Request-Id": call.request_id}

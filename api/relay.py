@@ -14,7 +14,14 @@ import anyio
 import schemas
 from api import metrics
 from api.admission import QueueMonitor
-from broker.bus import DEFAULT_STREAM_BUFFER_BYTES, Bus, JobRefused, StreamOverflow, StreamSubscription
+from broker.bus import (
+    DEFAULT_STREAM_BUFFER_BYTES,
+    Bus,
+    JobRefused,
+    JobTooLarge,
+    StreamOverflow,
+    StreamSubscription,
+)
 from chatq.errors import (
     ApiError,
     DeadlineExceeded,
@@ -107,6 +114,12 @@ class Relay:
         except JobRefused:
             await self._sub.close()
             raise monitor.refused(self.job.model, self.job.priority) from None
+        except JobTooLarge as exc:
+            await self._sub.close()
+            raise RequestTooLarge(
+                f"the request is too large to queue: a job may be at most {exc.limit} bytes once "
+                f"encoded (the message bus's max_payload less headers), this one is {exc.size}"
+            ) from None
         except Exception as exc:
             await self._sub.close()
             raise UpstreamUnavailable(f"the job queue is unreachable: {type(exc).__name__}") from exc

@@ -39,6 +39,19 @@ class JobRefused(Exception):
     """JetStream refused the job: the queue is at its hard bound."""
 
 
+# What a job's headers (message id, request id) take of the server's max_payload, and more.
+JOB_HEADROOM_BYTES = 1024
+
+
+class JobTooLarge(Exception):
+    """The encoded job is more than one NATS message carries (the server's max_payload)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"job of {size} bytes, at most {limit}")
+        self.size = size
+        self.limit = limit
+
+
 @dataclass(frozen=True, slots=True)
 class ConsumerDepth:
     """A job consumer's backlog: jobs waiting, in flight, and started (acked) so far.
@@ -197,11 +210,16 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream(timeout=5.0)
 
     async def publish_job(self, job: schemas.Job) -> int:
-        """Queue a job durably; returns its stream sequence. Raises JobRefused when full."""
+        """Queue a job durably; returns its stream sequence. Raises JobRefused when full,
+        JobTooLarge when one message cannot carry it."""
+        data = schemas.encode(job)
+        limit = self.nc.max_payload - JOB_HEADROOM_BYTES
+        if len(data) > limit:
+            raise JobTooLarge(len(data), limit)
         try:
             ack = await self.js.publish(
                 names.job_subject(job.model, job.priority),
-                schemas.encode(job),
+                data,
                 stream=names.JOBS_STREAM,
                 headers={"Nats-Msg-Id": job.request_id, REQUEST_ID_HEADER: job.request_id},
             )

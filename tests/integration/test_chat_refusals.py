@@ -1,5 +1,6 @@
 """What a user sees when a request is refused or trimmed, through the HTTP API of the whole
-service (NATS, PostgreSQL, Redis, synthetic worker): a refused turn leaves no empty
+service (NATS, PostgreSQL, Redis, synthetic worker): a body one NATS message cannot carry is
+a 413 naming the limit and costs no tokens per minute, a refused turn leaves no empty
 conversation behind, and a history is trimmed to the served model's own context."""
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from tests.helpers import AccountsStack, accounts_stack, auth, login, sse_events
 MODEL = "short-context"
 CONTEXT = 256  # the profile's max_model_len; VLLM_MAX_MODEL_LEN stays at its 4096
 TPM = 2000
+# nats-server's default max_payload (1 MB) less what chatq keeps for the job's headers.
+JOB_LIMIT = (1 << 20) - 1024
 PROFILES = f"""
 [[profile]]
 id = "{MODEL}"
@@ -56,6 +59,15 @@ def user(stack: AccountsStack, name: str) -> dict[str, str]:
     return login(stack.url, name, password)
 
 
+def ask(stack: AccountsStack, headers: dict[str, str], messages: list[dict[str, str]]) -> httpx.Response:
+    return httpx.post(
+        stack.url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": messages, "max_tokens": 2},
+        headers=headers,
+        timeout=60,
+    )
+
+
 def turn(
     stack: AccountsStack, headers: dict[str, str], message: str, **extra: Any
 ) -> tuple[str, dict[str, Any]]:
@@ -81,6 +93,35 @@ def conversations_of(stack: AccountsStack, username: str) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def assert_too_large(r: httpx.Response) -> None:
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    assert error["code"] == "request_too_large", error
+    assert str(JOB_LIMIT) in error["message"] and "max_payload" in error["message"], error
+
+
+def test_a_prompt_one_nats_message_cannot_carry_is_a_413_and_costs_no_tokens(stack: AccountsStack) -> None:
+    headers = user(stack, "big-prompt")
+    # Under the 1 MiB HTTP limit, but the job carries the body and the messages read from it.
+    assert_too_large(ask(stack, headers, [{"role": "user", "content": "x" * 600_000}]))
+    # The refusal took nothing from the user's tokens per minute: a tiny request still runs.
+    r = ask(stack, headers, [{"role": "user", "content": "hi"}])
+    assert r.status_code == 200, r.text
+
+
+def test_twenty_thousand_short_messages_are_a_413_too(stack: AccountsStack) -> None:
+    headers = user(stack, "many-messages")
+    assert_too_large(ask(stack, headers, [{"role": "user", "content": "hi"}] * 20_000))
+    assert ask(stack, headers, [{"role": "user", "content": "hi"}]).status_code == 200
+
+
+def test_a_turn_too_large_to_queue_leaves_no_conversation(stack: AccountsStack) -> None:
+    headers = user(stack, "big-turn")
+    r = httpx.post(stack.url + "/api/chat", json={"message": "x" * 600_000}, headers=headers, timeout=60)
+    assert_too_large(r)
+    assert conversations_of(stack, "big-turn") == 0
 
 
 def test_a_failing_claim_leaves_no_empty_conversation(stack: AccountsStack) -> None:
