@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import msgspec
 from litestar import Request
@@ -28,14 +28,14 @@ from api.relay import Relay
 from api.services import Services
 from chatq import logs
 from chatq.errors import ApiError, DeadlineExceeded, InvalidRequest, StreamFailed, error_body
-from schemas.messages import Endpoint, Priority
+from schemas.messages import CancelReason, Endpoint, Priority
 
 log = logging.getLogger("chatq.api")
 _json = msgspec.json.Encoder()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 BodyT = TypeVar("BodyT", bound=msgspec.Struct)
 T = TypeVar("T")
-CloseReason = Literal["client_disconnected", "deadline", "stream_failed"] | None
+CloseReason = CancelReason | None
 
 
 class ClientGone(Exception):

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
-from typing import Literal
 
 import anyio
 
@@ -31,6 +30,7 @@ from chatq.errors import (
     StreamFailed,
     UpstreamUnavailable,
 )
+from schemas.messages import CancelReason
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class Relay:
         """Stream messages already received and not yet read."""
         return self._sub.waiting() if self._sub is not None else 0
 
-    async def close(self, reason: Literal["client_disconnected", "deadline", "stream_failed"] | None) -> None:
+    async def close(self, reason: CancelReason | None) -> None:
         """Unsubscribe; if the stream did not finish, cancel it where it is (queue or worker)."""
         if self._closed:
             return

@@ -22,7 +22,7 @@ from nats.js.errors import APIError, NotFoundError
 import schemas
 from broker import names
 from chatq.logs import bound
-from schemas.messages import Priority
+from schemas.messages import CancelReason, Priority
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +263,8 @@ class Bus:
                     raise
                 await asyncio.sleep(0.2 * (attempt + 1))
 
-    async def publish_cancel(self, request_id: str, reason: str) -> None:
-        cancel = schemas.Cancel(request_id=request_id, reason=reason)  # type: ignore[arg-type]
+    async def publish_cancel(self, request_id: str, reason: CancelReason) -> None:
+        cancel = schemas.Cancel(request_id=request_id, reason=reason)
         await self.nc.publish(
             names.cancel_subject(request_id), schemas.encode(cancel), headers={REQUEST_ID_HEADER: request_id}
         )
