@@ -63,7 +63,7 @@ def main() -> int:
         loop="uvloop",
         http="httptools",
         # uvicorn's loggers go through chatq's format (no log_config of its own), warnings
-        # only: the start line and one line per request are chatq's (api/chat.py).
+        # only: the start line and one line per request are chatq's (api/generation.py).
         log_config=None,
         log_level="warning",
         access_log=False,

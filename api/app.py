@@ -25,7 +25,9 @@ from api import asyncapi as asyncapi_routes
 from api import web as web_routes
 from api.admission import QueueMonitor
 from api.auth import Authenticator, authenticated
-from api.chat import chat_completions, completions, new_request_id, simple_chat
+from api.chat_turn import simple_chat
+from api.generation import new_request_id
+from api.openai_relay import chat_completions, completions
 from api.ratelimit import RateLimiter
 from api.services import Services
 from broker import bus as bus_module

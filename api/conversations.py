@@ -186,11 +186,13 @@ async def unclaim(
     services: Services, conversation_id: str, previous: str | None, request_id: str, *, created: bool
 ) -> None:
     """Undo a turn that did not start: give the conversation back, or, when the turn was
-    to start it, remove the conversation (the client never learnt its id)."""
+    to start it, remove the conversation (the client never learnt its id; its claim may
+    have failed, leaving no turn on it)."""
     async with services.db() as conn:
         if created:
             await conn.execute(
-                "DELETE FROM conversations WHERE id = %s AND last_request_id = %s",
+                "DELETE FROM conversations WHERE id = %s "
+                "AND (last_request_id IS NULL OR last_request_id = %s)",
                 (conversation_id, request_id),
             )
             return

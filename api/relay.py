@@ -6,14 +6,20 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Literal
 
 import anyio
 
 import schemas
 from api import metrics
 from api.admission import QueueMonitor
-from broker.bus import DEFAULT_STREAM_BUFFER_BYTES, Bus, JobRefused, StreamOverflow, StreamSubscription
+from broker.bus import (
+    DEFAULT_STREAM_BUFFER_BYTES,
+    Bus,
+    JobRefused,
+    JobTooLarge,
+    StreamOverflow,
+    StreamSubscription,
+)
 from chatq.errors import (
     ApiError,
     DeadlineExceeded,
@@ -24,6 +30,7 @@ from chatq.errors import (
     UpstreamUnavailable,
 )
 from chatq.tasks import TaskSet
+from schemas.messages import CancelReason
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +114,12 @@ class Relay:
         except JobRefused:
             await self._sub.close()
             raise monitor.refused(self.job.model, self.job.priority) from None
+        except JobTooLarge as exc:
+            await self._sub.close()
+            raise RequestTooLarge(
+                f"the request is too large to queue: a job may be at most {exc.limit} bytes once "
+                f"encoded (the message bus's max_payload less headers), this one is {exc.size}"
+            ) from None
         except Exception as exc:
             await self._sub.close()
             raise UpstreamUnavailable(f"the job queue is unreachable: {type(exc).__name__}") from exc
@@ -233,7 +246,7 @@ class Relay:
         """Stream messages already received and not yet read."""
         return self._sub.waiting() if self._sub is not None else 0
 
-    async def close(self, reason: Literal["client_disconnected", "deadline", "stream_failed"] | None) -> None:
+    async def close(self, reason: CancelReason | None) -> None:
         """Unsubscribe; if the stream did not finish, cancel it where it is (queue or worker)."""
         if self._closed:
             return

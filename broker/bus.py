@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats
+import nats.errors
 from faststream import BaseMiddleware
 from faststream.message import StreamMessage
 from nats.aio.client import Client
@@ -21,7 +22,7 @@ from nats.js.errors import APIError, NotFoundError
 import schemas
 from broker import names
 from chatq.logs import bound
-from schemas.messages import Priority
+from schemas.messages import CancelReason, Priority
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,19 @@ DEFAULT_STREAM_BUFFER_BYTES = 4 << 20
 
 class JobRefused(Exception):
     """JetStream refused the job: the queue is at its hard bound."""
+
+
+# What a job's headers (message id, request id) take of the server's max_payload, and more.
+JOB_HEADROOM_BYTES = 1024
+
+
+class JobTooLarge(Exception):
+    """The encoded job is more than one NATS message carries (the server's max_payload)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"job of {size} bytes, at most {limit}")
+        self.size = size
+        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,11 +210,16 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream(timeout=5.0)
 
     async def publish_job(self, job: schemas.Job) -> int:
-        """Queue a job durably; returns its stream sequence. Raises JobRefused when full."""
+        """Queue a job durably; returns its stream sequence. Raises JobRefused when full,
+        JobTooLarge when one message cannot carry it."""
+        data = schemas.encode(job)
+        limit = self.nc.max_payload - JOB_HEADROOM_BYTES
+        if len(data) > limit:
+            raise JobTooLarge(len(data), limit)
         try:
             ack = await self.js.publish(
                 names.job_subject(job.model, job.priority),
-                schemas.encode(job),
+                data,
                 stream=names.JOBS_STREAM,
                 headers={"Nats-Msg-Id": job.request_id, REQUEST_ID_HEADER: job.request_id},
             )
@@ -216,6 +235,11 @@ class Bus:
         try:
             return await self.js.delete_msg(names.JOBS_STREAM, seq)
         except (NotFoundError, APIError):
+            return False
+        except nats.errors.TimeoutError:
+            # The job stays queued: a worker that takes it finds it cancelled, or its
+            # deadline passed, and drops it.
+            log.warning("withdrawing job %d from %s timed out", seq, names.JOBS_STREAM)
             return False
 
     async def publish_event(self, event: schemas.Event, *, attempts: int = 3) -> None:
@@ -239,8 +263,8 @@ class Bus:
                     raise
                 await asyncio.sleep(0.2 * (attempt + 1))
 
-    async def publish_cancel(self, request_id: str, reason: str) -> None:
-        cancel = schemas.Cancel(request_id=request_id, reason=reason)  # type: ignore[arg-type]
+    async def publish_cancel(self, request_id: str, reason: CancelReason) -> None:
+        cancel = schemas.Cancel(request_id=request_id, reason=reason)
         await self.nc.publish(
             names.cancel_subject(request_id), schemas.encode(cancel), headers={REQUEST_ID_HEADER: request_id}
         )

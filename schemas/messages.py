@@ -10,6 +10,8 @@ import msgspec
 Priority = Literal["interactive", "background"]
 Endpoint = Literal["chat", "completions"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+# Why the API cancels a request it queued (chat.cancel.<id>, metrics, the Cancelled event).
+CancelReason = Literal["client_disconnected", "deadline", "stream_failed"]
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
@@ -137,7 +139,7 @@ StreamMsg = Started | Chunk | Heartbeat | StreamError
 
 class Cancel(msgspec.Struct, frozen=True, tag="cancel", tag_field="t"):
     request_id: str
-    reason: Literal["client_disconnected", "deadline", "stream_failed"]
+    reason: CancelReason
 
 
 # --- chat.events.> (JetStream EVENTS) --------------------------------------------------

@@ -75,7 +75,7 @@ async def sequential_refusals(monitor: QueueMonitor, bus: Bus, requests: int = 2
 
 
 async def admit_and_publish(monitor: QueueMonitor, bus: Bus) -> bool:
-    """What the API does for a request (api.chat, api.relay.Relay.open): True if queued."""
+    """What the API does for a request (api.generation, api.relay.Relay.open): True if queued."""
     try:
         await monitor.admit(MODEL)
     except Overloaded as exc:
