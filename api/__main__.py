@@ -68,6 +68,10 @@ def main() -> int:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,
+        # The client address (request.client: login throttling, logs) is X-Forwarded-For's
+        # only when the peer is one of these proxies; none listed, the headers are ignored.
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=list(settings.forwarded_allow_ips),
     )
     _Server(config, settings, VERSION).run()
     return 0

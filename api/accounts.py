@@ -51,9 +51,10 @@ class Token(msgspec.Struct):
 async def login(request: AnyRequest, services: NamedDependency[Services]) -> Response[bytes]:
     """Username and password → a bearer token. Wrong password and unknown user: the same 401."""
     body: Login = decode_body(await request.body(), Login)
-    settings, limiter = services.settings, services.limiter
+    settings, logins = services.settings, services.limiter.logins
+    # The peer, or the X-Forwarded-For of a proxy listed in FORWARDED_ALLOW_IPS (uvicorn's).
     client = request.client.host if request.client else "unknown"
-    wait_s = await limiter.login_attempt(
+    wait_s = await logins.attempt(
         body.username,
         client,
         settings.login_max_failures,
@@ -71,7 +72,7 @@ async def login(request: AnyRequest, services: NamedDependency[Services]) -> Res
         if user is None or not ok or user.disabled:
             raise Unauthorized("wrong username or password", code="invalid_credentials")
         await conn.execute("UPDATE users SET last_login_at = now() WHERE id = %s", (user.id,))
-    await limiter.login_succeeded(body.username, client)
+    await logins.succeeded(body.username, client)
     token, ttl = services.auth.issue(user.id, user.username, user.role)
     return json_response(Token(access_token=token, expires_in=ttl))
 

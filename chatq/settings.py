@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -60,6 +61,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # API
     host: str
     port: int
+    # FORWARDED_ALLOW_IPS: the proxies whose X-Forwarded-For/-Proto uvicorn believes.
+    forwarded_allow_ips: tuple[str, ...]
     api_keys: frozenset[str]
     models: tuple[str, ...]
     queue_max: int
@@ -176,6 +179,24 @@ class _Env:
         return [part.strip() for part in self._env.get(name, "").split(",") if part.strip()]
 
 
+def trusted_proxies(env: _Env) -> tuple[str, ...]:
+    """FORWARDED_ALLOW_IPS as uvicorn reads it: addresses or networks, or `*` for any peer;
+    unset, loopback only (uvicorn's default); set empty, none (the headers are ignored)."""
+    if not env.given("FORWARDED_ALLOW_IPS"):
+        return ("127.0.0.1",)
+    proxies = tuple(env.items("FORWARDED_ALLOW_IPS"))
+    for proxy in proxies:
+        if proxy == "*":
+            continue
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"FORWARDED_ALLOW_IPS must list IP addresses or networks (or *), got {proxy!r}"
+            ) from None
+    return proxies
+
+
 def served_name(model_id: str | None) -> str:
     """The public model name for MODEL_ID: the default name, a directory's name, or the id."""
     if not model_id:
@@ -258,6 +279,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         login_window_s=env.integer("LOGIN_WINDOW_S", 900, minimum=1),
         host=env.text("CHATQ_HOST", "127.0.0.1"),
         port=env.integer("CHATQ_PORT", 8080),
+        forwarded_allow_ips=trusted_proxies(env),
         api_keys=api_keys,
         models=tuple(env.items("CHATQ_MODELS")) or (model_name,),
         queue_max=env.integer("CHATQ_QUEUE_MAX", 64, minimum=1),

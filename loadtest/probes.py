@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 WORKER_COUNTERS = ("chatq_worker_chunks_total", "chatq_worker_output_tokens_total")
 
@@ -71,19 +73,15 @@ def cpu_probe(api_pid: int | None, worker_pid: int | None) -> CpuProbe:
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float | None:
-    """Sum of a Prometheus series in an exposition text, filtered by labels; None if absent."""
-    total = 0.0
-    found = False
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        series, _, value = line.rpartition(" ")
-        if series != name and not series.startswith(name + "{"):
-            continue
-        if all(f'{k}="{v}"' in series for k, v in labels.items()):
-            total += float(value)
-            found = True
-    return total if found else None
+    """Sum of a Prometheus series in an exposition text (the sample's full name, such as
+    `x_total`), over the samples whose labels include `labels`; None if absent."""
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    ]
+    return math.fsum(values) if values else None
 
 
 async def worker_counters(http: httpx.AsyncClient, url: str | None) -> dict[str, float | None]:

@@ -22,12 +22,12 @@ from tests.helpers import (
     auth,
     base_env,
     find_event,
-    metric_value,
     sse_events,
     start_api,
     start_worker,
     wait_for_workers,
 )
+from tests.metrics import metric_value
 
 pytestmark = pytest.mark.vllm
 

@@ -20,10 +20,11 @@ import pytest
 import schemas
 from api.generation import ChatCall, RequestLine, abandon
 from api.ratelimit import RateLimiter
-from api.relay import Relay, Spawn
+from api.relay import Relay
 from broker import topology
 from broker.bus import Bus
 from chatq.settings import RoleLimits
+from chatq.tasks import TaskSet
 from stack.servers import NatsServer, RedisServer
 
 MODEL = "cleanup-model"
@@ -73,7 +74,7 @@ def job() -> schemas.Job:
     )
 
 
-async def queued_call(bus: Bus, limiter: RateLimiter, spawn: Spawn) -> tuple[ChatCall, Relay]:
+async def queued_call(bus: Bus, limiter: RateLimiter, spawn: TaskSet) -> tuple[ChatCall, Relay]:
     """A request admitted (holding the user's one slot) and queued, no worker taking it."""
     services: Any = SimpleNamespace(limiter=limiter, spawn=spawn)
     the_job = job()
@@ -107,7 +108,7 @@ async def test_withdrawing_a_job_that_times_out_is_logged_not_raised(
 async def test_a_client_gone_while_queued_frees_its_slot_though_the_withdrawal_times_out(
     bus: Bus, fresh_nats: NatsServer, redis_url: str
 ) -> None:
-    limiter, spawn = RateLimiter(redis_url, "closed"), Spawn()
+    limiter, spawn = RateLimiter(redis_url, "closed"), TaskSet()
     await limiter.start()
     try:
         call, relay = await queued_call(bus, limiter, spawn)
@@ -124,7 +125,7 @@ async def test_a_client_gone_while_queued_frees_its_slot_though_the_withdrawal_t
 async def test_the_slot_is_freed_and_the_line_written_whatever_closing_the_relay_raises(
     bus: Bus, redis_url: str
 ) -> None:
-    limiter, spawn = RateLimiter(redis_url, "closed"), Spawn()
+    limiter, spawn = RateLimiter(redis_url, "closed"), TaskSet()
     await limiter.start()
     try:
         call, relay = await queued_call(bus, limiter, spawn)

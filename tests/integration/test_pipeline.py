@@ -21,13 +21,13 @@ from tests.helpers import (
     base_env,
     find_event,
     jobs_in_queue,
-    metric_value,
     sse_events,
     start_api,
     start_worker,
     synthetic_stack,
     wait_for_model,
 )
+from tests.metrics import metric_value
 from workers.inference.synthetic import prompt_seed, synthetic_token
 
 MODEL = "synthetic-model"

@@ -14,7 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import AccountsStack, accounts_stack, auth, login, metric_value, start_api
+from tests.helpers import AccountsStack, accounts_stack, auth, login, start_api
+from tests.metrics import metric_value
 
 MODEL = "limits-model"
 RPM, TPM, CONCURRENCY = 6, 500, 2
@@ -217,6 +218,43 @@ def test_redis_down_open_serves_closed_refuses_and_limits_return_with_redis(stac
         assert statuses.count(200) <= 2, statuses
     finally:
         closed_api.stop()
+
+
+def test_logins_are_keyed_on_the_forwarded_address_only_from_a_trusted_proxy(
+    stack: AccountsStack,
+) -> None:
+    """uvicorn's FORWARDED_ALLOW_IPS: the stack's APIs trust loopback (the default), where
+    this test runs, so X-Forwarded-For names the client; an API that trusts another
+    proxy ignores the header and counts the peer's address."""
+
+    def attempt(url: str, username: str, password: str, forwarded: str | None) -> int:
+        headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+        body = {"username": username, "password": password}
+        return httpx.post(url + "/api/auth/login", json=body, headers=headers, timeout=30).status_code
+
+    user(stack, "proxied-user")
+    right = "pw-proxied-user-12345"
+    statuses = [attempt(stack.url, "proxied-user", "wrong", "203.0.113.1") for _ in range(LOGIN_FAILURES)]
+    assert statuses == [401] * LOGIN_FAILURES
+    assert attempt(stack.url, "proxied-user", right, "203.0.113.1") == 429
+    # Other forwarded addresses, and the proxy itself, are other clients.
+    assert attempt(stack.url, "proxied-user", right, "203.0.113.2") == 200
+    assert attempt(stack.url, "proxied-user", right, None) == 200
+
+    untrusting, url = start_api(
+        {**stack.env, "FORWARDED_ALLOW_IPS": "10.9.9.9"}, stack.logdir, name="api-proxy"
+    )
+    try:
+        user(stack, "direct-user")
+        statuses = [
+            attempt(url, "direct-user", "wrong", f"203.0.113.{10 + i}") for i in range(LOGIN_FAILURES)
+        ]
+        assert statuses == [401] * LOGIN_FAILURES
+        # Every attempt was counted for the peer (127.0.0.1), whatever the header said.
+        assert attempt(url, "direct-user", "pw-direct-user-12345", "198.51.100.9") == 429
+        assert attempt(stack.url, "direct-user", "pw-direct-user-12345", None) == 429
+    finally:
+        untrusting.stop()
 
 
 def test_failed_logins_are_throttled_per_client_address(stack: AccountsStack) -> None:

@@ -56,6 +56,16 @@ async def raw(redis_server: RedisServer) -> AsyncIterator[Any]:
     await client.aclose()
 
 
+class Clock:
+    """A limiter's clock (its breaker's backoff) that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def rid() -> str:
     return uuid.uuid4().hex
 
@@ -102,6 +112,18 @@ async def tokens_left(raw: Any, prefix: str, scope: str, kind: str, limit: int) 
     return min(float(limit), float(stored[0]) + (now_ms - float(stored[1])) * limit / 60000)
 
 
+async def advance(raw: Any, prefix: str, scope: str, ms: float) -> None:
+    """Move Redis' clock `ms` on, as far as one scope's limits can tell: the times its
+    buckets were stored and its slots' expiries move back (the script reads TIME)."""
+    base = prefix + scope
+    for kind in ("rpm", "tpm"):
+        if await raw.exists(f"{base}:{kind}"):
+            await raw.hincrbyfloat(f"{base}:{kind}", "ts", -ms)
+    slots = await raw.zrange(f"{base}:conc", 0, -1, withscores=True)
+    if slots:
+        await raw.zadd(f"{base}:conc", {member: score - ms for member, score in slots})
+
+
 def bypassed() -> float:
     return float(REGISTRY.get_sample_value("chatq_rate_limit_bypassed_total") or 0.0)
 
@@ -109,30 +131,27 @@ def bypassed() -> float:
 # RPM
 
 
-async def test_rpm_burst_admits_exactly_the_limit(limiter: RateLimiter) -> None:
+async def test_rpm_burst_admits_exactly_the_limit(limiter: RateLimiter, raw: Any, prefix: str) -> None:
     """Limit 20 a minute (one request every 3 s): a burst of 30 admits 20; the refusal's
     Retry-After is the true wait, to the second, and the message names the limit."""
     limits = RoleLimits(rpm=20, tpm=0, concurrency=0)
-    t0 = time.monotonic()
     results = await burst(limiter, ["user:1"], limits, 30)
-    burst_end = time.monotonic()
     assert len(admitted(results)) == 20
     errors = refused(results)
     assert len(errors) == 10
     exc = errors[0]
     assert exc.status == 429 and exc.type == "rate_limit_error" and exc.code == "rate_limit_rpm"
-    # The bucket started refilling at the first admission (after t0): the 21st request
-    # fits 3 s after it.
+    # The bucket started refilling at the last admission: the 21st request fits 3 s after it.
     assert exc.retry_after == 3
     assert exc.message == "rate limit reached: 20 requests per minute for this user; retry in 3 s"
     assert (exc.limit, exc.value, exc.scope) == ("rpm", 20, "user:1")
 
     # Just before the wait is over: still refused, with the rest of the wait.
-    await asyncio.sleep(t0 + 2.7 - time.monotonic())
+    await advance(raw, prefix, "user:1", 2700)
     early = await attempt(limiter, ["user:1"], limits)
     assert isinstance(early, RateLimited) and early.retry_after == 1
     # Once it is over: admitted (exactly one), then refused again for a full interval.
-    await asyncio.sleep(burst_end + 3.05 - time.monotonic())
+    await advance(raw, prefix, "user:1", 350)
     later = await burst(limiter, ["user:1"], limits, 3)
     assert len(admitted(later)) == 1
     assert {e.retry_after for e in refused(later)} == {3}
@@ -216,22 +235,25 @@ async def test_tpm_goes_negative_and_oversized_prompt_waits_for_a_full_bucket(
 # Concurrency
 
 
-async def test_concurrency_slots(limiter: RateLimiter) -> None:
+async def test_concurrency_slots(limiter: RateLimiter, raw: Any, prefix: str) -> None:
     limits = RoleLimits(rpm=0, tpm=0, concurrency=2)
-    first = await attempt(limiter, ["user:3"], limits, hold_s=1.0)
-    second = await attempt(limiter, ["user:3"], limits, hold_s=1.0)
+    first = await attempt(limiter, ["user:3"], limits, hold_s=10.0)
+    second = await attempt(limiter, ["user:3"], limits, hold_s=10.0)
     assert isinstance(first, Ticket) and isinstance(second, Ticket)
-    third = await attempt(limiter, ["user:3"], limits, hold_s=1.0)
+    third = await attempt(limiter, ["user:3"], limits, hold_s=10.0)
     assert isinstance(third, RateLimited)
     assert third.code == "rate_limit_concurrency" and third.retry_after == 1
     assert third.message == "rate limit reached: 2 concurrent streams for this user; retry in 1 s"
     # A release frees its slot at once.
     await limiter.release(first, prompt_tokens=None, completion_tokens=10)
-    assert isinstance(await attempt(limiter, ["user:3"], limits, hold_s=1.0), Ticket)
-    assert isinstance(await attempt(limiter, ["user:3"], limits, hold_s=1.0), RateLimited)
-    # Slots never released (their API process died) expire after hold_s.
-    await asyncio.sleep(1.05)
-    assert len(admitted(await burst(limiter, ["user:3"], limits, 5, hold_s=1.0))) == 2
+    assert isinstance(await attempt(limiter, ["user:3"], limits, hold_s=10.0), Ticket)
+    assert isinstance(await attempt(limiter, ["user:3"], limits, hold_s=10.0), RateLimited)
+    # Slots never released (their API process died) are held until hold_s has passed ...
+    await advance(raw, prefix, "user:3", 9000)
+    assert isinstance(await attempt(limiter, ["user:3"], limits, hold_s=10.0), RateLimited)
+    # ... and then expire.
+    await advance(raw, prefix, "user:3", 1050)
+    assert len(admitted(await burst(limiter, ["user:3"], limits, 5, hold_s=10.0))) == 2
 
 
 # Scopes
@@ -265,12 +287,20 @@ async def test_user_and_key_limits_both_apply_and_refusals_charge_nothing(
     assert await tokens_left(raw, prefix, "user:5", "rpm", 100) == pytest.approx(99, abs=0.1)
 
 
-async def test_script_reloaded_after_flush(limiter: RateLimiter, raw: Any) -> None:
+async def test_scripts_reloaded_after_flush(limiter: RateLimiter, raw: Any) -> None:
+    """SCRIPT FLUSH (or a Redis restart) forgets the scripts: the limiter and the login
+    throttle load them again (redis-py's Script, on NOSCRIPT) and count on where they were."""
     limits = RoleLimits(rpm=2, tpm=0, concurrency=0)
     assert isinstance(await attempt(limiter, ["user:1"], limits), Ticket)
+    assert await limiter.logins.attempt("alice", "10.0.0.1", 2, 0, 60) == 0
     await raw.script_flush()
     assert isinstance(await attempt(limiter, ["user:1"], limits), Ticket)
     assert isinstance(await attempt(limiter, ["user:1"], limits), RateLimited)
+    assert await limiter.logins.attempt("alice", "10.0.0.1", 2, 0, 60) == 0
+    assert await limiter.logins.attempt("alice", "10.0.0.1", 2, 0, 60) == 60
+    await raw.script_flush()
+    await limiter.logins.succeeded("alice", "10.0.0.1")
+    assert await limiter.logins.attempt("alice", "10.0.0.1", 2, 0, 60) == 0
 
 
 async def test_admission_latency(limiter: RateLimiter) -> None:
@@ -357,7 +387,8 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 async def test_redis_down_then_back(
     own_redis: RedisServer, prefix: str, policy: Literal["open", "closed"]
 ) -> None:
-    rl = RateLimiter(own_redis.url, policy, prefix=prefix, backoff_s=0.5)
+    clock = Clock()
+    rl = RateLimiter(own_redis.url, policy, prefix=prefix, backoff_s=0.5, clock=clock)
     await rl.start()
     limits = RoleLimits(rpm=2, tpm=0, concurrency=0)
     try:
@@ -386,7 +417,14 @@ async def test_redis_down_then_back(
         assert time.monotonic() - t < 0.3
 
         own_redis.start()  # same port; its snapshot is back, its scripts are not (NOSCRIPT)
-        await asyncio.sleep(0.6)  # the backoff
+        # Within the backoff the limiter does not ask Redis yet ...
+        if policy == "open":
+            unchecked = await attempt(rl, ["user:1"], limits)
+            assert isinstance(unchecked, Ticket) and not unchecked.recorded
+        else:
+            with pytest.raises(UpstreamUnavailable):
+                await attempt(rl, ["user:1"], limits)
+        clock.now += 0.6  # ... after it, it does
         exc2 = await attempt(rl, ["user:1"], limits)
         assert isinstance(exc2, RateLimited)  # the limit applies again
         assert len(admitted(await burst(rl, ["user:3"], limits, 3))) == 2
@@ -402,7 +440,8 @@ async def test_hung_redis_costs_one_timeout(prefix: str, policy: Literal["open",
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", port))
         hung.listen(64)  # never accepted: connects succeed, nothing is ever answered
-        rl = RateLimiter(f"redis://127.0.0.1:{port}/0", policy, prefix=prefix)
+        clock = Clock()
+        rl = RateLimiter(f"redis://127.0.0.1:{port}/0", policy, prefix=prefix, clock=clock)
         t = time.monotonic()
         await rl.start()
         assert time.monotonic() - t < 0.4
@@ -422,8 +461,7 @@ async def test_hung_redis_costs_one_timeout(prefix: str, policy: Literal["open",
             t = time.monotonic()
             outcomes = await asyncio.gather(*(one() for _ in range(10)))
             assert time.monotonic() - t < 0.4  # the start's failure opened the breaker already
-            t = time.monotonic()
-            await asyncio.sleep(1.0)  # the backoff is over: the next requests probe, together
+            clock.now += 1.0  # the backoff is over: the next requests probe, together
             t = time.monotonic()
             outcomes += await asyncio.gather(*(one() for _ in range(10)))
             assert time.monotonic() - t < 0.4

@@ -31,7 +31,8 @@ import pytest
 from chatq.settings import DEFAULT_MODEL_NAME, load
 from stack.cli import Supervisor
 from stack.servers import free_port
-from tests.helpers import API_KEY, ROOT, auth, metric_value
+from tests.helpers import API_KEY, ROOT, auth
+from tests.metrics import metric_value
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -13,7 +13,7 @@ from broker import names, topology
 from broker.bus import Bus, connect
 from broker.workers import WorkerRegistry
 from stack.servers import NatsServer
-from tests.helpers import metric_value
+from tests.metrics import metric_value
 from workers.telemetry.collector import Gauges, Nvml, collect
 
 

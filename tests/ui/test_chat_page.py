@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import AccountsStack, auth, login, metric_value
+from tests.helpers import AccountsStack, auth, login
+from tests.metrics import metric_value
 from tests.ui.conftest import ADMIN_RPM, MODEL, Account, make_user, shoot
 
 pytestmark = pytest.mark.timeout(300)

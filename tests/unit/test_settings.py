@@ -23,6 +23,7 @@ def env(tmp_path: Path, **values: str) -> dict[str, str]:
         ("INFERENCE_ENGINE", "magic", "INFERENCE_ENGINE"),
         ("CHATQ_DEV", "maybe", "CHATQ_DEV"),
         ("CHATQ_API_KEYS", "short", "20 characters"),
+        ("FORWARDED_ALLOW_IPS", "10.0.0.1, proxy.local", "FORWARDED_ALLOW_IPS"),
     ],
 )
 def test_bad_values_name_the_variable(tmp_path: Path, name: str, value: str, needle: str) -> None:
@@ -89,3 +90,11 @@ def test_defaults_are_the_embedded_single_machine_setup(tmp_path: Path) -> None:
     assert settings.models == ("SmolLM2-135M-Instruct",)
     assert settings.dev_mode is False
     assert settings.host == "127.0.0.1"
+    assert settings.forwarded_allow_ips == ("127.0.0.1",)  # uvicorn's default: loopback only
+
+
+def test_trusted_proxies_are_addresses_networks_any_or_none(tmp_path: Path) -> None:
+    given = load(env(tmp_path, FORWARDED_ALLOW_IPS="10.0.0.5, 192.168.0.0/16,::1"))
+    assert given.forwarded_allow_ips == ("10.0.0.5", "192.168.0.0/16", "::1")
+    assert load(env(tmp_path, FORWARDED_ALLOW_IPS="*")).forwarded_allow_ips == ("*",)
+    assert load(env(tmp_path, FORWARDED_ALLOW_IPS="")).forwarded_allow_ips == ()
