@@ -6,6 +6,7 @@ Every error a client sees has one shape: ``{"error": {"type", "code", "message",
 ChatqError
 ├── ConfigError            a setting is missing or unsafe (raised at start)
 ├── EngineError            the inference engine failed to start or to run
+├── LaunchError            a process chatq started exited, or was not ready in time
 └── ClientError            the request cannot be served as sent (4xx)
     ├── InvalidRequest       400 invalid_request_error
     ├── Unauthorized         401 authentication_error
@@ -41,6 +42,10 @@ class ConfigError(ChatqError):
 
 class EngineError(ChatqError):
     """The inference engine could not start or failed while generating."""
+
+
+class LaunchError(ChatqError):
+    """A process chatq started exited, or did not become ready in time."""
 
 
 class ApiError(ChatqError):

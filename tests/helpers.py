@@ -1,17 +1,13 @@
-"""Test helpers: chatq processes on free loopback ports, and an SSE reader."""
+"""Test helpers: chatq stacks and processes from the launcher (stack.supervisor) on free
+loopback ports; requests, events and queues."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,57 +15,24 @@ import httpx
 import nats
 
 from broker import topology
-from loadtest.probes import metric_sum
-from stack.servers import NatsServer, free_port, wait_for_port
+from chatq.sse import SseEvent as SseEvent
+from chatq.sse import sse_events as sse_events
+from stack import process_table, processes
+from stack.process_table import ProcessSpec
+from stack.processes import Process as Proc
+from stack.processes import module_argv
+from stack.processes import wait_http as wait_http
+from stack.servers import EmbeddedPostgres, NatsServer, RedisServer, free_port, wait_for_port
+from stack.supervisor import launched, workers_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-0123456789abcdef"
 JWT_SECRET = "k3Xq9vR2mW7pL4tZ8nB5cY1hJ6fD0sGaQeUoIiPr"
 
 
-@dataclass
-class Proc:
-    """A chatq process (API or worker) started by a test, with its log file."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    env: dict[str, str] = field(default_factory=dict)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self, timeout: float = 30) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
-
-
 def spawn(name: str, module: str, env: dict[str, str], logdir: Path) -> Proc:
-    logdir.mkdir(parents=True, exist_ok=True)
-    log = logdir / f"{name}.log"
-    full_env = {**os.environ, **env}
-    with open(log, "ab") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-    return Proc(name, proc, log, env)
+    """`python -m module` as a process of its own, not supervised: a test may kill it."""
+    return processes.spawn(name, module_argv(module), env, logdir, cwd=ROOT)
 
 
 def nats_with_streams(root: Path) -> NatsServer:
@@ -89,6 +52,7 @@ def base_env(nats_url: str, home: Path, **extra: str) -> dict[str, str]:
     env = {
         "NATS_URL": nats_url,
         "CHATQ_HOME": str(home),
+        "CHATQ_EMBEDDED_NATS": "1",
         "CHATQ_API_KEYS": API_KEY,
         "JWT_SECRET": JWT_SECRET,
         "CHATQ_DEV": "0",
@@ -137,40 +101,6 @@ def wait_for_workers(base_url: str, count: int, timeout: float, procs: list[Proc
 
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
-
-
-@dataclass
-class SseEvent:
-    event: str | None
-    data: str
-
-    def json(self) -> Any:
-        return json.loads(self.data)
-
-
-def sse_events(lines: Iterator[str]) -> Iterator[SseEvent]:
-    """Parse a text/event-stream into events."""
-    event: str | None = None
-    data: list[str] = []
-    for line in lines:
-        if line == "":
-            if data:
-                yield SseEvent(event, "\n".join(data))
-            event, data = None, []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip())
-    if data:
-        yield SseEvent(event, "\n".join(data))
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of a Prometheus series, filtered by labels; KeyError when it is absent."""
-    value = metric_sum(text, name, **labels)
-    if value is None:
-        raise KeyError(f"{name} {labels} not in metrics")
-    return value
 
 
 async def find_event(nats_url: str, request_id: str, kind: str, timeout: float = 10.0) -> Any:
@@ -248,23 +178,34 @@ class Stack:
     worker_metrics: int
 
 
+def _api_spec(name: str = "api", **env: str) -> ProcessSpec:
+    return replace(process_table.API.with_env(CHATQ_PORT=str(free_port()), **env), name=name)
+
+
+def _worker_spec(name: str = "worker") -> ProcessSpec:
+    return process_table.INFERENCE_WORKER.with_env(WORKER_METRICS_PORT=str(free_port()), WORKER_ID=name)
+
+
 @contextmanager
 def synthetic_stack(root: Path, model: str, **env: str) -> Iterator[Stack]:
     """A whole pipeline with the synthetic engine serving `model`; `env` adds settings."""
-    nats = NatsServer(root / "nats").start(root / "nats.log")
-    full = base_env(nats.url, root / "home", INFERENCE_ENGINE="synthetic", MODEL_NAME=model, **env)
-    procs: list[Proc] = []
-    try:
-        api, url = start_api(full, root / "logs")
-        procs.append(api)
-        worker, metrics_port = start_worker(full, root / "logs")
-        procs.append(worker)
-        wait_for_workers(url, 1, 60, [worker, api])
-        yield Stack(nats, url, full, root / "logs", api, worker, metrics_port)
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-        nats.stop()
+    full = base_env(_nats_url(), root / "home", INFERENCE_ENGINE="synthetic", MODEL_NAME=model, **env)
+    # No database, no Redis: the API runs without accounts.
+    api = replace(_api_spec(), needs=())
+    worker = _worker_spec()
+    with launched(
+        root / "home", full, [api, worker], ready=workers_ready(1), logdir=root / "logs", cwd=ROOT
+    ) as sup:
+        assert sup.nats is not None
+        yield Stack(
+            sup.nats,
+            sup.api_urls[0],
+            full,
+            root / "logs",
+            sup.process("api"),
+            sup.process("worker"),
+            sup.port(worker),
+        )
 
 
 @dataclass
@@ -275,8 +216,8 @@ class AccountsStack:
     urls: list[str]
     dsn: str
     nats_url: str
-    redis: Any  # stack.servers.RedisServer
-    pg: Any  # stack.servers.EmbeddedPostgres
+    redis: RedisServer
+    pg: EmbeddedPostgres
     env: dict[str, str]
     logdir: Path
     procs: list[Proc]
@@ -288,43 +229,30 @@ class AccountsStack:
 
 @contextmanager
 def accounts_stack(root: Path, model: str, *, apis: int = 1, **env: str) -> Iterator[AccountsStack]:
-    from stack.servers import EmbeddedPostgres, RedisServer
-
-    nats = NatsServer(root / "nats").start(root / "nats.log")
-    pg = EmbeddedPostgres(root / "pg")
-    redis: RedisServer | None = None
-    procs: list[Proc] = []
-    try:
-        dsn = pg.start()
-        redis = RedisServer(root / "redis").start(root / "redis.log")
-        full = base_env(
-            nats.url,
-            root / "home",
-            INFERENCE_ENGINE="synthetic",
-            MODEL_NAME=model,
-            DATABASE_URL=dsn,
-            REDIS_URL=redis.url,
-            **env,
+    """The launcher's stack with `apis` API processes, a synthetic worker and persistence;
+    processes a test adds to `procs` are stopped with it."""
+    full = base_env(_nats_url(), root / "home", INFERENCE_ENGINE="synthetic", MODEL_NAME=model, **env)
+    specs = [_api_spec(f"api{i}") for i in range(apis)]
+    specs += [_worker_spec(), process_table.PERSISTENCE]
+    logdir = root / "logs"
+    with launched(root / "home", full, specs, ready=workers_ready(1), logdir=logdir, cwd=ROOT) as sup:
+        assert sup.database_url and sup.redis_url and sup.redis and sup.postgres
+        full = {**full, "DATABASE_URL": sup.database_url, "REDIS_URL": sup.redis_url}
+        started = [sup.process(spec.name) for spec in specs]
+        stack = AccountsStack(
+            sup.api_urls, sup.database_url, sup.nats_url, sup.redis, sup.postgres, full, logdir, list(started)
         )
-        logdir = root / "logs"
-        urls = []
-        for i in range(apis):
-            api, url = start_api(full, logdir, name=f"api{i}")
-            procs.append(api)
-            urls.append(url)
-        worker, _ = start_worker(full, logdir)
-        procs.append(worker)
-        procs.append(spawn("persistence", "workers.persistence", full, logdir))
-        for url in urls:
-            wait_for_workers(url, 1, 60, procs)
-        yield AccountsStack(urls, dsn, nats.url, redis, pg, full, logdir, procs)
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-        if redis is not None:
-            redis.stop()
-        pg.stop()
-        nats.stop()
+        try:
+            yield stack
+        finally:
+            for proc in reversed(stack.procs):
+                if proc not in started:
+                    proc.stop()
+
+
+def _nats_url() -> str:
+    """A URL for the stack's own nats-server, on a free port."""
+    return f"nats://127.0.0.1:{free_port()}"
 
 
 def login(url: str, username: str, password: str) -> dict[str, str]:

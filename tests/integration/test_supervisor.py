@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 from chatq.settings import DEFAULT_MODEL_NAME, load
-from stack.cli import Supervisor
+from stack.supervisor import Supervisor
 from stack.servers import free_port
 from tests.helpers import API_KEY, ROOT, auth
 from tests.metrics import metric_value

@@ -1,0 +1,45 @@
+"""The process table: the chatq processes a supervisor starts, as data.
+
+A row names a module, the environment it gets on top of the stack's, the embedded servers
+it needs, the port it listens on and when it stops. `./start` runs PROCESS_TABLE; a test or
+a load test builds its own rows (more API processes, a second worker) with with_env().
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+# The setting each port a process may listen on is read from: its variable, its Settings field.
+PORT_SETTINGS = {
+    "CHATQ_PORT": "port",
+    "WORKER_METRICS_PORT": "worker_metrics_port",
+    "TELEMETRY_PORT": "telemetry_port",
+}
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """One row of a process table: `python -m module`, with `env` on top of the stack's."""
+
+    name: str
+    module: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    # The embedded servers it is given the URL of: "database" (DATABASE_URL), "redis" (REDIS_URL).
+    needs: tuple[str, ...] = ()
+    # The variable of the port it listens on (a key of PORT_SETTINGS), checked free at start.
+    port_env: str | None = None
+    stop_rank: int = 9  # lower stops first
+
+    def with_env(self, **env: str) -> ProcessSpec:
+        """The same row, with more environment variables."""
+        return replace(self, env={**self.env, **env})
+
+
+# What ./start runs. The API stops first (no new work), then the worker (it drains), then the
+# event consumers.
+API = ProcessSpec("api", "api", needs=("database", "redis"), port_env="CHATQ_PORT", stop_rank=0)
+INFERENCE_WORKER = ProcessSpec("worker", "workers.inference", port_env="WORKER_METRICS_PORT", stop_rank=1)
+PERSISTENCE = ProcessSpec("persistence", "workers.persistence", needs=("database",), stop_rank=2)
+TELEMETRY = ProcessSpec("telemetry", "workers.telemetry", port_env="TELEMETRY_PORT", stop_rank=3)
+PROCESS_TABLE: tuple[ProcessSpec, ...] = (INFERENCE_WORKER, API, PERSISTENCE, TELEMETRY)
