@@ -29,8 +29,8 @@ import psutil
 import pytest
 
 from chatq.settings import DEFAULT_MODEL_NAME, load
-from stack.supervisor import Supervisor
 from stack.servers import free_port
+from stack.supervisor import Supervisor
 from tests.helpers import API_KEY, ROOT, auth
 from tests.metrics import metric_value
 
