@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import msgspec
 
+from chatq.sse import SseDecoder, SseEvent
+
 # Error classes, in the order the tables show them.
 ERROR_CLASSES = ("http_429", "http_5xx", "http_4xx", "connection", "timeout", "sse_error", "incomplete")
 
@@ -194,16 +196,11 @@ async def _read_stream(
 ) -> None:
     """Parse the SSE stream into `result` (chunk times, usage, errors)."""
     start = result.start
-    buffer = b""
+    decoder = SseDecoder()
     done = False
     async for data in response.aiter_raw():
         now = time.perf_counter() - start
-        buffer += data
-        while True:
-            cut = buffer.find(b"\n\n")
-            if cut < 0:
-                break
-            event, buffer = buffer[:cut], buffer[cut + 2 :]
+        for event in decoder.feed(data):
             kind = _handle_event(event, now, result, counter)
             if kind == "done":
                 done = True
@@ -220,25 +217,15 @@ async def _read_stream(
 
 
 def _handle_event(
-    event: bytes, now: float, result: RequestResult, counter: Callable[[str], int] | None
+    event: SseEvent, now: float, result: RequestResult, counter: Callable[[str], int] | None
 ) -> str | None:
     """One SSE event: returns 'done', 'error' or None."""
-    name = None
-    payloads: list[bytes] = []
-    for line in event.split(b"\n"):
-        line = line.rstrip(b"\r")
-        if line.startswith(b"data:"):
-            payloads.append(line[5:].lstrip())
-        elif line.startswith(b"event:"):
-            name = line[6:].strip()
-    if not payloads:
-        return None  # a comment or keep-alive
-    payload = b"\n".join(payloads)
-    if name == b"error":
+    payload = event.data
+    if event.event == "error":
         result.error = "sse_error"
-        result.detail = payload.decode(errors="replace")[:300]
+        result.detail = payload[:300]
         return "error"
-    if payload == b"[DONE]":
+    if payload == "[DONE]":
         return "done"
     try:
         message = _decode_event(payload)
@@ -248,7 +235,7 @@ def _handle_event(
         return "error"
     if message.error is not None:
         result.error = "sse_error"
-        result.detail = payload.decode(errors="replace")[:300]
+        result.detail = payload[:300]
         return "error"
     for choice in message.choices[:1]:
         content = choice.delta.content

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -11,7 +10,8 @@ from typing import Any
 
 import httpx
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
+
+from chatq.metrics_text import metric_sum
 
 WORKER_COUNTERS = ("chatq_worker_chunks_total", "chatq_worker_output_tokens_total")
 
@@ -70,18 +70,6 @@ def cpu_probe(api_pid: int | None, worker_pid: int | None) -> CpuProbe:
     elif worker_pid is not None:
         pids["worker"] = (worker_pid, "children")  # vLLM's server: its engine core
     return CpuProbe(pids)
-
-
-def metric_sum(text: str, name: str, **labels: str) -> float | None:
-    """Sum of a Prometheus series in an exposition text (the sample's full name, such as
-    `x_total`), over the samples whose labels include `labels`; None if absent."""
-    values = [
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    ]
-    return math.fsum(values) if values else None
 
 
 async def worker_counters(http: httpx.AsyncClient, url: str | None) -> dict[str, float | None]:

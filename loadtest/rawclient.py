@@ -14,10 +14,11 @@ import asyncio
 import time
 from urllib.parse import urlsplit
 
+from chatq.sse import SseDecoder
 from loadtest.client import RequestResult
 
-_CONTENT = b'"content":"'
-_EMPTY = b'"content":""'
+_CONTENT = '"content":"'
+_EMPTY = '"content":""'
 
 
 class _SseProtocol(asyncio.Protocol):
@@ -27,6 +28,7 @@ class _SseProtocol(asyncio.Protocol):
         self.buffer = b""
         self.headers_done = False
         self.finished = False
+        self.sse = SseDecoder()
 
     def data_received(self, data: bytes) -> None:
         now = time.perf_counter() - self.result.start
@@ -47,31 +49,28 @@ class _SseProtocol(asyncio.Protocol):
                 )
                 self._finish(now)
                 return
-        # Chunked transfer framing lines (hex sizes) sit between events: events are
-        # still separated by a blank line, which is all that is looked for here.
-        while True:
-            cut = self.buffer.find(b"\n\n")
-            if cut < 0:
-                return
-            event, self.buffer = self.buffer[:cut], self.buffer[cut + 2 :]
-            if b"[DONE]" in event:
+        # Chunked transfer framing lines (hex sizes) sit between events: the parser takes
+        # them for fields without a value and ignores them.
+        for event in self.sse.feed(self.buffer):
+            if event.data == "[DONE]":
                 self.finished = True
                 self._finish(now)
                 return
-            if b"event: error" in event:
+            if event.event == "error":
                 self.result.error = "sse_error"
-                self.result.detail = event.decode(errors="replace")[-300:]
+                self.result.detail = event.data[-300:]
                 self._finish(now)
                 return
-            start = event.find(_CONTENT)
-            if start >= 0 and event.find(_EMPTY) < 0:
-                end = event.find(b'"', start + len(_CONTENT))
-                text = event[start + len(_CONTENT) : end]
+            start = event.data.find(_CONTENT)
+            if start >= 0 and event.data.find(_EMPTY) < 0:
+                end = event.data.find('"', start + len(_CONTENT))
+                text = event.data[start + len(_CONTENT) : end]
                 if self.result.ttft is None:
                     self.result.ttft = now
                 self.result.chunk_times.append(now)
                 self.result.chunk_chars.append(len(text))
-                self.result.chunk_tokens.append(max(1, text.count(b" ")))
+                self.result.chunk_tokens.append(max(1, text.count(" ")))
+        self.buffer = b""
 
     def _finish(self, now: float) -> None:
         self.result.e2e = now

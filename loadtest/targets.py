@@ -1,111 +1,39 @@
 """The systems under test, each started on free loopback ports and stopped afterwards.
 
-- chatq: nats-server + one vLLM inference worker + the API, as separate processes.
+- chatq: one vLLM inference worker and the API, started by chatq's launcher
+  (stack.supervisor) with nats-server, and PostgreSQL and Redis with accounts on.
 - vllm-server: vLLM's own OpenAI server, with the same engine settings.
 - synthetic: chatq with the synthetic engine (the pipeline alone, no model).
 - external: a server that is already running (--url), only measured.
 
-Every process is started in a session of its own, so stopping it also stops its
-children (vLLM's engine core); only processes started here are ever signalled.
+Every process is started by stack.processes in a session of its own, so stopping it
+also stops its children (vLLM's engine core); only processes started here are ever
+signalled.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import httpx
-
+from chatq.errors import ChatqError, LaunchError
 from loadtest.config import API_KEY, EngineConfig, RunConfig, SynthConfig
-from stack.servers import EmbeddedPostgres, NatsServer, RedisServer, free_port, wait_for_port
+from stack import process_table
+from stack.processes import Process, spawn, wait_http
+from stack.servers import free_port
+from stack.supervisor import Supervisor, launch, workers_ready
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class TargetError(RuntimeError):
     """A target failed to start or died."""
-
-
-@dataclass
-class Proc:
-    """A child process started by the load test, with its log file."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM, wait, then SIGKILL the process group; also reap left-over children."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        # Children of our own session (e.g. vLLM's engine core) must not outlive it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
-
-
-def spawn(name: str, argv: list[str], env: dict[str, str], logdir: Path) -> Proc:
-    logdir.mkdir(parents=True, exist_ok=True)
-    log = logdir / f"{name}.log"
-    with open(log, "ab") as f:
-        proc = subprocess.Popen(
-            argv,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-            cwd=REPO_ROOT,
-            start_new_session=True,
-        )
-    return Proc(name, proc, log)
-
-
-def wait_http(
-    url: str, ok: Any, timeout: float, procs: list[Proc], what: str, headers: dict[str, str] | None = None
-) -> None:
-    """Poll `url` until ok(response) is true; fail early when one of procs exits."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        for p in procs:
-            if not p.alive():
-                raise TargetError(f"{p.name} exited with {p.proc.returncode}:\n{p.tail()}")
-        try:
-            response = httpx.get(url, timeout=3, headers=headers)
-            if ok(response):
-                return
-            last = f"{response.status_code} {response.text[:200]}"
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            last = repr(exc)
-        time.sleep(0.25)
-    raise TargetError(f"{what} not ready after {timeout:g} s (last: {last})")
 
 
 @dataclass
@@ -117,7 +45,7 @@ class Target:
     base_url: str = ""
     api_key: str | None = API_KEY
     model: str = ""
-    procs: list[Proc] = field(default_factory=list)
+    procs: list[Process] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     start_seconds: float | None = None
     api_pid: int | None = None
@@ -135,7 +63,7 @@ class Target:
     def check_alive(self) -> None:
         for p in self.procs:
             if not p.alive():
-                raise TargetError(f"{p.name} exited with {p.proc.returncode}:\n{p.tail()}")
+                raise TargetError(f"{p.name} exited with {p.proc.poll()}:\n{p.tail()}")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -163,7 +91,8 @@ class Target:
 
 @dataclass
 class ChatqTarget(Target):
-    """nats-server + one inference worker + the API, on free ports, state in a temp dir."""
+    """An inference worker and the API from the launcher (stack.supervisor), with their
+    servers, on free ports, state in a temp dir."""
 
     env_extra: dict[str, str] = field(default_factory=dict)
     logdir: Path = Path()
@@ -171,19 +100,13 @@ class ChatqTarget(Target):
     # Accounts on: PostgreSQL and Redis run too, and requests carry a user's API key.
     accounts: bool = False
     _tmp: Path | None = None
-    _nats: NatsServer | None = None
-    _nats_log: IO[bytes] | None = None
-    _postgres: EmbeddedPostgres | None = None
-    _redis: RedisServer | None = None
+    _stack: Supervisor | None = None
 
     def start(self) -> None:
         self._tmp = Path(tempfile.mkdtemp(prefix=f"loadtest-{self.name}-"))
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        self._nats_log = open(self.logdir / "nats.log", "ab")  # closed in stop()
-        self._nats = NatsServer(self._tmp / "nats").start(self._nats_log)
         env = {
-            "NATS_URL": self._nats.url,
-            "CHATQ_HOME": str(self._tmp / "home"),
+            "NATS_URL": f"nats://127.0.0.1:{free_port()}",
+            "CHATQ_EMBEDDED_NATS": "1",
             "CHATQ_API_KEYS": API_KEY,
             "JWT_SECRET": secrets.token_urlsafe(48),
             "CHATQ_DEV": "0",
@@ -192,60 +115,46 @@ class ChatqTarget(Target):
             **self.env_extra,
         }
         if self.accounts:
-            self._postgres = EmbeddedPostgres(self._tmp / "postgres")
-            self._redis = RedisServer(self._tmp / "redis").start(self.logdir / "redis.log")
             env.update(
-                DATABASE_URL=self._postgres.start(),
-                REDIS_URL=self._redis.url,
                 # Limits far above the load, but on: every request runs every check.
                 RATE_LIMIT_USER_RPM="100000000",
                 RATE_LIMIT_USER_TPM="1000000000",
                 RATE_LIMIT_USER_CONCURRENCY="100000",
             )
-        metrics_port = free_port()
-        worker = spawn(
-            "worker",
-            [sys.executable, "-m", "workers.inference"],
-            {**env, "WORKER_METRICS_PORT": str(metrics_port), "WORKER_ID": f"loadtest-{self.name}"},
-            self.logdir,
+        worker = process_table.INFERENCE_WORKER.with_env(
+            WORKER_METRICS_PORT=str(free_port()), WORKER_ID=f"loadtest-{self.name}"
         )
-        self.procs.append(worker)
-        port = free_port()
-        api = spawn("api", [sys.executable, "-m", "api"], {**env, "CHATQ_PORT": str(port)}, self.logdir)
-        self.procs.append(api)
+        api = process_table.API.with_env(CHATQ_PORT=str(free_port()))
+        if not self.accounts:
+            api = replace(api, needs=())
         try:
-            wait_for_port("127.0.0.1", port, 60, api.proc)
-        except (RuntimeError, TimeoutError):
-            raise TargetError(f"the API did not start:\n{api.tail()}") from None
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.api_pid, self.worker_pid = api.pid, worker.pid
-        self.worker_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        wait_http(
-            self.base_url + "/health",
-            lambda r: r.json()["services"]["workers"]["ready"] >= 1,
-            self.start_timeout,
-            self.procs,
-            f"{self.name}: the worker",
-        )
+            self._stack = sup = launch(
+                self._tmp / "home",
+                env,
+                [worker, api],
+                ready=workers_ready(1),
+                timeout=self.start_timeout,
+                logdir=self.logdir,
+                cwd=REPO_ROOT,
+            )
+        except (ChatqError, RuntimeError, TimeoutError) as exc:
+            raise TargetError(f"{self.name}: {exc}") from None
+        self.procs = [sup.process("worker"), sup.process("api")]
+        self.base_url = sup.api_urls[0]
+        self.api_pid, self.worker_pid = self.procs[1].pid, self.procs[0].pid
+        self.worker_metrics_url = f"http://127.0.0.1:{sup.port(worker)}/metrics"
+        env["CHATQ_HOME"] = str(sup.s.home)
         if self.accounts:
-            self.api_key = _user_key(env["DATABASE_URL"])
+            assert sup.database_url and sup.redis_url
+            env.update(DATABASE_URL=sup.database_url, REDIS_URL=sup.redis_url)
+            self.api_key = _user_key(sup.database_url)
         self.settings = {"env": _public_env(env), "effective": _effective_settings(env)}
 
     def stop(self) -> None:
-        # The API first (it stops taking requests), then the worker, then NATS.
-        for p in reversed(self.procs):
-            p.stop()
-        if self._redis is not None:
-            self._redis.stop()
-            self._redis = None
-        if self._postgres is not None:
-            self._postgres.stop()
-            self._postgres = None
-        if self._nats is not None:
-            self._nats.stop()
-        if self._nats_log is not None:
-            self._nats_log.close()
-            self._nats_log = None
+        # The API first (it stops taking requests), then the worker, then the servers.
+        if self._stack is not None:
+            self._stack.stop()
+            self._stack = None
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -311,17 +220,20 @@ class VllmServerTarget(Target):
     def start(self) -> None:
         port = free_port()
         argv = self.command(port)
-        proc = spawn("vllm-server", argv, {"HF_HUB_OFFLINE": "1"}, self.logdir)
+        proc = spawn("vllm-server", argv, {"HF_HUB_OFFLINE": "1"}, self.logdir, cwd=REPO_ROOT)
         self.procs.append(proc)
         self.base_url = f"http://127.0.0.1:{port}"
         self.api_pid = self.worker_pid = proc.pid
-        wait_http(
-            self.base_url + "/health",
-            lambda r: r.status_code == 200,
-            self.start_timeout,
-            self.procs,
-            "vLLM's server",
-        )
+        try:
+            wait_http(
+                self.base_url + "/health",
+                lambda r: r.status_code == 200,
+                self.start_timeout,
+                self.procs,
+                "vLLM's server",
+            )
+        except LaunchError as exc:
+            raise TargetError(str(exc)) from None
         shown = [a if a != self.api_key else "<key>" for a in argv[1:]]
         self.settings = {"command": ["python", *shown]}
 

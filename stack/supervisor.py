@@ -75,7 +75,8 @@ class Supervisor:
     together.
 
     `env` is what every child gets on top of this process's environment (the settings `s`
-    were read from it); `logdir` is where the logs go (default: the state folder's).
+    were read from it); `logdir` is where the logs go (default: the state folder's);
+    `announce` prints what was started.
     """
 
     def __init__(
@@ -85,8 +86,10 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         logdir: Path | None = None,
         cwd: Path | None = None,
+        announce: bool = True,
     ) -> None:
         self.s = s
+        self.announce = announce
         self.env = dict(env or {})
         self.logdir = logdir or state.logdir(s)
         self.cwd = cwd
@@ -129,6 +132,10 @@ class Supervisor:
         return process
 
     # --- starting -----------------------------------------------------------------------
+
+    def _announce(self, what: str) -> None:
+        if self.announce:
+            print(f"chatq: {what}", flush=True)
 
     def _log(self, name: str) -> int:
         self.logdir.mkdir(parents=True, exist_ok=True)
@@ -200,20 +207,17 @@ class Supervisor:
                 self.nats = NatsServer(
                     s.home / "nats", port=url.port or 4222, host=url.hostname or "127.0.0.1"
                 ).start(log)
-            print(f"chatq: NATS JetStream on {s.nats_url} (data in {s.home / 'nats'})", flush=True)
+            self._announce(f"NATS JetStream on {s.nats_url} (data in {s.home / 'nats'})")
         if "database" in needs and not self.database_url:
             self.postgres = EmbeddedPostgres(s.home / "postgres")
             self.database_url = self.postgres.start()
-            print(f"chatq: PostgreSQL (embedded) in {s.home / 'postgres'}", flush=True)
+            self._announce(f"PostgreSQL (embedded) in {s.home / 'postgres'}")
         if "redis" in needs and not self.redis_url:
             fd = self._log("redis")
             with os.fdopen(fd, "ab") as log:
                 self.redis = RedisServer(s.home / "redis").start(log)
             self.redis_url = self.redis.url
-            print(
-                f"chatq: Redis (embedded, rate limits) on {self.redis_url} (data in {s.home / 'redis'})",
-                flush=True,
-            )
+            self._announce(f"Redis (embedded, rate limits) on {self.redis_url} (data in {s.home / 'redis'})")
 
     def start(self, processes: Sequence[ProcessSpec] = PROCESS_TABLE) -> None:
         """The servers the table needs, then its processes in order."""
@@ -226,7 +230,7 @@ class Supervisor:
         names = ", ".join(spec.name for spec in processes)
         if tuple(processes) == PROCESS_TABLE:
             names = f"the inference worker ({self.s.engine}), the API, persistence and telemetry"
-        print(f"chatq: starting {names} …", flush=True)
+        self._announce(f"starting {names} …")
 
     # --- keeping it up ------------------------------------------------------------------
 
@@ -356,7 +360,7 @@ def launch(
     given `env` (settings, ports) on top of this process's environment; returns once every
     API's /health satisfies `ready`. Not tended. On a failure, what was started is stopped."""
     env = {**env, "CHATQ_HOME": str(home)}
-    sup = Supervisor(load({**os.environ, **env}), env=env, logdir=logdir, cwd=cwd)
+    sup = Supervisor(load({**os.environ, **env}), env=env, logdir=logdir, cwd=cwd, announce=False)
     try:
         sup.start(processes)
         sup.wait_ready(ready, timeout)

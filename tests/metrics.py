@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loadtest.probes import metric_sum
+from chatq.metrics_text import metric_sum
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from loadtest.targets import spawn as spawn_argv
-from loadtest.targets import wait_http
+from stack.processes import spawn as spawn_argv
+from stack.processes import wait_http
 from stack.servers import NatsServer, free_port
 from tests.helpers import (
     API_KEY,

@@ -1,4 +1,4 @@
-"""Reading Prometheus text (loadtest.probes.metric_sum, tests.metrics.metric_value): whole
+"""Reading Prometheus text (chatq.metrics_text.metric_sum, tests.metrics.metric_value): whole
 sample names and whole label values, as prometheus_client's parser reads them."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from loadtest.probes import metric_sum
+from chatq.metrics_text import metric_sum
 from tests.metrics import metric_value
 
 
