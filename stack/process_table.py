@@ -25,7 +25,8 @@ class ProcessSpec:
     name: str
     module: str
     env: Mapping[str, str] = field(default_factory=dict)
-    # The embedded servers it is given the URL of: "database" (DATABASE_URL), "redis" (REDIS_URL).
+    # What it needs before it starts: "database" (DATABASE_URL), "redis" (REDIS_URL), the
+    # embedded servers it is given the URL of; "streams", the JetStream streams declared.
     needs: tuple[str, ...] = ()
     # The variable of the port it listens on (a key of PORT_SETTINGS), checked free at start.
     port_env: str | None = None
@@ -40,6 +41,6 @@ class ProcessSpec:
 # event consumers.
 API = ProcessSpec("api", "api", needs=("database", "redis"), port_env="CHATQ_PORT", stop_rank=0)
 INFERENCE_WORKER = ProcessSpec("worker", "workers.inference", port_env="WORKER_METRICS_PORT", stop_rank=1)
-PERSISTENCE = ProcessSpec("persistence", "workers.persistence", needs=("database",), stop_rank=2)
+PERSISTENCE = ProcessSpec("persistence", "workers.persistence", needs=("database", "streams"), stop_rank=2)
 TELEMETRY = ProcessSpec("telemetry", "workers.telemetry", port_env="TELEMETRY_PORT", stop_rank=3)
 PROCESS_TABLE: tuple[ProcessSpec, ...] = (INFERENCE_WORKER, API, PERSISTENCE, TELEMETRY)

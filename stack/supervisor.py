@@ -9,6 +9,7 @@ so a child it kills on purpose stays dead.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -197,8 +198,8 @@ class Supervisor:
                 )
 
     def start_servers(self, needs: set[str]) -> None:
-        """NATS (when embedded), and PostgreSQL and Redis where `needs` names them and no
-        URL names an outside one."""
+        """NATS (when embedded), its streams where `needs` names them, and PostgreSQL and
+        Redis where it names them and no URL names an outside one."""
         s = self.s
         url = urlparse(s.nats_url)
         if s.embedded_nats:
@@ -208,6 +209,8 @@ class Supervisor:
                     s.home / "nats", port=url.port or 4222, host=url.hostname or "127.0.0.1"
                 ).start(log)
             self._announce(f"NATS JetStream on {s.nats_url} (data in {s.home / 'nats'})")
+        if "streams" in needs:
+            self._declare_streams()
         if "database" in needs and not self.database_url:
             self.postgres = EmbeddedPostgres(s.home / "postgres")
             self.database_url = self.postgres.start()
@@ -218,6 +221,25 @@ class Supervisor:
                 self.redis = RedisServer(s.home / "redis").start(log)
             self.redis_url = self.redis.url
             self._announce(f"Redis (embedded, rate limits) on {self.redis_url} (data in {s.home / 'redis'})")
+
+    def _declare_streams(self) -> None:
+        """The JetStream streams, declared before any process starts: an event consumer that
+        starts before the API or a worker has declared them would find none."""
+        import nats
+
+        from broker import topology
+
+        async def declare() -> None:
+            nc = await nats.connect(self.s.nats_url)
+            try:
+                await topology.ensure_streams(nc.jetstream(), jobs_max_msgs=self.s.jobs_max_msgs)
+            finally:
+                await nc.close()
+
+        try:
+            asyncio.run(declare())
+        except Exception as exc:  # noqa: BLE001 - nats-py raises several kinds; all mean the same here
+            raise ChatqError(f"cannot declare the streams on {self.s.nats_url}: {exc!r}") from None
 
     def start(self, processes: Sequence[ProcessSpec] = PROCESS_TABLE) -> None:
         """The servers the table needs, then its processes in order."""
