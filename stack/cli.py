@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 from catalog.profiles import settle_model_profile
 from chatq.errors import ChatqError
+from chatq.logs import url_for_log
 from chatq.settings import Settings, load
 from stack.servers import EmbeddedPostgres, NatsServer, RedisServer, port_free
 
@@ -252,7 +253,8 @@ class Supervisor:
                 self.nats = NatsServer(
                     s.home / "nats", port=url.port or 4222, host=url.hostname or "127.0.0.1"
                 ).start(log)
-            print(f"chatq: NATS JetStream on {s.nats_url} (data in {s.home / 'nats'})", flush=True)
+            where = url_for_log(s.nats_url)
+            print(f"chatq: NATS JetStream on {where} (data in {s.home / 'nats'})", flush=True)
         dsn = s.database_url
         if not dsn:
             self.postgres = EmbeddedPostgres(s.home / "postgres")
@@ -264,8 +266,9 @@ class Supervisor:
             with os.fdopen(fd, "ab") as log:
                 self.redis = RedisServer(s.home / "redis").start(log)
             redis_url = self.redis.url
+            where = url_for_log(redis_url)
             print(
-                f"chatq: Redis (embedded, rate limits) on {redis_url} (data in {s.home / 'redis'})",
+                f"chatq: Redis (embedded, rate limits) on {where} (data in {s.home / 'redis'})",
                 flush=True,
             )
         self.add("worker", "workers.inference")

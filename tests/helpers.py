@@ -287,7 +287,11 @@ class AccountsStack:
 
 
 @contextmanager
-def accounts_stack(root: Path, model: str, *, apis: int = 1, **env: str) -> Iterator[AccountsStack]:
+def accounts_stack(
+    root: Path, model: str, *, apis: int = 1, nats_token: str | None = None, **env: str
+) -> Iterator[AccountsStack]:
+    """`nats_token`: the processes' NATS_URL carries it (`nats://TOKEN@host:port`); the
+    test server asks for none, so it is only there to be kept out of the logs."""
     from stack.servers import EmbeddedPostgres, RedisServer
 
     nats = NatsServer(root / "nats").start(root / "nats.log")
@@ -297,8 +301,9 @@ def accounts_stack(root: Path, model: str, *, apis: int = 1, **env: str) -> Iter
     try:
         dsn = pg.start()
         redis = RedisServer(root / "redis").start(root / "redis.log")
+        nats_url = nats.url if nats_token is None else nats.url.replace("://", f"://{nats_token}@", 1)
         full = base_env(
-            nats.url,
+            nats_url,
             root / "home",
             INFERENCE_ENGINE="synthetic",
             MODEL_NAME=model,
