@@ -251,6 +251,35 @@ def test_a_disabled_user_is_refused_within_the_cache_time(stack: AccountsStack) 
     )
 
 
+def test_a_user_change_that_fails_midway_leaves_the_user_as_it_was(stack: AccountsStack) -> None:
+    """PATCH /api/users/{id} is one transaction: a later statement that fails (here the
+    e-mail, refused by a constraint) undoes the password and role changed before it."""
+    import psycopg
+
+    dora = _user(stack, "dora")
+    refused = "refused@example.com"
+    with psycopg.connect(stack.dsn, autocommit=True) as conn:
+        conn.execute(
+            f"ALTER TABLE users ADD CONSTRAINT test_refused_email CHECK (email <> '{refused}') NOT VALID"
+        )
+    try:
+        r = httpx.patch(
+            f"{stack.url}/api/users/{dora.id}",
+            json={"password": "a-new-password-1", "role": "admin", "email": refused},
+            headers=auth(),
+            timeout=30,
+        )
+    finally:
+        with psycopg.connect(stack.dsn, autocommit=True) as conn:
+            conn.execute("ALTER TABLE users DROP CONSTRAINT test_refused_email")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+    login(stack.url, "dora", "pw-dora-12345")  # the old password still works
+    r = httpx.post(stack.url + "/api/auth/login", json={"username": "dora", "password": "a-new-password-1"})
+    assert r.status_code == 401
+    users = httpx.get(stack.url + "/api/users", headers=auth()).json()["users"]
+    assert next(u for u in users if u["id"] == dora.id)["role"] == "user"
+
+
 # --- conversations ----------------------------------------------------------------------------
 
 
