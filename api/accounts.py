@@ -71,10 +71,28 @@ async def login(request: AnyRequest, services: NamedDependency[Services]) -> Res
         ok = await asyncio.to_thread(accounts.verify_password, password_hash, body.password)
         if user is None or not ok or user.disabled:
             raise Unauthorized("wrong username or password", code="invalid_credentials")
-        await conn.execute("UPDATE users SET last_login_at = now() WHERE id = %s", (user.id,))
+        cur = await conn.execute(
+            "UPDATE users SET last_login_at = now() WHERE id = %s RETURNING token_version", (user.id,)
+        )
+        row = await cur.fetchone()
+    assert row is not None
     await logins.succeeded(body.username, client)
-    token, ttl = services.auth.issue(user.id, user.username, user.role)
+    token, ttl = services.auth.issue(user.id, user.username, user.role, row[0])
     return json_response(Token(access_token=token, expires_in=ttl))
+
+
+@post("/api/auth/logout", status_code=204)
+async def logout(request: AnyRequest, services: NamedDependency[Services]) -> None:
+    """End the caller's login tokens: this one and every other the user holds."""
+    principal = principal_of(request)
+    if principal.via != "jwt" or principal.user_id is None:
+        raise InvalidRequest(
+            "logout ends login tokens; an API key is ended with DELETE /api/keys/{id}",
+            code="not_a_token",
+        )
+    async with services.db() as conn:
+        await accounts.end_tokens(conn, principal.user_id)
+    services.auth.forget(user_id=principal.user_id)
 
 
 class Verified(msgspec.Struct):
@@ -274,6 +292,7 @@ async def put_settings(request: AnyRequest, services: NamedDependency[Services])
 
 ROUTES = [
     login,
+    logout,
     verify,
     list_keys,
     create_key,

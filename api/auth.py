@@ -2,7 +2,10 @@
 
 - A JWT (from POST /api/auth/login) is verified with pyjwt: HS256 only, `exp` `iat` `sub`
   `iss` `aud` required and checked. Its user is read from PostgreSQL (cached briefly), so
-  a disabled user or a changed role takes effect within API_KEY_CACHE_S.
+  a disabled user or a changed role takes effect within API_KEY_CACHE_S; so does the end
+  of a token by a password change or a logout: the token's `ver` claim must equal the
+  user's token_version, which both add one to (on the process that made the change at
+  once, it forgets its cached answer).
 - An API key is looked up by its SHA-256 digest (keys are 256-bit random, so a fast hash
   is safe where a password would need argon2), and the answer is cached for
   API_KEY_CACHE_S: the common case costs a dict lookup, and a revoked key stops working
@@ -53,6 +56,8 @@ class Principal(msgspec.Struct, frozen=True):
     key_id: int | None = None
     via: Literal["jwt", "key", "service", "development"] = "jwt"
     exp: int | None = None
+    # The user's token_version: a login token with another `ver` has been ended.
+    token_version: int = 0
 
     @property
     def is_admin(self) -> bool:
@@ -89,7 +94,7 @@ _KEY_QUERY = """
 SELECT k.id, k.revoked_at IS NOT NULL, u.id, u.username, u.role, u.disabled
 FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_sha256 = %s
 """
-_USER_QUERY = "SELECT username, role, disabled FROM users WHERE id = %s"
+_USER_QUERY = "SELECT username, role, disabled, token_version FROM users WHERE id = %s"
 
 
 class Authenticator:
@@ -106,7 +111,7 @@ class Authenticator:
 
     # --- tokens ---------------------------------------------------------------------
 
-    def issue(self, user_id: int, username: str, role: str) -> tuple[str, int]:
+    def issue(self, user_id: int, username: str, role: str, token_version: int) -> tuple[str, int]:
         """A signed access token and its lifetime in seconds."""
         now = int(time.time())
         ttl = self.settings.jwt_expire_minutes * 60
@@ -118,6 +123,7 @@ class Authenticator:
             "exp": now + ttl,
             "iss": ISSUER,
             "aud": AUDIENCE,
+            "ver": token_version,
         }
         return jwt.encode(claims, self.secret, algorithm=ALGORITHM), ttl
 
@@ -157,6 +163,12 @@ class Authenticator:
             principal = await self._user(user_id)
             if principal is None:
                 raise Unauthorized("this account is disabled or gone", code="account_disabled")
+            # A token from before this column existed has no `ver`: it counts as 0.
+            if claims.get("ver", 0) != principal.token_version:
+                raise Unauthorized(
+                    "this token was ended by a password change or a logout: log in again",
+                    code="token_revoked",
+                )
             return msgspec.structs.replace(principal, exp=int(claims["exp"]))
         return await self._key(token)
 
@@ -194,7 +206,7 @@ class Authenticator:
         row = await self._fetch(_USER_QUERY, (user_id,))
         if row is None or row[2]:
             return None
-        return Principal(user_id, row[0], row[1], via="jwt")
+        return Principal(user_id, row[0], row[1], via="jwt", token_version=row[3])
 
     async def _remember(
         self, cache: dict[K, _Cached], key: K, load: Callable[[], Awaitable[Principal | None]]

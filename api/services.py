@@ -20,6 +20,9 @@ from chatq.errors import ApiError, UpstreamUnavailable
 from chatq.settings import Settings
 from chatq.tasks import TaskSet
 
+# The first statement of a transaction, before any query: its isolation and access mode.
+_SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
 
 @dataclass
 class Services:
@@ -41,15 +44,23 @@ class Services:
         return models
 
     @asynccontextmanager
-    async def db(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A pooled connection in one transaction; the database missing or down is a 503."""
+    async def db(self, *, snapshot: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection in one transaction; the database missing or down is a 503.
+
+        The transaction commits when the block ends and rolls back when it raises (an
+        ApiError too), so a change of several statements happens whole or not at all.
+        `snapshot`: read only, REPEATABLE READ, so every statement sees the same rows.
+        """
         if self.pool is None:
             raise UpstreamUnavailable(
                 "accounts and conversations need PostgreSQL: set DATABASE_URL (./start does)",
                 code="accounts_unavailable",
             )
         try:
-            async with self.pool.connection(timeout=5.0) as conn:
+            # The pool's connections are autocommit: transaction() is an explicit BEGIN.
+            async with self.pool.connection(timeout=5.0) as conn, conn.transaction():
+                if snapshot:
+                    await conn.execute(_SNAPSHOT)
                 yield conn
         except ApiError:
             raise

@@ -260,8 +260,8 @@ async def read_query(
 
 @get("/api/usage")
 async def usage(request: Request, services: NamedDependency[Services]) -> Response[bytes]:  # type: ignore[type-arg]
-    """Usage rows and totals as JSON."""
-    async with services.db() as conn:
+    """Usage rows and totals as JSON, rows and totals from one snapshot."""
+    async with services.db(snapshot=True) as conn:
         query = await read_query(request, conn, default_limit=DEFAULT_LIMIT)
         statement, params = query.statement()
         cur = await conn.execute(statement, params)
@@ -310,7 +310,7 @@ async def _csv_lines(services: Services, query: Query) -> AsyncIterator[bytes]:
     writer.writerow(columns)
     yield buffer.getvalue().encode()
     statement, params = query.statement()
-    async with services.db() as conn, conn.transaction():  # a named cursor lives in a transaction
+    async with services.db(snapshot=True) as conn:  # a named cursor lives in a transaction
         cur = conn.cursor(name="chatq_usage_csv")
         try:
             await cur.execute(statement, params)

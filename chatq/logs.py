@@ -10,8 +10,9 @@ codes a library put into a message are removed. The supervisor sends a child's s
 and stderr to .chatq/logs/<service>.log. See docs/logging.md.
 
 Before any handler sees a record, `MaskingFilter` replaces e-mail addresses, phone
-numbers, bearer tokens, API keys, JWTs, passwords (and the service keys and JWT secret
-this process knows) in its message, arguments, extras and traceback.
+numbers, bearer tokens, API keys, JWTs, passwords, the credentials in URLs (and the
+service keys and JWT secret this process knows) in its message, arguments, extras and
+traceback. `url_for_log` is the one way a URL is written anywhere else (a printed line).
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ class ContextFilter(logging.Filter):
 
 # One pattern per kind, each run only when a cheap substring test says it may match: a
 # message with nothing to hide costs a few `in` tests and one digit scan.
-_DSN = re.compile(r"(?<=://)([^:/@\s\"']+):[^@\s/\"']+(?=@)")  # user:password@ in a URL
+# A URL, or a comma-separated list of them (NATS_URL, a libpq multi-host URL): up to the
+# first blank or quote.
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")  # header.payload.signature
 _BEARER = re.compile(r"\b[Bb]earer\s+[A-Za-z0-9._~+/=-]{8,}")
@@ -112,14 +115,59 @@ def _password(match: re.Match[str]) -> str:
     return match.group(1) + separator + "[masked]" + (match.group(3) or match.group(5) or "")
 
 
+# Query parameters whose value is a credential (libpq's password and sslpassword,
+# redis-py's password, a token or key some client takes in the URL).
+_SECRET_PARAM = re.compile(r"(?i)(pass|pwd|secret|token|key)")
+
+
+def url_for_log(url: str) -> str:
+    """The URL (or comma-separated URLs) as it may be logged: every credential masked.
+
+    `user:pw@` keeps the user (`user:[masked]@`), `:pw@` becomes `:[masked]@`, and a
+    lone `token@` (a NATS token, a Redis password-only form) becomes `[masked]@`; a
+    query parameter that names a password, secret, token or key keeps only its name.
+    Where a URL ends is read as urllib reads it (what the clients chatq uses accept).
+    """
+    return ",".join(_one_url(part) for part in url.split(","))
+
+
+def _one_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = len(rest)
+    for stop in "/?#":
+        found = rest.find(stop)
+        if found != -1:
+            end = min(end, found)
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, host = authority.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        authority = f"{user}:[masked]@{host}" if colon else f"[masked]@{host}"
+    if "?" in tail:
+        path, _, query = tail.partition("?")
+        query, hash_, fragment = query.partition("#")
+        params = []
+        for param in query.split("&"):
+            name, eq, _ = param.partition("=")
+            params.append(f"{name}=[masked]" if eq and _SECRET_PARAM.search(name) else param)
+        tail = f"{path}?{'&'.join(params)}{hash_}{fragment}"
+    return f"{scheme}{sep}{authority}{tail}"
+
+
+def _url(match: re.Match[str]) -> str:
+    return url_for_log(match.group(0))
+
+
 def mask(text: str) -> str:
     """The text with every secret and personal detail chatq knows of replaced."""
     for literal in _literals:
         if literal in text:
             text = text.replace(literal, "[secret]")
+    if "://" in text:
+        text = _URL.sub(_url, text)
     if "@" in text:
-        if "://" in text:
-            text = _DSN.sub(r"\1:[masked]", text)
         text = _EMAIL.sub("[email]", text)
     if "eyJ" in text:
         text = _JWT.sub("[jwt]", text)

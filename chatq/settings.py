@@ -11,6 +11,7 @@ from typing import Literal
 
 import msgspec
 
+from chatq.env import Env
 from chatq.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -129,57 +130,7 @@ def jwt_secret_problem(secret: str | None) -> str | None:
     return None
 
 
-class _Env:
-    """Typed reads of environment variables; every error names the variable."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._env = environ
-
-    def text(self, name: str, default: str) -> str:
-        return self._env.get(name, "").strip() or default
-
-    def given(self, name: str) -> bool:
-        """Whether the variable is set at all (set empty counts: it turns a default off)."""
-        return name in self._env
-
-    def optional(self, name: str) -> str | None:
-        return self._env.get(name, "").strip() or None
-
-    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
-        raw = self.optional(name)
-        try:
-            value = default if raw is None else int(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-        if value < minimum:
-            raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-        return value
-
-    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
-        raw = self.optional(name)
-        try:
-            value = default if raw is None else float(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-        if value < minimum:
-            raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-        return value
-
-    def flag(self, name: str, default: bool) -> bool:
-        raw = self.optional(name)
-        if raw is None:
-            return default
-        if raw.lower() in {"1", "true", "yes", "on"}:
-            return True
-        if raw.lower() in {"0", "false", "no", "off"}:
-            return False
-        raise ConfigError(f"{name} must be true or false, got {raw!r}")
-
-    def items(self, name: str) -> list[str]:
-        return [part.strip() for part in self._env.get(name, "").split(",") if part.strip()]
-
-
-def trusted_proxies(env: _Env) -> tuple[str, ...]:
+def trusted_proxies(env: Env) -> tuple[str, ...]:
     """FORWARDED_ALLOW_IPS as uvicorn reads it: addresses or networks, or `*` for any peer;
     unset, loopback only (uvicorn's default); set empty, none (the headers are ignored)."""
     if not env.given("FORWARDED_ALLOW_IPS"):
@@ -207,7 +158,7 @@ def served_name(model_id: str | None) -> str:
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and check the settings; raises ConfigError on a missing or unsafe value."""
-    env = _Env(os.environ if environ is None else environ)
+    env = Env(os.environ if environ is None else environ)
     home = Path(env.text("CHATQ_HOME", str(REPO_ROOT / ".chatq"))).resolve()
     # DEVELOPMENT_MODE is the original plan's name; CHATQ_DEV an older alias.
     dev_mode = env.flag("DEVELOPMENT_MODE", env.flag("CHATQ_DEV", False))
@@ -246,14 +197,13 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     if any(len(key) < 20 for key in api_keys):
         raise ConfigError("every API key must be at least 20 characters long")
 
-    watchdog_s = env.number("STREAM_WATCHDOG_S", 15.0, minimum=0.1)
-    heartbeat_s = env.number("STREAM_HEARTBEAT_S", min(2.0, watchdog_s / 3), minimum=0.01)
+    watchdog_s = env.number("STREAM_WATCHDOG_S", 15.0)
+    heartbeat_s = env.number("STREAM_HEARTBEAT_S", min(2.0, watchdog_s / 3))
     if heartbeat_s >= watchdog_s:
         raise ConfigError(
             f"STREAM_HEARTBEAT_S ({heartbeat_s}) must be shorter than STREAM_WATCHDOG_S "
             f"({watchdog_s}), or every quiet stream would be declared lost"
         )
-    gpu_util_raw = env.optional("VLLM_GPU_MEMORY_UTILIZATION")
     return Settings(
         home=home,
         dev_mode=dev_mode,
@@ -261,38 +211,37 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         nats_url=env.text("NATS_URL", "nats://127.0.0.1:4222"),
         embedded_nats=env.flag("CHATQ_EMBEDDED_NATS", True),
         database_url=env.optional("DATABASE_URL"),
-        # libpq counts connect_timeout in whole seconds and treats anything under 2 as 2.
-        database_connect_timeout_s=env.integer("DATABASE_CONNECT_TIMEOUT_S", 5, minimum=2),
+        database_connect_timeout_s=env.integer("DATABASE_CONNECT_TIMEOUT_S", 5),
         database_statement_timeout_ms=env.integer("DATABASE_STATEMENT_TIMEOUT_MS", 10_000),
-        persistence_max_deliver=env.integer("PERSISTENCE_MAX_DELIVER", 5, minimum=1),
+        persistence_max_deliver=env.integer("PERSISTENCE_MAX_DELIVER", 5),
         jwt_secret=jwt_secret,
-        jwt_expire_minutes=env.integer("JWT_EXPIRE_MINUTES", 30, minimum=1),
+        jwt_expire_minutes=env.integer("JWT_EXPIRE_MINUTES", 30),
         api_key_cache_s=env.number("API_KEY_CACHE_S", 5.0),
         conversation_wait_s=env.number("CONVERSATION_WAIT_S", 10.0),
         title_jobs=env.flag("TITLE_JOBS", True),
-        api_db_pool_max=env.integer("API_DB_POOL_MAX", 10, minimum=1),
+        api_db_pool_max=env.integer("API_DB_POOL_MAX", 10),
         redis_url=env.optional("REDIS_URL"),
         rate_limit_failure=failure,  # type: ignore[arg-type]
         rate_limits=rate_limits,
         login_max_failures=env.integer("LOGIN_MAX_FAILURES", 10),
         login_max_failures_per_client=env.integer("LOGIN_MAX_FAILURES_PER_CLIENT", 100),
-        login_window_s=env.integer("LOGIN_WINDOW_S", 900, minimum=1),
+        login_window_s=env.integer("LOGIN_WINDOW_S", 900),
         host=env.text("CHATQ_HOST", "127.0.0.1"),
         port=env.integer("CHATQ_PORT", 8080),
         forwarded_allow_ips=trusted_proxies(env),
         api_keys=api_keys,
         models=tuple(env.items("CHATQ_MODELS")) or (model_name,),
-        queue_max=env.integer("CHATQ_QUEUE_MAX", 64, minimum=1),
-        request_timeout_s=env.number("CHATQ_REQUEST_TIMEOUT_S", 600.0, minimum=1.0),
+        queue_max=env.integer("CHATQ_QUEUE_MAX", 64),
+        request_timeout_s=env.number("CHATQ_REQUEST_TIMEOUT_S", 600.0),
         watchdog_s=watchdog_s,
-        stream_buffer_bytes=env.integer("STREAM_BUFFER_BYTES", 4 << 20, minimum=4096),
-        max_request_bytes=env.integer("CHATQ_MAX_REQUEST_BYTES", 1 << 20, minimum=1024),
+        stream_buffer_bytes=env.integer("STREAM_BUFFER_BYTES", 4 << 20),
+        max_request_bytes=env.integer("CHATQ_MAX_REQUEST_BYTES", 1 << 20),
         cors_origins=tuple(env.items("CORS_ORIGINS")),
-        max_tokens_limit=env.integer("CHATQ_MAX_TOKENS", 4096, minimum=1),
-        default_max_tokens=env.integer("CHATQ_DEFAULT_MAX_TOKENS", 512, minimum=1),
+        max_tokens_limit=env.integer("CHATQ_MAX_TOKENS", 4096),
+        default_max_tokens=env.integer("CHATQ_DEFAULT_MAX_TOKENS", 512),
         queue_depth_cache_s=env.number("CHATQ_QUEUE_DEPTH_CACHE_S", 0.25),
-        jobs_max_msgs=env.integer("JOBS_MAX_MSGS", 10_000, minimum=1),
-        ack_wait_s=env.number("JOBS_ACK_WAIT_S", 30.0, minimum=0.5),
+        jobs_max_msgs=env.integer("JOBS_MAX_MSGS", 10_000),
+        ack_wait_s=env.number("JOBS_ACK_WAIT_S", 30.0),
         engine=engine,  # type: ignore[arg-type]
         model_id=model_id,
         model_name=model_name,
@@ -305,13 +254,13 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         worker_id=env.text("WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
         worker_slots=env.integer("WORKER_SLOTS", 0),
         worker_metrics_port=env.integer("WORKER_METRICS_PORT", 9101),
-        chunk_max_tokens=env.integer("CHUNK_MAX_TOKENS", 16, minimum=1),
+        chunk_max_tokens=env.integer("CHUNK_MAX_TOKENS", 16),
         chunk_max_delay_s=env.number("CHUNK_MAX_DELAY_MS", 15.0) / 1000,
         heartbeat_s=heartbeat_s,
         vllm_dtype=env.text("VLLM_DTYPE", "auto"),
-        vllm_gpu_memory_utilization=None if gpu_util_raw is None else float(gpu_util_raw),
+        vllm_gpu_memory_utilization=env.optional_number("VLLM_GPU_MEMORY_UTILIZATION"),
         vllm_enforce_eager=env.flag("VLLM_ENFORCE_EAGER", True),
-        vllm_max_model_len=env.integer("VLLM_MAX_MODEL_LEN", 4096, minimum=64),
+        vllm_max_model_len=env.integer("VLLM_MAX_MODEL_LEN", 4096),
         # The bundled model gets vLLM's Hermes parser (<tool_call> JSON), so tool calls work
         # out of the box; another model names its own parser (or none, to turn tools off).
         vllm_tool_call_parser=(
@@ -320,9 +269,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             else "hermes"
         ),
         vllm_extra_args=env.text("VLLM_EXTRA_ARGS", ""),
-        synth_tokens_per_s=env.number("SYNTH_TOKENS_PER_S", 20.0, minimum=0.001),
+        synth_tokens_per_s=env.number("SYNTH_TOKENS_PER_S", 20.0),
         synth_ttft_s=env.number("SYNTH_TTFT_MS", 50.0) / 1000,
         synth_start_s=env.number("SYNTH_START_S", 0.0),
         telemetry_port=env.integer("TELEMETRY_PORT", 9102),
-        telemetry_interval_s=env.number("TELEMETRY_INTERVAL_S", 5.0, minimum=0.1),
+        telemetry_interval_s=env.number("TELEMETRY_INTERVAL_S", 5.0),
     )

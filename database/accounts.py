@@ -162,12 +162,19 @@ async def list_users(conn: Conn) -> list[User]:
 
 
 async def set_password(conn: Conn, username: str, password: str) -> None:
+    """A new password; it ends every login token issued before (token_version + 1)."""
     check_password(password)
     cur = await conn.execute(
-        "UPDATE users SET password_hash = %s WHERE username = %s", (hash_password(password), username)
+        "UPDATE users SET password_hash = %s, token_version = token_version + 1 WHERE username = %s",
+        (hash_password(password), username),
     )
     if cur.rowcount == 0:
         raise AccountError(f"no user {username!r}")
+
+
+async def end_tokens(conn: Conn, user_id: int) -> None:
+    """End every login token the user holds (logout): token_version + 1."""
+    await conn.execute("UPDATE users SET token_version = token_version + 1 WHERE id = %s", (user_id,))
 
 
 async def set_disabled(conn: Conn, user_id: int, disabled: bool) -> None:

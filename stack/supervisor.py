@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from chatq.errors import ChatqError
+from chatq.logs import url_for_log
 from chatq.settings import Settings, load
 from stack import state
 from stack.process_table import PORT_SETTINGS, PROCESS_TABLE, ProcessSpec
@@ -208,7 +209,7 @@ class Supervisor:
                 self.nats = NatsServer(
                     s.home / "nats", port=url.port or 4222, host=url.hostname or "127.0.0.1"
                 ).start(log)
-            self._announce(f"NATS JetStream on {s.nats_url} (data in {s.home / 'nats'})")
+            self._announce(f"NATS JetStream on {url_for_log(s.nats_url)} (data in {s.home / 'nats'})")
         if "streams" in needs:
             self._declare_streams()
         if "database" in needs and not self.database_url:
@@ -220,7 +221,8 @@ class Supervisor:
             with os.fdopen(fd, "ab") as log:
                 self.redis = RedisServer(s.home / "redis").start(log)
             self.redis_url = self.redis.url
-            self._announce(f"Redis (embedded, rate limits) on {self.redis_url} (data in {s.home / 'redis'})")
+            where = url_for_log(self.redis_url)
+            self._announce(f"Redis (embedded, rate limits) on {where} (data in {s.home / 'redis'})")
 
     def _declare_streams(self) -> None:
         """The JetStream streams, declared before any process starts: an event consumer that
@@ -239,7 +241,8 @@ class Supervisor:
         try:
             asyncio.run(declare())
         except Exception as exc:  # noqa: BLE001 - nats-py raises several kinds; all mean the same here
-            raise ChatqError(f"cannot declare the streams on {self.s.nats_url}: {exc!r}") from None
+            where = url_for_log(self.s.nats_url)
+            raise ChatqError(f"cannot declare the streams on {where}: {type(exc).__name__}") from None
 
     def start(self, processes: Sequence[ProcessSpec] = PROCESS_TABLE) -> None:
         """The servers the table needs, then its processes in order."""

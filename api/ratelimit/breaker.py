@@ -14,13 +14,14 @@ import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
+
+from chatq.logs import url_for_log
 
 log = logging.getLogger("chatq.api.ratelimit")
 
@@ -42,16 +43,6 @@ class RedisUnavailable(Exception):
     def __init__(self, error: BaseException | None) -> None:
         super().__init__(str(error) if error else "Redis is skipped after a failure")
         self.error = error
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
 
 
 class RedisBreaker:
@@ -153,7 +144,7 @@ class RedisBreaker:
     def _succeeded(self) -> None:
         if self._down_until != 0.0:
             self._down_until = 0.0
-            log.info("rate limiter: Redis at %s is reachable again", redact(self.url or ""))
+            log.info("rate limiter: Redis at %s is reachable again", url_for_log(self.url or ""))
 
     def warn(self, what: str) -> None:
         """A warning about the unreachable Redis, at most one per WARN_EVERY_S."""
@@ -165,7 +156,7 @@ class RedisBreaker:
         log.warning(
             "rate limiter: Redis at %s is unreachable (%s): %s; %s (RATE_LIMIT_FAILURE=%s); "
             "%d request(s) admitted unchecked since the last warning (next warning in %g s at the earliest)",
-            redact(self.url or ""),
+            url_for_log(self.url or ""),
             self._last_error,
             what,
             policy,

@@ -251,6 +251,109 @@ def test_a_disabled_user_is_refused_within_the_cache_time(stack: AccountsStack) 
     )
 
 
+def _refused(url: str, headers: dict[str, str]) -> bool:
+    r = httpx.get(url + "/api/auth/verify", headers=headers, timeout=10)
+    if r.status_code == 200:
+        return False
+    assert r.status_code == 401 and r.json()["error"]["code"] == "token_revoked", r.text
+    return True
+
+
+def _refused_everywhere(stack: AccountsStack, headers: dict[str, str]) -> None:
+    """Refused at once where the change was made; elsewhere once its cached answer ends."""
+    assert _refused(stack.url, headers)
+    deadline = time.monotonic() + CACHE_S + 10
+    for url in stack.urls[1:]:
+        while not _refused(url, headers):
+            assert time.monotonic() < deadline, f"{url} still takes the ended token"
+            time.sleep(0.05)
+
+
+def test_a_password_reset_by_an_admin_ends_earlier_tokens(stack: AccountsStack) -> None:
+    erin = _user(stack, "erin")
+    r = httpx.patch(f"{stack.url}/api/users/{erin.id}", json={"password": "reset-by-admin-1"}, headers=auth())
+    assert r.status_code == 200, r.text
+    _refused_everywhere(stack, erin.headers)
+    fresh = login(stack.url, "erin", "reset-by-admin-1")
+    for url in stack.urls:
+        assert httpx.get(url + "/api/auth/verify", headers=fresh).status_code == 200
+
+
+def test_a_password_changed_from_the_command_line_ends_earlier_tokens(stack: AccountsStack) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    fay = _user(stack, "fay")
+    done = subprocess.run(
+        [sys.executable, "-m", "stack.cli", "users", "passwd", "fay", "--password", "changed-by-cli-1"],
+        env={**os.environ, **stack.env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + CACHE_S + 10
+    for url in stack.urls:  # no API process made this change: each notices within the cache time
+        while not _refused(url, fay.headers):
+            assert time.monotonic() < deadline, f"{url} still takes the ended token"
+            time.sleep(0.05)
+    assert (
+        httpx.get(
+            stack.url + "/api/auth/verify", headers=login(stack.url, "fay", "changed-by-cli-1")
+        ).status_code
+        == 200
+    )
+
+
+def test_logout_ends_the_token_and_a_new_login_works(stack: AccountsStack) -> None:
+    hal = _user(stack, "hal")
+    assert httpx.post(stack.url + "/api/auth/logout", headers=hal.headers).status_code == 204
+    _refused_everywhere(stack, hal.headers)
+    assert httpx.post(stack.url + "/api/auth/logout", headers=hal.headers).status_code == 401
+    fresh = login(stack.url, "hal", "pw-hal-12345")
+    for url in stack.urls:
+        assert httpx.get(url + "/api/conversations", headers=fresh).status_code == 200
+    # A key is not a login token: it is revoked, not logged out, and keeps working.
+    key = httpx.post(stack.url + "/api/keys", json={"name": "k"}, headers=fresh).json()["key"]
+    r = httpx.post(stack.url + "/api/auth/logout", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "not_a_token", r.text
+    assert httpx.get(stack.url + "/api/auth/verify", headers=fresh).status_code == 200
+
+
+def test_a_user_change_that_fails_midway_leaves_the_user_as_it_was(stack: AccountsStack) -> None:
+    """PATCH /api/users/{id} is one transaction: a later statement that fails (here the
+    e-mail, refused by a constraint) undoes the password and role changed before it."""
+    import psycopg
+
+    dora = _user(stack, "dora")
+    refused = "refused@example.com"
+    with psycopg.connect(stack.dsn, autocommit=True) as conn:
+        conn.execute(
+            f"ALTER TABLE users ADD CONSTRAINT test_refused_email CHECK (email <> '{refused}') NOT VALID"
+        )
+    try:
+        r = httpx.patch(
+            f"{stack.url}/api/users/{dora.id}",
+            json={"password": "a-new-password-1", "role": "admin", "email": refused},
+            headers=auth(),
+            timeout=30,
+        )
+    finally:
+        with psycopg.connect(stack.dsn, autocommit=True) as conn:
+            conn.execute("ALTER TABLE users DROP CONSTRAINT test_refused_email")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+    login(stack.url, "dora", "pw-dora-12345")  # the old password still works
+    r = httpx.post(stack.url + "/api/auth/login", json={"username": "dora", "password": "a-new-password-1"})
+    assert r.status_code == 401
+    users = httpx.get(stack.url + "/api/users", headers=auth()).json()["users"]
+    assert next(u for u in users if u["id"] == dora.id)["role"] == "user"
+
+
 # --- conversations ----------------------------------------------------------------------------
 
 

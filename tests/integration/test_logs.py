@@ -36,6 +36,9 @@ SECRETS = {
     "password": ('{"password": "correct horse battery"}', "correct horse battery"),
 }
 
+# The processes' NATS_URL carries this token (as `nats://TOKEN@host`).
+NATS_TOKEN = "n4tsT0kenNeverLogged"
+
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
@@ -48,6 +51,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
         # DEBUG: every line a request can cause (FastStream's per message included).
         LOG_LEVEL="DEBUG",
         LOG_PROMPTS="true",
+        nats_token=NATS_TOKEN,
     ) as stack:
         yield stack
 
@@ -111,6 +115,15 @@ def test_every_line_of_every_process_is_one_json_object(stack: AccountsStack) ->
         for line in lines:
             assert list(line)[:5] == KEYS, line
             assert line["service"] == service, line
+
+
+def test_a_token_in_nats_url_reaches_no_log(stack: AccountsStack) -> None:
+    """The persistence worker names its NATS server at start, with the token masked."""
+    start = [r for r in records(proc(stack, "persistence")) if "persistence worker started" in r["msg"]]
+    assert len(start) == 1, start
+    assert "NATS nats://[masked]@127.0.0.1:" in start[0]["msg"], start
+    for p in stack.procs:
+        assert NATS_TOKEN not in p.log.read_text(errors="replace"), p.name
 
 
 def test_the_api_logs_a_start_line(stack: AccountsStack) -> None:

@@ -39,6 +39,11 @@ SECRETS: dict[str, tuple[str, str]] = {
     "password=": ("login password=hunter2&next=1", "hunter2"),
     "json password": ('{"username": "alice", "password": "open sesame"}', "open sesame"),
     "dsn password": ("postgresql://chatq:s3cr3tpw@db:5432/chatq", "s3cr3tpw"),
+    "url password only": ("redis://:r3dispw0rd@cache:6379/0", "r3dispw0rd"),
+    "url token": ("nats://s3cr3tnatstoken@nats:4222", "s3cr3tnatstoken"),
+    "url list": ("nats://n1:4222,nats://ops:l1stpw@n2:4222,t0kenInL1st@n3:4222", "l1stpw"),
+    "url list token": ("nats://n1:4222,nats://ops:l1stpw@n2:4222,t0kenInL1st@n3:4222", "t0kenInL1st"),
+    "url query": ("postgresql://db/chatq?sslpassword=k3ypw&sslmode=require", "k3ypw"),
 }
 LOGGERS = [
     "chatq.api",
@@ -170,3 +175,27 @@ def test_vllm_engine_processes_write_the_same_lines(tmp_path: Path) -> None:
     assert by_msg["main for [email]"]["service"] == "worker"
     assert by_msg["core for [email]"]["service"] == "worker"
     assert "@example.com" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "logged"),
+    [
+        ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+        ("postgresql://chatq:pw@db:5432/chatq", "postgresql://chatq:[masked]@db:5432/chatq"),
+        ("redis://:pw@cache:6379/0", "redis://:[masked]@cache:6379/0"),
+        ("nats://TOKEN@nats:4222", "nats://[masked]@nats:4222"),
+        ("rediss://user:p%40ss@cache", "rediss://user:[masked]@cache"),
+        ("redis://cache:6379/0?password=pw&db=1", "redis://cache:6379/0?password=[masked]&db=1"),
+        ("postgresql:///chatq?host=/run&password=pw", "postgresql:///chatq?host=/run&password=[masked]"),
+        (
+            "nats://a:pw1@n1:4222, nats://TOKEN@n2:4222,n3:4222,TOKEN2@n4",
+            "nats://a:[masked]@n1:4222, nats://[masked]@n2:4222,n3:4222,[masked]@n4",
+        ),
+        ("postgresql://u:pw@h1:5432,h2:5433/chatq", "postgresql://u:[masked]@h1:5432,h2:5433/chatq"),
+        ("unix:///run/redis.sock?db=0", "unix:///run/redis.sock?db=0"),
+    ],
+)
+def test_url_for_log_masks_every_credential_form(url: str, logged: str) -> None:
+    assert logs.url_for_log(url) == logged
+    # The same, wherever a URL turns up in a line (the filter's own pass).
+    assert logs.mask(f"connecting to {url} now") == f"connecting to {logged} now"

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from api.app import create_app
+from chatq.env import RANGES
 from chatq.errors import ConfigError
 from chatq.settings import load
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def env(tmp_path: Path, **values: str) -> dict[str, str]:
@@ -98,3 +105,73 @@ def test_trusted_proxies_are_addresses_networks_any_or_none(tmp_path: Path) -> N
     assert given.forwarded_allow_ips == ("10.0.0.5", "192.168.0.0/16", "::1")
     assert load(env(tmp_path, FORWARDED_ALLOW_IPS="*")).forwarded_allow_ips == ("*",)
     assert load(env(tmp_path, FORWARDED_ALLOW_IPS="")).forwarded_allow_ips == ()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("VLLM_GPU_MEMORY_UTILIZATION", "abc", "must be a number from 0.01 to 1, got 'abc'"),
+        ("VLLM_GPU_MEMORY_UTILIZATION", "7", "must be a number from 0.01 to 1, got '7'"),
+        ("VLLM_GPU_MEMORY_UTILIZATION", "nan", "must be a number from 0.01 to 1, got 'nan'"),
+        ("CHATQ_PORT", "70000", "must be a whole number from 1 to 65535, got '70000'"),
+        ("CHATQ_QUEUE_MAX", "2.5", "must be a whole number of at least 1, got '2.5'"),
+        ("STREAM_WATCHDOG_S", "inf", "must be a number from 0.1 to 3600, got 'inf'"),
+        ("RATE_LIMIT_USER_RPM", "-1", "must be a whole number of at least 0, got '-1'"),
+    ],
+)
+def test_a_malformed_number_names_the_setting_and_its_range(
+    tmp_path: Path, name: str, value: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(env(tmp_path, **{name: value}))
+    assert str(raised.value) == f"{name} {message}"
+
+
+def test_every_numeric_setting_has_a_range_and_the_ends_are_accepted(tmp_path: Path) -> None:
+    for name, allowed in RANGES.items():
+        for end in (allowed.low, allowed.high):
+            if end is not None:
+                text = str(int(end)) if allowed.whole else str(end)
+                load(env(tmp_path, **{name: text, "STREAM_WATCHDOG_S": "3600"}))
+    assert load(env(tmp_path, VLLM_GPU_MEMORY_UTILIZATION="0.8")).vllm_gpu_memory_utilization == 0.8
+
+
+def test_every_numeric_setting_is_in_the_configuration_doc() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", doc))
+    assert not {n for n in RANGES if not n.startswith("RATE_LIMIT_")} - documented
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "stack.cli", "status"],
+        ["-m", "api"],
+        ["-m", "workers.inference"],
+        ["-m", "workers.persistence"],
+        ["-m", "workers.telemetry"],
+    ],
+)
+def test_a_process_started_with_a_bad_number_prints_one_line(tmp_path: Path, command: list[str]) -> None:
+    """What `./start` (stack.cli) and each process say: the setting and its range, no traceback."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "CHATQ_", "LOG_"))}
+    environ |= {
+        "CHATQ_HOME": str(tmp_path),
+        "VLLM_GPU_MEMORY_UTILIZATION": "7",
+        "DATABASE_URL": "postgresql://h/db",
+    }
+    done = subprocess.run(
+        [sys.executable, *command],
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "Traceback" not in output and '"exc"' not in output, output
+    lines = [line for line in output.splitlines() if "VLLM_GPU_MEMORY_UTILIZATION" in line]
+    assert len(lines) == 1, output
+    assert "VLLM_GPU_MEMORY_UTILIZATION must be a number from 0.01 to 1, got '7'" in lines[0]

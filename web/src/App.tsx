@@ -1,7 +1,7 @@
 // The session (token in sessionStorage: gone with the tab) and the routes.
 import { lazy, Suspense, useCallback, useEffect, useState } from "react";
 import { Route, Switch } from "wouter";
-import { api, setSessionLostHandler, type Verified } from "./api";
+import { api, authHeaders, setSessionLostHandler, type Verified } from "./api";
 import { ChatPage } from "./ChatPage";
 import { Login } from "./Login";
 
@@ -55,6 +55,14 @@ export function App() {
     setSession({ token, user });
   };
 
+  // The server ends the token too (POST /api/auth/logout), so a copy of it stops working.
+  const signOut = () => {
+    if (session) {
+      fetch("/api/auth/logout", { method: "POST", headers: authHeaders(session.token) }).catch(() => undefined);
+    }
+    logout(null);
+  };
+
   if (checking) return <main className="center">Loading…</main>;
   if (!session) return <Login onLoggedIn={loggedIn} notice={notice} />;
   return (
@@ -65,10 +73,10 @@ export function App() {
         </Suspense>
       </Route>
       <Route path="/c/:id">
-        {(params) => <ChatPage session={session} conversationId={params.id} onLogout={() => logout(null)} />}
+        {(params) => <ChatPage session={session} conversationId={params.id} onLogout={signOut} />}
       </Route>
       <Route>
-        <ChatPage session={session} conversationId={null} onLogout={() => logout(null)} />
+        <ChatPage session={session} conversationId={null} onLogout={signOut} />
       </Route>
     </Switch>
   );

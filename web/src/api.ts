@@ -21,7 +21,13 @@ export class ApiError extends Error {
   }
 }
 
-const SESSION_CODES = new Set(["token_expired", "invalid_token", "invalid_api_key", "account_disabled"]);
+const SESSION_CODES = new Set([
+  "token_expired",
+  "token_revoked",
+  "invalid_token",
+  "invalid_api_key",
+  "account_disabled",
+]);
 
 // Set by the app: called when the server says the session is no longer good.
 let onSessionLost: (reason: string) => void = () => undefined;

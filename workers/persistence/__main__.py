@@ -6,13 +6,18 @@ import asyncio
 import logging
 import sys
 
+from chatq.errors import ConfigError
 from chatq.logs import setup_logging
 from chatq.settings import load
 
 
 def main() -> int:
     setup_logging("persistence")
-    settings = load()
+    try:
+        settings = load()
+    except ConfigError as exc:
+        print(f"chatq persistence: {exc}", file=sys.stderr)
+        return 2
     dsn = settings.database_url
     if not dsn:
         print("chatq persistence: DATABASE_URL is not set", file=sys.stderr)

@@ -27,6 +27,7 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 import schemas
 from broker import names, topology
 from broker.bus import Bus, RequestContext
+from chatq.logs import url_for_log
 from workers.persistence.store import Store, is_transient
 from workers.persistence.titles import TitleSource, title_job
 
@@ -265,7 +266,7 @@ def build_app(
         log.info(
             "persistence worker started: NATS %s, PostgreSQL %s; events that fail %d times for "
             "a non-transient reason go to %s; title jobs %s",
-            nats_url,
+            url_for_log(nats_url),
             store.describe(),
             max_deliver,
             names.DEADLETTER_EVENTS,

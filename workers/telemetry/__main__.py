@@ -14,6 +14,7 @@ from broker.bus import Bus, connect
 from broker.status import SNAPSHOT_KEY, status_kv
 from broker.workers import WorkerRegistry
 from catalog.profiles import load_profiles
+from chatq.errors import ConfigError
 from chatq.logs import setup_logging
 from chatq.settings import Settings, load
 from schemas.status import encode_snapshot
@@ -54,7 +55,11 @@ async def run(settings: Settings) -> None:
 
 def main() -> int:
     setup_logging("telemetry")
-    settings = load()
+    try:
+        settings = load()
+    except ConfigError as exc:
+        print(f"chatq telemetry: {exc}", file=sys.stderr)
+        return 2
     start_http_server(settings.telemetry_port, addr=settings.host)
     log.info("telemetry on http://%s:%d/metrics", settings.host, settings.telemetry_port)
     try:
