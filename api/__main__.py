@@ -8,6 +8,7 @@ import sys
 
 import uvicorn
 
+from api.deadlines import BodyDeadline, HeaderDeadlineProtocol
 from chatq.errors import ConfigError
 from chatq.logs import setup_logging
 from chatq.settings import Settings, load
@@ -57,11 +58,12 @@ def main() -> int:
     # Building the Litestar app configured logging its own way: chatq's format again.
     setup_logging("api")
     config = uvicorn.Config(
-        app,
+        BodyDeadline(app, settings.http_body_timeout_s),
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with a bound on the time to send the request head.
+        http=HeaderDeadlineProtocol.bounded(settings.http_header_timeout_s),
         # uvicorn's loggers go through chatq's format (no log_config of its own), warnings
         # only: the start line and one line per request are chatq's (api/generation.py).
         log_config=None,

@@ -59,6 +59,8 @@ RANGES: dict[str, Range] = {
     "LOGIN_MAX_FAILURES_PER_CLIENT": _whole(0),
     "LOGIN_WINDOW_S": _whole(1, 7 * _DAY_S),
     "CHATQ_PORT": _PORT,
+    "HTTP_HEADER_TIMEOUT_S": Range(0.1, 3600),
+    "HTTP_BODY_TIMEOUT_S": Range(0.1, 3600),
     "CHATQ_QUEUE_MAX": _whole(1),
     "CHATQ_REQUEST_TIMEOUT_S": Range(1, _DAY_S),
     "STREAM_WATCHDOG_S": Range(0.1, 3600),

@@ -14,6 +14,7 @@ ChatqError
     ├── NotFound             404 not_found (also another user's thing: never its content)
     ├── Conflict             409 conflict (a taken name, a conversation still answering)
     ├── ModelNotFound        404 model_not_found
+    ├── RequestTimeout       408 request_timeout (the head or body did not arrive in time)
     ├── RequestTooLarge      413 request_too_large
     └── Overloaded           429 rate_limit_error (queue full), with Retry-After
 ServerError                  5xx, raised while serving
@@ -105,6 +106,11 @@ class Conflict(ClientError):
 class ModelNotFound(ClientError):
     status = 404
     default_code = "model_not_found"
+
+
+class RequestTimeout(ClientError):
+    status = 408
+    default_code = "request_timeout"
 
 
 class RequestTooLarge(ClientError):

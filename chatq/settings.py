@@ -62,6 +62,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # API
     host: str
     port: int
+    # How long a client may take to send a request's head, then its body (api/deadlines.py).
+    http_header_timeout_s: float
+    http_body_timeout_s: float
     # FORWARDED_ALLOW_IPS: the proxies whose X-Forwarded-For/-Proto uvicorn believes.
     forwarded_allow_ips: tuple[str, ...]
     api_keys: frozenset[str]
@@ -228,6 +231,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         login_window_s=env.integer("LOGIN_WINDOW_S", 900),
         host=env.text("CHATQ_HOST", "127.0.0.1"),
         port=env.integer("CHATQ_PORT", 8080),
+        http_header_timeout_s=env.number("HTTP_HEADER_TIMEOUT_S", 10.0),
+        http_body_timeout_s=env.number("HTTP_BODY_TIMEOUT_S", 30.0),
         forwarded_allow_ips=trusted_proxies(env),
         api_keys=api_keys,
         models=tuple(env.items("CHATQ_MODELS")) or (model_name,),

@@ -270,11 +270,11 @@ def _refused_everywhere(stack: AccountsStack, headers: dict[str, str]) -> None:
 
 
 def test_a_password_reset_by_an_admin_ends_earlier_tokens(stack: AccountsStack) -> None:
-    erin = _user(stack, "erin")
-    r = httpx.patch(f"{stack.url}/api/users/{erin.id}", json={"password": "reset-by-admin-1"}, headers=auth())
+    ivy = _user(stack, "ivy")
+    r = httpx.patch(f"{stack.url}/api/users/{ivy.id}", json={"password": "reset-by-admin-1"}, headers=auth())
     assert r.status_code == 200, r.text
-    _refused_everywhere(stack, erin.headers)
-    fresh = login(stack.url, "erin", "reset-by-admin-1")
+    _refused_everywhere(stack, ivy.headers)
+    fresh = login(stack.url, "ivy", "reset-by-admin-1")
     for url in stack.urls:
         assert httpx.get(url + "/api/auth/verify", headers=fresh).status_code == 200
 
