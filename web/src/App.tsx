@@ -4,16 +4,12 @@ import { Route, Switch } from "wouter";
 import { api, authHeaders, setSessionLostHandler, type Verified } from "./api";
 import { ChatPage } from "./ChatPage";
 import { Login } from "./Login";
+import type { Session } from "./session";
 
 // The operator page is its own chunk: the chat page does not load it.
 const OperatorPage = lazy(() => import("./operator/OperatorPage").then((m) => ({ default: m.OperatorPage })));
 
 const TOKEN_KEY = "chatq.token";
-
-export interface Session {
-  token: string;
-  user: Verified;
-}
 
 export function App() {
   const [session, setSession] = useState<Session | null>(null);

@@ -12,7 +12,7 @@ import {
   type Health,
   type UserSettings,
 } from "./api";
-import type { Session } from "./App";
+import type { Session } from "./session";
 import { CopyButton } from "./CopyButton";
 import { Markdown } from "./Markdown";
 import { Sidebar } from "./Sidebar";

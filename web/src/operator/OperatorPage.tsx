@@ -2,7 +2,7 @@
 // anyone else sees the refusal and the page calls nothing.
 import { useState } from "react";
 import { Link } from "wouter";
-import type { Session } from "../App";
+import type { Session } from "../session";
 import { StatusPanel } from "./StatusPanel";
 import { UsagePanel } from "./UsagePanel";
 import { UsersPanel } from "./UsersPanel";
