@@ -1,7 +1,7 @@
 // The session (token in sessionStorage: gone with the tab) and the routes.
 import { lazy, Suspense, useCallback, useEffect, useState } from "react";
 import { Route, Switch } from "wouter";
-import { api, authHeaders, setSessionLostHandler, type Verified } from "./api";
+import { api, request, setSessionLostHandler, type Verified } from "./api";
 import { ChatPage } from "./ChatPage";
 import { Login } from "./Login";
 import type { Session } from "./session";
@@ -54,7 +54,7 @@ export function App() {
   // The server ends the token too (POST /api/auth/logout), so a copy of it stops working.
   const signOut = () => {
     if (session) {
-      fetch("/api/auth/logout", { method: "POST", headers: authHeaders(session.token) }).catch(() => undefined);
+      request("/api/auth/logout", session.token, { method: "POST" }).catch(() => undefined);
     }
     logout(null);
   };

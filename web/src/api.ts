@@ -39,7 +39,7 @@ export function isSessionError(error: unknown): boolean {
   return error instanceof ApiError && error.status === 401 && SESSION_CODES.has(error.code);
 }
 
-export async function errorFrom(response: Response): Promise<ApiError> {
+async function errorFrom(response: Response): Promise<ApiError> {
   const header = response.headers.get("Retry-After");
   const retryAfter = header !== null && /^\d+$/.test(header) ? Number(header) : null;
   let body: ErrorBody = { code: "http_" + response.status, message: response.statusText || "request failed" };
@@ -54,22 +54,26 @@ export async function errorFrom(response: Response): Promise<ApiError> {
   return error;
 }
 
-export function authHeaders(token: string | null): Record<string, string> {
-  const headers: Record<string, string> = { "Content-Type": "application/json" };
-  if (token) headers.Authorization = `Bearer ${token}`;
-  return headers;
+function headers(token: string | null, extra: Record<string, string> = {}): Record<string, string> {
+  const all: Record<string, string> = { "Content-Type": "application/json", ...extra };
+  if (token) all.Authorization = `Bearer ${token}`;
+  return all;
 }
 
-export async function api<T>(
-  path: string,
-  token: string | null,
-  init: { method?: string; body?: unknown; signal?: AbortSignal } = {},
-): Promise<T> {
+export interface RequestOptions {
+  method?: string;
+  body?: unknown;
+  signal?: AbortSignal;
+  headers?: Record<string, string>;
+}
+
+/** The one fetch of the page: token, JSON body; any answer but 2xx throws ApiError. */
+export async function request(path: string, token: string | null, init: RequestOptions = {}): Promise<Response> {
   let response: Response;
   try {
     response = await fetch(path, {
       method: init.method ?? "GET",
-      headers: authHeaders(token),
+      headers: headers(token, init.headers),
       body: init.body === undefined ? undefined : JSON.stringify(init.body),
       signal: init.signal,
     });
@@ -78,6 +82,12 @@ export async function api<T>(
     throw new ApiError(0, { code: "network", message: "the server cannot be reached" });
   }
   if (!response.ok) throw await errorFrom(response);
+  return response;
+}
+
+/** A JSON call: request() and its decoded body (undefined for 204). */
+export async function api<T>(path: string, token: string | null, init: RequestOptions = {}): Promise<T> {
+  const response = await request(path, token, init);
   if (response.status === 204) return undefined as T;
   return (await response.json()) as T;
 }

@@ -1,7 +1,7 @@
 // POST /api/chat and read its server-sent events (fetch streaming + eventsource-parser),
 // so the request carries the Authorization header and an AbortController can stop it.
 import { EventSourceParserStream } from "eventsource-parser/stream";
-import { ApiError, authHeaders, errorFrom, type ErrorBody } from "./api";
+import { ApiError, request, type ErrorBody } from "./api";
 
 export interface ChatBody {
   message: string;
@@ -44,19 +44,13 @@ export async function streamChat(
   signal: AbortSignal,
   on: StreamHandlers,
 ): Promise<void> {
-  let response: Response;
-  try {
-    response = await fetch("/api/chat", {
-      method: "POST",
-      headers: { ...authHeaders(token), Accept: "text/event-stream" },
-      body: JSON.stringify(body),
-      signal,
-    });
-  } catch (error) {
-    if ((error as Error).name === "AbortError") throw error;
-    throw new ApiError(0, { code: "network", message: "the server cannot be reached" });
-  }
-  if (!response.ok || !response.body) throw await errorFrom(response);
+  const response = await request("/api/chat", token, {
+    method: "POST",
+    body,
+    signal,
+    headers: { Accept: "text/event-stream" },
+  });
+  if (!response.body) throw new ApiError(response.status, { code: "worker_lost", message: "the answer has no body" });
   const events = response.body
     .pipeThrough(new TextDecoderStream())
     .pipeThrough(new EventSourceParserStream())

@@ -1,6 +1,6 @@
 // The operator's calls: status, workers and model switches, usage (JSON and the CSV), users.
 // Shapes follow api/admin.py, schemas/status.py, api/models.py, api/usage.py, api/accounts.py.
-import { ApiError, api, authHeaders, errorFrom } from "../api";
+import { ApiError, api, request } from "../api";
 
 export interface WorkerView {
   id: string;
@@ -148,13 +148,7 @@ export const usage = (token: string, filter: UsageFilter) =>
 
 // The CSV needs the Authorization header, so it is fetched and saved from a Blob.
 export async function downloadUsageCsv(token: string, filter: UsageFilter): Promise<string> {
-  let response: Response;
-  try {
-    response = await fetch(`/api/usage.csv${usageQuery(filter)}`, { headers: authHeaders(token) });
-  } catch {
-    throw new ApiError(0, { code: "network", message: "the server cannot be reached" });
-  }
-  if (!response.ok) throw await errorFrom(response);
+  const response = await request(`/api/usage.csv${usageQuery(filter)}`, token);
   const disposition = response.headers.get("Content-Disposition") ?? "";
   const name = /filename="([^"]+)"/.exec(disposition)?.[1] ?? "chatq-usage.csv";
   const blob = await response.blob();
