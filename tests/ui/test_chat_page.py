@@ -158,22 +158,26 @@ def test_regenerate_replaces_the_last_answer_on_the_page_and_in_the_conversation
     conversation_id = page.url.rsplit("/", 1)[1]
     headers = login(stack.url, alice.username, alice.password)
 
-    def stored() -> list[dict[str, Any]]:
+    def stored(unless_answered_by: str | None = None) -> list[dict[str, Any]]:
+        """The stored messages, once there is a turn whose answer is not `unless_answered_by`'s."""
         deadline = time.monotonic() + 15
         while True:
             got = httpx.get(f"{stack.url}/api/conversations/{conversation_id}", headers=headers, timeout=10)
             messages: list[dict[str, Any]] = got.json()["messages"]
-            if len(messages) >= 2 or time.monotonic() > deadline:
+            answered_by = messages[-1]["request_id"] if len(messages) >= 2 else None
+            if (answered_by is not None and answered_by != unless_answered_by) or time.monotonic() > deadline:
                 return messages
             time.sleep(0.2)
 
-    assert len(stored()) == 2
+    first = stored()
+    assert len(first) == 2
     page.get_by_role("button", name="Regenerate").first.click()
     wait_answer_done(page)
     assert page.locator('article[data-role="user"]').count() == 1
     assert page.locator('article[data-role="assistant"]').count() == 1
-    time.sleep(1.0)  # the new turn is stored a moment after it ends
-    messages = stored()
+    # The new turn is stored a moment after it ends: wait for the new answer's request.
+    messages = stored(unless_answered_by=first[-1]["request_id"])
+    assert messages[-1]["request_id"] != first[-1]["request_id"], messages
     assert [m["role"] for m in messages] == ["user", "assistant"], messages
     assert messages[0]["content"] == "!say the first answer"
 
@@ -368,7 +372,8 @@ def test_dark_theme_and_a_narrow_screen(browser: Any, stack: AccountsStack, alic
     assert page.get_by_label("Message", exact=True).is_visible()
     page.get_by_role("button", name="Conversations").click()
     page.get_by_role("button", name="New chat").wait_for(state="visible")
-    page.wait_for_timeout(400)  # the drawer's slide-in
+    # The drawer's slide-in: its CSS transition has ended.
+    page.wait_for_function("() => document.getAnimations().every((a) => a.playState !== 'running')")
     shoot(page, "chat-narrow")
     page.context.close()
 

@@ -108,6 +108,7 @@ def chat(stack: AccountsStack, account: Account, text: str) -> None:
 
 def test_a_non_admin_gets_the_refusal_and_no_data(browser: Any, stack: AccountsStack, alice: Account) -> None:
     page = browser.new_context().new_page()
+    page.clock.install()  # to run the page's timers ahead instead of waiting for them
     calls: list[str] = []
     page.on(
         "request",
@@ -127,7 +128,7 @@ def test_a_non_admin_gets_the_refusal_and_no_data(browser: Any, stack: AccountsS
     refusal = page.get_by_test_id("operator-refusal")
     refusal.wait_for()
     assert "for administrators" in refusal.inner_text()
-    page.wait_for_timeout(2500)  # a poll would have gone out by now
+    page.clock.run_for(5000)  # the timers of two poll periods (2 s) fire: still no call
     assert page.locator("table").count() == 0
     assert calls == []
     # The API says the same to her token.
@@ -170,17 +171,16 @@ def test_an_admin_sees_workers_queues_and_gpus_refreshing(admin_page: Any) -> No
     # It refreshes on its own every 2 s while the tab shows, and not while it is hidden.
     polls: list[float] = []
     page.on("request", lambda r: polls.append(time.monotonic()) if "/api/admin/status" in r.url else None)
-    page.wait_for_timeout(4500)
-    assert len(polls) >= 2
+    wait_until("two polls", lambda: len(polls) >= 2, 10)
+    page.clock.install()  # the interval set once the tab shows again runs on this clock
     page.evaluate(
         """() => {
         Object.defineProperty(document, 'visibilityState', {value: 'hidden', configurable: true});
         document.dispatchEvent(new Event('visibilitychange'));
     }"""
     )
-    page.wait_for_timeout(300)
     hidden_from = len(polls)
-    page.wait_for_timeout(4500)
+    page.clock.run_for(10_000)  # five poll periods while hidden
     assert len(polls) == hidden_from
     page.evaluate(
         """() => {
@@ -199,8 +199,8 @@ def test_usage_rows_after_a_chat_and_the_csv(admin_page: Any, stack: AccountsSta
     usage = page.get_by_test_id("usage")
 
     def shown() -> bool:
-        filters.get_by_role("button", name="Show").click()
-        page.wait_for_timeout(300)
+        with page.expect_response(lambda r: "/api/usage?" in r.url):
+            filters.get_by_role("button", name="Show").click()
         return "completed" in usage.inner_text()
 
     wait_until("alice's request in the usage table", shown)  # once persistence stored its end
