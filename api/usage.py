@@ -63,6 +63,34 @@ ROW_COLUMNS = (
 SUM_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cancelled", "failed")
 TOTAL_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
 
+ColumnKind = Literal["time", "number", "text"]
+# Each column's heading and how a page formats it; the operator page renders these.
+_COLUMN_INFO: dict[str, tuple[str, ColumnKind]] = {
+    "request_id": ("Request", "text"),
+    "created_at": ("Started", "time"),
+    "finished_at": ("Finished", "time"),
+    "user": ("User", "text"),
+    "model": ("Model", "text"),
+    "purpose": ("Purpose", "text"),
+    "status": ("Status", "text"),
+    "finish_reason": ("Finish", "text"),
+    "prompt_tokens": ("Prompt tokens", "number"),
+    "completion_tokens": ("Completion tokens", "number"),
+    "total_tokens": ("Total tokens", "number"),
+    "ttft_ms": ("TTFT ms", "number"),
+    "latency_ms": ("Latency ms", "number"),
+    "requests": ("Requests", "number"),
+    "cancelled": ("Cancelled", "number"),
+    "failed": ("Failed", "number"),
+    "day": ("Day (UTC)", "text"),
+}
+
+
+def shown_columns(columns: Sequence[str]) -> list[dict[str, str]]:
+    """The columns a table shows, in order: name, label and kind (the request id, long, last)."""
+    order = [c for c in columns if c != "request_id"] + [c for c in columns if c == "request_id"]
+    return [{"name": c, "label": _COLUMN_INFO[c][0], "kind": _COLUMN_INFO[c][1]} for c in order]
+
 # When a request counts: when it finished, or when it was accepted while still running.
 _AT = sql.SQL("COALESCE(r.finished_at, r.created_at)")
 _ROWS = sql.SQL(
@@ -274,6 +302,7 @@ async def usage(request: Request, services: NamedDependency[Services]) -> Respon
     assert sums is not None
     totals = dict(zip(TOTAL_COLUMNS, sums, strict=True))
     body: dict[str, object] = {
+        "columns": shown_columns(columns),
         "rows": rows,
         "totals": totals,
         "group_by": query.group_by,

@@ -190,6 +190,11 @@ def test_a_user_sees_their_own_rows(env: Env) -> None:
     )
     assert body["group_by"] is None and body["since"] is None and body["until"] is None
     assert body["truncated"] is False
+    # The columns a page shows: every key of a row once, with a heading; the request id last.
+    names = [c["name"] for c in body["columns"]]
+    assert sorted(names) == sorted(body["rows"][0]) and names[-1] == "request_id"
+    assert body["columns"][0] == {"name": "created_at", "label": "Started", "kind": "time"}
+    assert all(c["label"] and c["kind"] in ("time", "number", "text") for c in body["columns"])
     # Naming themselves is fine; naming someone else is as if there were no such user.
     assert ids(usage(env, "alice", user="alice")) == ids(body)
     r = get(env, "alice", user="bob")
@@ -296,6 +301,8 @@ def test_group_by(env: Env, key: str) -> None:
     body = usage(env, "root", group_by=key)
     assert body["group_by"] == key
     assert body["rows"] == _expected_groups(REQUESTS, key)
+    assert [c["name"] for c in body["columns"]] == list(body["rows"][0])
+    assert body["columns"][1] == {"name": "requests", "label": "Requests", "kind": "number"}
     assert body["totals"] == totals(REQUESTS)
     mine = usage(env, "alice", group_by=key)
     assert mine["rows"] == _expected_groups(ALICE, key)

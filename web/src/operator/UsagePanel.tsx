@@ -1,53 +1,14 @@
 // Usage: filters (user, model, since, until, grouping), the rows with totals, the CSV download.
 import { useCallback, useEffect, useState, type FormEvent } from "react";
 import { describeError, isSessionError } from "../api";
-import { downloadUsageCsv, isForbidden, usage, type UsageAnswer, type UsageFilter } from "./adminApi";
+import { downloadUsageCsv, isForbidden, usage, type UsageAnswer, type UsageColumn, type UsageFilter } from "./adminApi";
 import { count, when } from "./format";
-
-const ROW_COLUMNS = [
-  "created_at",
-  "finished_at",
-  "user",
-  "model",
-  "purpose",
-  "status",
-  "finish_reason",
-  "prompt_tokens",
-  "completion_tokens",
-  "total_tokens",
-  "ttft_ms",
-  "latency_ms",
-  "request_id",
-];
-const SUM_COLUMNS = ["requests", "prompt_tokens", "completion_tokens", "total_tokens", "cancelled", "failed"];
-const TIMES = new Set(["created_at", "finished_at"]);
-const NUMBERS = new Set([...SUM_COLUMNS, "prompt_tokens", "completion_tokens", "total_tokens", "ttft_ms", "latency_ms"]);
-
-const HEADINGS: Record<string, string> = {
-  created_at: "Started",
-  finished_at: "Finished",
-  user: "User",
-  model: "Model",
-  purpose: "Purpose",
-  status: "Status",
-  finish_reason: "Finish",
-  prompt_tokens: "Prompt tokens",
-  completion_tokens: "Completion tokens",
-  total_tokens: "Total tokens",
-  ttft_ms: "TTFT ms",
-  latency_ms: "Latency ms",
-  request_id: "Request",
-  requests: "Requests",
-  cancelled: "Cancelled",
-  failed: "Failed",
-  day: "Day (UTC)",
-};
 
 const EMPTY: UsageFilter = { user: "", model: "", since: "", until: "", group_by: "" };
 
-function cell(column: string, value: string | number | null | undefined): string {
-  if (value === null || value === undefined || value === "") return column === "user" ? "(service key)" : "—";
-  if (TIMES.has(column)) return when(String(value));
+function cell(column: UsageColumn, value: string | number | null | undefined): string {
+  if (value === null || value === undefined || value === "") return column.name === "user" ? "(service key)" : "—";
+  if (column.kind === "time") return when(String(value));
   if (typeof value === "number") return count(value);
   return String(value);
 }
@@ -100,7 +61,7 @@ export function UsagePanel({ token, onForbidden }: { token: string; onForbidden:
   const set = (name: keyof UsageFilter) => (e: { target: { value: string } }) =>
     setFilter((f) => ({ ...f, [name]: e.target.value }));
 
-  const columns = answer?.group_by ? [answer.group_by, ...SUM_COLUMNS] : ROW_COLUMNS;
+  const columns = answer?.columns ?? [];
   return (
     <section id="usage" aria-labelledby="usage-title" className="panel">
       <h2 id="usage-title">Usage</h2>
@@ -163,8 +124,8 @@ export function UsagePanel({ token, onForbidden }: { token: string; onForbidden:
               <thead>
                 <tr>
                   {columns.map((c) => (
-                    <th key={c} scope="col">
-                      {HEADINGS[c] ?? c}
+                    <th key={c.name} scope="col">
+                      {c.label}
                     </th>
                   ))}
                 </tr>
@@ -173,8 +134,8 @@ export function UsagePanel({ token, onForbidden }: { token: string; onForbidden:
                 {answer.rows.map((row, i) => (
                   <tr key={String(row.request_id ?? i)}>
                     {columns.map((c) => (
-                      <td key={c} className={NUMBERS.has(c) ? "num" : undefined}>
-                        {cell(c, row[c])}
+                      <td key={c.name} className={c.kind === "number" ? "num" : undefined}>
+                        {cell(c, row[c.name])}
                       </td>
                     ))}
                   </tr>

@@ -94,7 +94,15 @@ export interface UsageFilter {
 
 export type UsageRow = Record<string, string | number | null>;
 
+// A column of the usage table, as the API names, heads and types it (api/usage.py).
+export interface UsageColumn {
+  name: string;
+  label: string;
+  kind: "time" | "number" | "text";
+}
+
 export interface UsageAnswer {
+  columns: UsageColumn[];
   rows: UsageRow[];
   totals: { requests: number; prompt_tokens: number; completion_tokens: number; total_tokens: number };
   group_by: UsageGroup | null;
