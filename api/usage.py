@@ -91,6 +91,7 @@ def shown_columns(columns: Sequence[str]) -> list[dict[str, str]]:
     order = [c for c in columns if c != "request_id"] + [c for c in columns if c == "request_id"]
     return [{"name": c, "label": _COLUMN_INFO[c][0], "kind": _COLUMN_INFO[c][1]} for c in order]
 
+
 # When a request counts: when it finished, or when it was accepted while still running.
 _AT = sql.SQL("COALESCE(r.finished_at, r.created_at)")
 _ROWS = sql.SQL(
