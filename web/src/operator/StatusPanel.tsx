@@ -12,6 +12,7 @@ import {
   type WorkerView,
 } from "./adminApi";
 import { age, bytes, count } from "./format";
+import { Table } from "./Table";
 import { usePolling } from "./usePolling";
 
 const EVERY_MS = 2000;
@@ -120,6 +121,45 @@ export function StatusPanel({ token, onForbidden }: { token: string; onForbidden
     (q) => allQueues || served.has(q.model) || q.depth > 0 || (q.in_flight ?? 0) > 0,
   );
   const hiddenQueues = (status?.queues.length ?? 0) - queues.length;
+  const switchCell = (w: WorkerView) => {
+    const note = switchNote[w.id];
+    return (
+      <>
+        <form
+          className="switch"
+          onSubmit={(e) => {
+            e.preventDefault();
+            void startSwitch(w);
+          }}
+        >
+          <select
+            aria-label={`New model for ${w.id}`}
+            value={choice[w.id] ?? ""}
+            onChange={(e) => setChoice((c) => ({ ...c, [w.id]: e.target.value }))}
+          >
+            <option value="">Profile…</option>
+            {profiles
+              .filter((p) => p.id !== w.model)
+              .map((p) => (
+                <option key={p.id} value={p.id}>
+                  {p.id}
+                  {p.cpu ? " (CPU)" : ""}
+                </option>
+              ))}
+          </select>
+          <button type="submit" className="small" disabled={!choice[w.id] || !!switching[w.id]}>
+            Switch
+          </button>
+        </form>
+        {note && (
+          <div className={note.bad ? "error small-text" : "meta"} data-testid="switch-note">
+            {note.text}
+          </div>
+        )}
+      </>
+    );
+  };
+
   return (
     <section id="status" aria-labelledby="status-title" className="panel">
       <h2 id="status-title">Status</h2>
@@ -149,157 +189,82 @@ export function StatusPanel({ token, onForbidden }: { token: string; onForbidden
           )}
 
           <h3>Workers</h3>
-          <div className="table-scroll">
-            <table data-testid="workers">
-              <thead>
-                <tr>
-                  <th scope="col">Worker</th>
-                  <th scope="col">Model</th>
-                  <th scope="col">State</th>
-                  <th scope="col">Free slots</th>
-                  <th scope="col">Engine</th>
-                  <th scope="col">Host</th>
-                  <th scope="col">Last seen</th>
-                  <th scope="col">Switch model</th>
-                </tr>
-              </thead>
-              <tbody>
-                {status.workers.map((w) => {
+          <Table
+            testId="workers"
+            rows={status.workers}
+            rowKey={(w) => w.id}
+            rowTestId={(w) => `worker-${w.id}`}
+            empty="No worker is heard from."
+            columns={[
+              { heading: "Worker", cell: (w) => w.id },
+              { heading: "Model", cell: (w) => w.model, testId: "worker-model" },
+              {
+                heading: "State",
+                cell: (w) => {
                   const text = workerState(w);
                   const sw = switching[w.id];
-                  const note = switchNote[w.id];
                   return (
-                    <tr key={w.id} data-testid={`worker-${w.id}`}>
-                      <th scope="row">{w.id}</th>
-                      <td data-testid="worker-model">{w.model}</td>
-                      <td>
-                        <span className={stateClass(text)} data-testid="worker-state">
-                          {text}
-                        </span>
-                        {sw && <div className="meta">switching {sw.previous} → {sw.target}</div>}
-                      </td>
-                      <td className="num">
-                        {w.free_slots} / {w.slots}
-                      </td>
-                      <td>
-                        {w.engine}
-                        {w.engine_version && <span className="meta"> {w.engine_version}</span>}
-                      </td>
-                      <td>{w.host ?? "—"}</td>
-                      <td>{age(w.last_seen_age_s)} ago</td>
-                      <td>
-                        <form
-                          className="switch"
-                          onSubmit={(e) => {
-                            e.preventDefault();
-                            void startSwitch(w);
-                          }}
-                        >
-                          <select
-                            aria-label={`New model for ${w.id}`}
-                            value={choice[w.id] ?? ""}
-                            onChange={(e) => setChoice((c) => ({ ...c, [w.id]: e.target.value }))}
-                          >
-                            <option value="">Profile…</option>
-                            {profiles
-                              .filter((p) => p.id !== w.model)
-                              .map((p) => (
-                                <option key={p.id} value={p.id}>
-                                  {p.id}
-                                  {p.cpu ? " (CPU)" : ""}
-                                </option>
-                              ))}
-                          </select>
-                          <button type="submit" className="small" disabled={!choice[w.id] || !!sw}>
-                            Switch
-                          </button>
-                        </form>
-                        {note && (
-                          <div className={note.bad ? "error small-text" : "meta"} data-testid="switch-note">
-                            {note.text}
-                          </div>
-                        )}
-                      </td>
-                    </tr>
+                    <>
+                      <span className={stateClass(text)} data-testid="worker-state">
+                        {text}
+                      </span>
+                      {sw && <div className="meta">switching {sw.previous} → {sw.target}</div>}
+                    </>
                   );
-                })}
-                {status.workers.length === 0 && (
-                  <tr>
-                    <td colSpan={8} className="meta">
-                      No worker is heard from.
-                    </td>
-                  </tr>
-                )}
-              </tbody>
-            </table>
-          </div>
+                },
+              },
+              { heading: "Free slots", className: "num", cell: (w) => `${w.free_slots} / ${w.slots}` },
+              {
+                heading: "Engine",
+                cell: (w) => (
+                  <>
+                    {w.engine}
+                    {w.engine_version && <span className="meta"> {w.engine_version}</span>}
+                  </>
+                ),
+              },
+              { heading: "Host", cell: (w) => w.host ?? "—" },
+              { heading: "Last seen", cell: (w) => `${age(w.last_seen_age_s)} ago` },
+              { heading: "Switch model", cell: (w) => switchCell(w) },
+            ]}
+          />
 
           <h3>Models</h3>
-          <div className="table-scroll">
-            <table data-testid="models">
-              <thead>
-                <tr>
-                  <th scope="col">Model</th>
-                  <th scope="col">State</th>
-                  <th scope="col">Workers</th>
-                  <th scope="col">Waiting</th>
-                  <th scope="col">Aliases</th>
-                </tr>
-              </thead>
-              <tbody>
-                {models
-                  .filter((m) => m.state !== "unavailable" || m.workers.length > 0 || (m.queue_depth ?? 0) > 0)
-                  .map((m) => (
-                    <tr key={m.id}>
-                      <th scope="row">{m.id}</th>
-                      <td>{m.state}</td>
-                      <td>{m.workers.map((w) => `${w.id} (${w.progress || w.state})`).join(", ") || "—"}</td>
-                      <td className="num">{count(m.queue_depth)}</td>
-                      <td>{m.aliases.join(", ") || "—"}</td>
-                    </tr>
-                  ))}
-              </tbody>
-            </table>
-          </div>
+          <Table
+            testId="models"
+            rows={models.filter((m) => m.state !== "unavailable" || m.workers.length > 0 || (m.queue_depth ?? 0) > 0)}
+            rowKey={(m) => m.id}
+            columns={[
+              { heading: "Model", cell: (m) => m.id },
+              { heading: "State", cell: (m) => m.state },
+              {
+                heading: "Workers",
+                cell: (m) => m.workers.map((w) => `${w.id} (${w.progress || w.state})`).join(", ") || "—",
+              },
+              { heading: "Waiting", className: "num", cell: (m) => count(m.queue_depth) },
+              { heading: "Aliases", cell: (m) => m.aliases.join(", ") || "—" },
+            ]}
+          />
           <p className="meta">
             {profiles.length} profiles; those no worker serves or waits for are left out of the table (the
             switch lists them all).
           </p>
 
           <h3>Queues</h3>
-          <div className="table-scroll">
-            <table data-testid="queues">
-              <thead>
-                <tr>
-                  <th scope="col">Model</th>
-                  <th scope="col">Priority</th>
-                  <th scope="col">Waiting</th>
-                  <th scope="col">Oldest wait</th>
-                  <th scope="col">Handed out</th>
-                  <th scope="col">Redelivered</th>
-                </tr>
-              </thead>
-              <tbody>
-                {queues.map((q) => (
-                  <tr key={q.consumer}>
-                    <th scope="row">{q.model}</th>
-                    <td>{q.priority}</td>
-                    <td className="num">{count(q.depth)}</td>
-                    <td>{age(q.oldest_age_s)}</td>
-                    <td className="num">{count(q.in_flight ?? 0)}</td>
-                    <td className="num">{count(q.redelivered ?? 0)}</td>
-                  </tr>
-                ))}
-                {queues.length === 0 && (
-                  <tr>
-                    <td colSpan={6} className="meta">
-                      {telemetry?.status === "missing" ? "No telemetry snapshot yet." : "No queue."}
-                    </td>
-                  </tr>
-                )}
-              </tbody>
-            </table>
-          </div>
+          <Table
+            testId="queues"
+            rows={queues}
+            rowKey={(q) => q.consumer}
+            empty={telemetry?.status === "missing" ? "No telemetry snapshot yet." : "No queue."}
+            columns={[
+              { heading: "Model", cell: (q) => q.model },
+              { heading: "Priority", cell: (q) => q.priority },
+              { heading: "Waiting", className: "num", cell: (q) => count(q.depth) },
+              { heading: "Oldest wait", cell: (q) => age(q.oldest_age_s) },
+              { heading: "Handed out", className: "num", cell: (q) => count(q.in_flight ?? 0) },
+              { heading: "Redelivered", className: "num", cell: (q) => count(q.redelivered ?? 0) },
+            ]}
+          />
           {(hiddenQueues > 0 || allQueues) && (
             <p className="meta">
               {allQueues ? "Every queue is shown. " : `${hiddenQueues} empty queues of models no worker serves are hidden. `}
@@ -310,71 +275,42 @@ export function StatusPanel({ token, onForbidden }: { token: string; onForbidden
           )}
 
           <h3>GPUs</h3>
-          <div className="table-scroll">
-            <table data-testid="gpus">
-              <thead>
-                <tr>
-                  <th scope="col">GPU</th>
-                  <th scope="col">Utilisation</th>
-                  <th scope="col">Memory</th>
-                  <th scope="col">Temperature</th>
-                  <th scope="col">Power</th>
-                </tr>
-              </thead>
-              <tbody>
-                {status.gpus.map((g) => (
-                  <tr key={g.index}>
-                    <th scope="row">
-                      {g.index}: {g.name}
-                    </th>
-                    <td>
-                      <meter min={0} max={1} value={g.utilization_ratio} aria-label={`GPU ${g.index} utilisation`} />{" "}
-                      {Math.round(g.utilization_ratio * 100)}%
-                    </td>
-                    <td>
-                      {bytes(g.memory_used_bytes)} / {bytes(g.memory_total_bytes)}
-                    </td>
-                    <td>{g.temperature_celsius != null ? `${Math.round(g.temperature_celsius)} °C` : "—"}</td>
-                    <td>{g.power_watts != null ? `${Math.round(g.power_watts)} W` : "—"}</td>
-                  </tr>
-                ))}
-                {status.gpus.length === 0 && (
-                  <tr>
-                    <td colSpan={5} className="meta">
-                      No GPU reported.
-                    </td>
-                  </tr>
-                )}
-              </tbody>
-            </table>
-          </div>
+          <Table
+            testId="gpus"
+            rows={status.gpus}
+            rowKey={(g) => g.index}
+            empty="No GPU reported."
+            columns={[
+              { heading: "GPU", cell: (g) => `${g.index}: ${g.name}` },
+              {
+                heading: "Utilisation",
+                cell: (g) => (
+                  <>
+                    <meter min={0} max={1} value={g.utilization_ratio} aria-label={`GPU ${g.index} utilisation`} />{" "}
+                    {Math.round(g.utilization_ratio * 100)}%
+                  </>
+                ),
+              },
+              { heading: "Memory", cell: (g) => `${bytes(g.memory_used_bytes)} / ${bytes(g.memory_total_bytes)}` },
+              {
+                heading: "Temperature",
+                cell: (g) => (g.temperature_celsius != null ? `${Math.round(g.temperature_celsius)} °C` : "—"),
+              },
+              { heading: "Power", cell: (g) => (g.power_watts != null ? `${Math.round(g.power_watts)} W` : "—") },
+            ]}
+          />
 
           <h3>Events lag</h3>
-          <div className="table-scroll">
-            <table data-testid="events">
-              <thead>
-                <tr>
-                  <th scope="col">Consumer</th>
-                  <th scope="col">Events not yet read</th>
-                </tr>
-              </thead>
-              <tbody>
-                {status.events.map((e) => (
-                  <tr key={e.consumer}>
-                    <th scope="row">{e.consumer}</th>
-                    <td className="num">{count(e.pending)}</td>
-                  </tr>
-                ))}
-                {status.events.length === 0 && (
-                  <tr>
-                    <td colSpan={2} className="meta">
-                      None reported.
-                    </td>
-                  </tr>
-                )}
-              </tbody>
-            </table>
-          </div>
+          <Table
+            testId="events"
+            rows={status.events}
+            rowKey={(e) => e.consumer}
+            empty="None reported."
+            columns={[
+              { heading: "Consumer", cell: (e) => e.consumer },
+              { heading: "Events not yet read", className: "num", cell: (e) => count(e.pending) },
+            ]}
+          />
           {status.notes.length > 0 && (
             <ul className="meta">
               {status.notes.map((n) => (

@@ -1,8 +1,9 @@
 // Usage: filters (user, model, since, until, grouping), the rows with totals, the CSV download.
 import { useCallback, useEffect, useState, type FormEvent } from "react";
 import { describeError, isSessionError } from "../api";
-import { downloadUsageCsv, isForbidden, usage, type UsageAnswer, type UsageColumn, type UsageFilter } from "./adminApi";
+import { downloadUsageCsv, isForbidden, usage, type UsageAnswer, type UsageColumn, type UsageFilter, type UsageRow } from "./adminApi";
 import { count, when } from "./format";
+import { Table, type Column } from "./Table";
 
 const EMPTY: UsageFilter = { user: "", model: "", since: "", until: "", group_by: "" };
 
@@ -61,7 +62,6 @@ export function UsagePanel({ token, onForbidden }: { token: string; onForbidden:
   const set = (name: keyof UsageFilter) => (e: { target: { value: string } }) =>
     setFilter((f) => ({ ...f, [name]: e.target.value }));
 
-  const columns = answer?.columns ?? [];
   return (
     <section id="usage" aria-labelledby="usage-title" className="panel">
       <h2 id="usage-title">Usage</h2>
@@ -119,37 +119,18 @@ export function UsagePanel({ token, onForbidden }: { token: string; onForbidden:
             <strong>{count(answer.totals.total_tokens)}</strong> in all
             {answer.truncated && <span className="meta"> (the table shows the newest {answer.rows.length})</span>}
           </p>
-          <div className="table-scroll">
-            <table data-testid="usage">
-              <thead>
-                <tr>
-                  {columns.map((c) => (
-                    <th key={c.name} scope="col">
-                      {c.label}
-                    </th>
-                  ))}
-                </tr>
-              </thead>
-              <tbody>
-                {answer.rows.map((row, i) => (
-                  <tr key={String(row.request_id ?? i)}>
-                    {columns.map((c) => (
-                      <td key={c.name} className={c.kind === "number" ? "num" : undefined}>
-                        {cell(c, row[c.name])}
-                      </td>
-                    ))}
-                  </tr>
-                ))}
-                {answer.rows.length === 0 && (
-                  <tr>
-                    <td colSpan={columns.length} className="meta">
-                      No request matches.
-                    </td>
-                  </tr>
-                )}
-              </tbody>
-            </table>
-          </div>
+          <Table
+            testId="usage"
+            rowHeader={false}
+            rows={answer.rows}
+            rowKey={(row, i) => String(row.request_id ?? i)}
+            empty="No request matches."
+            columns={answer.columns.map((c): Column<UsageRow> => ({
+              heading: c.label,
+              className: c.kind === "number" ? "num" : undefined,
+              cell: (row) => cell(c, row[c.name]),
+            }))}
+          />
         </>
       )}
     </section>

@@ -1,6 +1,6 @@
 // Users: the list, a new user, role, disable and enable, a new password, and one user's
 // API keys (revocable).
-import { Fragment, useCallback, useEffect, useState, type FormEvent } from "react";
+import { useCallback, useEffect, useState, type FormEvent } from "react";
 import { describeError, isSessionError } from "../api";
 import {
   changeUser,
@@ -13,6 +13,7 @@ import {
   type User,
 } from "./adminApi";
 import { when } from "./format";
+import { Table } from "./Table";
 
 export function UsersPanel({ token, me, onForbidden }: { token: string; me: string; onForbidden: () => void }) {
   const [users, setUsers] = useState<User[] | null>(null);
@@ -124,6 +125,82 @@ export function UsersPanel({ token, me, onForbidden }: { token: string; me: stri
     }
   };
 
+  const actions = (u: User) => (
+    <>
+      <button
+        type="button"
+        className="small"
+        onClick={() => void toggle(u)}
+        disabled={u.username === me && !u.disabled}
+        title={u.username === me ? "You cannot disable yourself here" : undefined}
+      >
+        {u.disabled ? "Enable" : "Disable"}
+        <span className="visually-hidden"> {u.username}</span>
+      </button>
+      <button type="button" className="small" aria-expanded={keysOf === u.id} onClick={() => void showKeys(u)}>
+        Keys<span className="visually-hidden"> of {u.username}</span>
+      </button>
+      <button
+        type="button"
+        className="small"
+        aria-expanded={passwordOf === u.id}
+        onClick={() => {
+          setPasswordOf(passwordOf === u.id ? null : u.id);
+          setNewPassword("");
+        }}
+      >
+        Password<span className="visually-hidden"> of {u.username}</span>
+      </button>
+    </>
+  );
+
+  const passwordForm = (u: User) => (
+    <form className="filters" aria-label={`New password for ${u.username}`} onSubmit={(e) => void savePassword(e, u)}>
+      <PasswordField label="New password" value={newPassword} onChange={setNewPassword} autoFocus />
+      <div className="filter-buttons">
+        <button type="submit" className="primary">
+          Set password
+        </button>
+      </div>
+    </form>
+  );
+
+  const keysView = (u: User) => {
+    if (keys === null) return <span className="meta">Loading keys…</span>;
+    if (keys.length === 0) {
+      return (
+        <span className="meta" data-testid="keys">
+          {u.username} has no API keys.
+        </span>
+      );
+    }
+    return (
+      <Table
+        testId="keys"
+        className="keys"
+        scroll={false}
+        rows={keys}
+        rowKey={(k) => k.id}
+        columns={[
+          { heading: "Key", cell: (k) => k.name },
+          { heading: "Starts with", cell: (k) => <code>{k.prefix}…</code> },
+          { heading: "Created", cell: (k) => when(k.created_at) },
+          { heading: "Last used", cell: (k) => when(k.last_used_at) },
+          { heading: "Revoked", testId: "key-revoked", cell: (k) => (k.revoked_at ? when(k.revoked_at) : "no") },
+          {
+            heading: "Actions",
+            cell: (k) =>
+              !k.revoked_at && (
+                <button type="button" className="small" onClick={() => void revoke(k, u)}>
+                  Revoke<span className="visually-hidden"> key {k.name}</span>
+                </button>
+              ),
+          },
+        ]}
+      />
+    );
+  };
+
   return (
     <section id="users" aria-labelledby="users-title" className="panel">
       <h2 id="users-title">Users</h2>
@@ -162,143 +239,41 @@ export function UsersPanel({ token, me, onForbidden }: { token: string; me: stri
       )}
       {users === null && !problem && <p className="meta">Loading…</p>}
       {users && (
-        <div className="table-scroll">
-          <table data-testid="users">
-            <thead>
-              <tr>
-                <th scope="col">User</th>
-                <th scope="col">Role</th>
-                <th scope="col">State</th>
-                <th scope="col">E-mail</th>
-                <th scope="col">Created</th>
-                <th scope="col">Last login</th>
-                <th scope="col">Actions</th>
-              </tr>
-            </thead>
-            <tbody>
-              {users.map((u) => (
-                <Fragment key={u.id}>
-                  <tr data-testid={`user-${u.username}`}>
-                    <th scope="row">{u.username}</th>
-                    <td>
-                      <select
-                        aria-label={`Role of ${u.username}`}
-                        value={u.role}
-                        disabled={u.username === me}
-                        title={u.username === me ? "You cannot change your own role here" : undefined}
-                        onChange={(e) => void setUserRole(u, e.target.value)}
-                      >
-                        <option value="user">user</option>
-                        <option value="admin">admin</option>
-                      </select>
-                    </td>
-                    <td data-testid="user-state" className={u.disabled ? "state bad" : "state good"}>
-                      {u.disabled ? "disabled" : "active"}
-                    </td>
-                    <td>{u.email ?? "—"}</td>
-                    <td>{when(u.created_at)}</td>
-                    <td>{when(u.last_login_at)}</td>
-                    <td className="actions">
-                      <button
-                        type="button"
-                        className="small"
-                        onClick={() => void toggle(u)}
-                        disabled={u.username === me && !u.disabled}
-                        title={u.username === me ? "You cannot disable yourself here" : undefined}
-                      >
-                        {u.disabled ? "Enable" : "Disable"}
-                        <span className="visually-hidden"> {u.username}</span>
-                      </button>
-                      <button
-                        type="button"
-                        className="small"
-                        aria-expanded={keysOf === u.id}
-                        onClick={() => void showKeys(u)}
-                      >
-                        Keys<span className="visually-hidden"> of {u.username}</span>
-                      </button>
-                      <button
-                        type="button"
-                        className="small"
-                        aria-expanded={passwordOf === u.id}
-                        onClick={() => {
-                          setPasswordOf(passwordOf === u.id ? null : u.id);
-                          setNewPassword("");
-                        }}
-                      >
-                        Password<span className="visually-hidden"> of {u.username}</span>
-                      </button>
-                    </td>
-                  </tr>
-                  {passwordOf === u.id && (
-                    <tr className="keys-row">
-                      <td colSpan={7}>
-                        <form
-                          className="filters"
-                          aria-label={`New password for ${u.username}`}
-                          onSubmit={(e) => void savePassword(e, u)}
-                        >
-                          <PasswordField label="New password" value={newPassword} onChange={setNewPassword} autoFocus />
-                          <div className="filter-buttons">
-                            <button type="submit" className="primary">
-                              Set password
-                            </button>
-                          </div>
-                        </form>
-                      </td>
-                    </tr>
-                  )}
-                  {keysOf === u.id && (
-                    <tr className="keys-row">
-                      <td colSpan={7}>
-                        {keys === null ? (
-                          <span className="meta">Loading keys…</span>
-                        ) : keys.length === 0 ? (
-                          <span className="meta" data-testid="keys">
-                            {u.username} has no API keys.
-                          </span>
-                        ) : (
-                          <table data-testid="keys" className="keys">
-                            <thead>
-                              <tr>
-                                <th scope="col">Key</th>
-                                <th scope="col">Starts with</th>
-                                <th scope="col">Created</th>
-                                <th scope="col">Last used</th>
-                                <th scope="col">Revoked</th>
-                                <th scope="col">Actions</th>
-                              </tr>
-                            </thead>
-                            <tbody>
-                              {keys.map((k) => (
-                                <tr key={k.id}>
-                                  <th scope="row">{k.name}</th>
-                                  <td>
-                                    <code>{k.prefix}…</code>
-                                  </td>
-                                  <td>{when(k.created_at)}</td>
-                                  <td>{when(k.last_used_at)}</td>
-                                  <td data-testid="key-revoked">{k.revoked_at ? when(k.revoked_at) : "no"}</td>
-                                  <td>
-                                    {!k.revoked_at && (
-                                      <button type="button" className="small" onClick={() => void revoke(k, u)}>
-                                        Revoke<span className="visually-hidden"> key {k.name}</span>
-                                      </button>
-                                    )}
-                                  </td>
-                                </tr>
-                              ))}
-                            </tbody>
-                          </table>
-                        )}
-                      </td>
-                    </tr>
-                  )}
-                </Fragment>
-              ))}
-            </tbody>
-          </table>
-        </div>
+        <Table
+          testId="users"
+          rows={users}
+          rowKey={(u) => u.id}
+          rowTestId={(u) => `user-${u.username}`}
+          below={(u) => [passwordOf === u.id && passwordForm(u), keysOf === u.id && keysView(u)]}
+          columns={[
+            { heading: "User", cell: (u) => u.username },
+            {
+              heading: "Role",
+              cell: (u) => (
+                <select
+                  aria-label={`Role of ${u.username}`}
+                  value={u.role}
+                  disabled={u.username === me}
+                  title={u.username === me ? "You cannot change your own role here" : undefined}
+                  onChange={(e) => void setUserRole(u, e.target.value)}
+                >
+                  <option value="user">user</option>
+                  <option value="admin">admin</option>
+                </select>
+              ),
+            },
+            {
+              heading: "State",
+              testId: "user-state",
+              className: (u) => (u.disabled ? "state bad" : "state good"),
+              cell: (u) => (u.disabled ? "disabled" : "active"),
+            },
+            { heading: "E-mail", cell: (u) => u.email ?? "—" },
+            { heading: "Created", cell: (u) => when(u.created_at) },
+            { heading: "Last login", cell: (u) => when(u.last_login_at) },
+            { heading: "Actions", className: "actions", cell: (u) => actions(u) },
+          ]}
+        />
       )}
     </section>
   );
