@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -67,6 +69,27 @@ def built_web() -> Path:
         raise
 
 
+T = TypeVar("T")
+
+
+@contextmanager
+def off_the_browser_loop(manager: AbstractContextManager[T]) -> Iterator[T]:
+    """Enter and leave `manager` in a thread of its own.
+
+    Playwright's sync API keeps an asyncio loop running in the test thread, and the launcher
+    calls asyncio.run() (it declares the JetStream streams), which refuses to run there.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="stack") as pool:
+        value = pool.submit(manager.__enter__).result()
+        try:
+            yield value
+        except BaseException as exc:
+            if not pool.submit(manager.__exit__, type(exc), exc, exc.__traceback__).result():
+                raise
+        else:
+            pool.submit(manager.__exit__, None, None, None).result()
+
+
 @dataclass
 class Account:
     username: str
@@ -76,19 +99,21 @@ class Account:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, built_web: Path, browser: Any) -> Iterator[AccountsStack]:
-    with accounts_stack(
-        tmp_path_factory.mktemp("ui"),
-        MODEL,
-        CHATQ_WEB_DIST=str(built_web),
-        SYNTH_TOKENS_PER_S="25",
-        SYNTH_TTFT_MS="50",
-        WORKER_SLOTS="2",
-        RATE_LIMIT_USER_RPM="0",
-        RATE_LIMIT_USER_TPM="0",
-        RATE_LIMIT_USER_CONCURRENCY="0",
-        RATE_LIMIT_ADMIN_RPM=str(ADMIN_RPM),
-        RATE_LIMIT_ADMIN_TPM="0",
-        RATE_LIMIT_ADMIN_CONCURRENCY="0",
+    with off_the_browser_loop(
+        accounts_stack(
+            tmp_path_factory.mktemp("ui"),
+            MODEL,
+            CHATQ_WEB_DIST=str(built_web),
+            SYNTH_TOKENS_PER_S="25",
+            SYNTH_TTFT_MS="50",
+            WORKER_SLOTS="2",
+            RATE_LIMIT_USER_RPM="0",
+            RATE_LIMIT_USER_TPM="0",
+            RATE_LIMIT_USER_CONCURRENCY="0",
+            RATE_LIMIT_ADMIN_RPM=str(ADMIN_RPM),
+            RATE_LIMIT_ADMIN_TPM="0",
+            RATE_LIMIT_ADMIN_CONCURRENCY="0",
+        )
     ) as s:
         yield s
 

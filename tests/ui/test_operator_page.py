@@ -20,7 +20,7 @@ import pytest
 
 from stack.servers import free_port, wait_for_port
 from tests.helpers import AccountsStack, accounts_stack, login, spawn
-from tests.ui.conftest import Account, shoot
+from tests.ui.conftest import Account, off_the_browser_loop, shoot
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -37,23 +37,25 @@ FOCUSED = """() => {
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, built_web: Path, browser: Any) -> Iterator[AccountsStack]:
     telemetry_port = free_port()
-    with accounts_stack(
-        tmp_path_factory.mktemp("ui-operator"),
-        FIRST,
-        CHATQ_WEB_DIST=str(built_web),
-        MODEL_PROFILE=FIRST,
-        SYNTH_TOKENS_PER_S="50",
-        SYNTH_TTFT_MS="20",
-        SYNTH_START_S="3",
-        SWITCH_GRACE_S="2",
-        WORKER_SLOTS="2",
-        TELEMETRY_INTERVAL_S="0.5",
-        RATE_LIMIT_USER_RPM="0",
-        RATE_LIMIT_USER_TPM="0",
-        RATE_LIMIT_USER_CONCURRENCY="0",
-        RATE_LIMIT_ADMIN_RPM="0",
-        RATE_LIMIT_ADMIN_TPM="0",
-        RATE_LIMIT_ADMIN_CONCURRENCY="0",
+    with off_the_browser_loop(
+        accounts_stack(
+            tmp_path_factory.mktemp("ui-operator"),
+            FIRST,
+            CHATQ_WEB_DIST=str(built_web),
+            MODEL_PROFILE=FIRST,
+            SYNTH_TOKENS_PER_S="50",
+            SYNTH_TTFT_MS="20",
+            SYNTH_START_S="3",
+            SWITCH_GRACE_S="2",
+            WORKER_SLOTS="2",
+            TELEMETRY_INTERVAL_S="0.5",
+            RATE_LIMIT_USER_RPM="0",
+            RATE_LIMIT_USER_TPM="0",
+            RATE_LIMIT_USER_CONCURRENCY="0",
+            RATE_LIMIT_ADMIN_RPM="0",
+            RATE_LIMIT_ADMIN_TPM="0",
+            RATE_LIMIT_ADMIN_CONCURRENCY="0",
+        )
     ) as s:
         env = {**s.env, "TELEMETRY_PORT": str(telemetry_port)}
         telemetry = spawn("telemetry", "workers.telemetry", env, s.logdir)
