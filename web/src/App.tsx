@@ -2,7 +2,7 @@
 import { lazy, Suspense, useCallback, useEffect, useState } from "react";
 import { Route, Switch } from "wouter";
 import { api, request, setSessionLostHandler, type Verified } from "./api";
-import { ChatPage } from "./ChatPage";
+import { ChatPage } from "./chat/ChatPage";
 import { Login } from "./Login";
 import type { Session } from "./session";
 
