@@ -171,26 +171,37 @@ def test_an_admin_sees_workers_queues_and_gpus_refreshing(admin_page: Any) -> No
     assert "interactive" in text or "background" in text
     assert "No GPU reported." in page.get_by_test_id("gpus").inner_text()  # no NVIDIA driver here
     # It refreshes on its own every 2 s while the tab shows, and not while it is hidden.
+
+    def set_visibility(state: str) -> None:
+        page.evaluate(
+            """(state) => {
+            Object.defineProperty(document, 'visibilityState', {value: state, configurable: true});
+            document.dispatchEvent(new Event('visibilitychange'));
+        }""",
+            state,
+        )
+
     polls: list[float] = []
     page.on("request", lambda r: polls.append(time.monotonic()) if "/api/admin/status" in r.url else None)
-    wait_until("two polls", lambda: len(polls) >= 2, 10)
-    page.clock.install()  # the interval set once the tab shows again runs on this clock
-    page.evaluate(
-        """() => {
-        Object.defineProperty(document, 'visibilityState', {value: 'hidden', configurable: true});
-        document.dispatchEvent(new Event('visibilitychange'));
-    }"""
-    )
+    for _ in range(2):  # two polls on their own, however long the first took
+        with page.expect_request(lambda r: "/api/admin/status" in r.url, timeout=10_000):
+            pass
+
+    def a_poll() -> Any:
+        return page.expect_request(lambda r: "/api/admin/status" in r.url, timeout=5000)
+
+    set_visibility("hidden")
+    page.clock.install()  # the poll's interval, set again once the tab shows, runs on this clock
+    with a_poll():  # a poll as soon as it shows again
+        set_visibility("visible")
+    with a_poll():  # and one a period later
+        page.clock.run_for(2100)
+    set_visibility("hidden")
     hidden_from = len(polls)
-    page.clock.run_for(10_000)  # five poll periods while hidden
+    page.clock.run_for(10_000)  # five periods while hidden: no poll
     assert len(polls) == hidden_from
-    page.evaluate(
-        """() => {
-        Object.defineProperty(document, 'visibilityState', {value: 'visible', configurable: true});
-        document.dispatchEvent(new Event('visibilitychange'));
-    }"""
-    )
-    wait_until("a poll once visible again", lambda: len(polls) > hidden_from, 5)
+    with a_poll():
+        set_visibility("visible")
 
 
 def test_usage_rows_after_a_chat_and_the_csv(admin_page: Any, stack: AccountsStack, alice: Account) -> None:
