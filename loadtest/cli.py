@@ -1,4 +1,9 @@
-"""The command line: parse, build prompts, run each target in turn, report."""
+"""The command line: parse, build prompts, run each target in turn, report.
+
+The report (report.json, requests.jsonl) is written again after every target, so a run
+that dies later, or is interrupted, keeps what it measured; the chart comes last and
+only if matplotlib is there.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loadtest.config import (
     DEFAULT_RATES,
@@ -27,9 +32,17 @@ from loadtest.config import (
 )
 from loadtest.targets import REPO_ROOT, Target, TargetError, external_target, make_target
 
+if TYPE_CHECKING:
+    from loadtest.prompts import PromptSet
+
 DEFAULT_OUT = REPO_ROOT / "loadtest" / "results"
 STREAMS_TOKENS_PER_S = 20.0
 OTHER_TOKENS_PER_S = 50.0
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
+NO_CHART = (
+    "chart: not drawn, matplotlib is not installed; `scripts/bootstrap.sh loadtest` installs it "
+    "(the `loadtest` extra). The report above is complete."
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--targets",
         help="comma-separated, from chatq, vllm-server, synthetic (default: chatq,vllm-server,synthetic "
-        "for steps and rate, chatq for overload, synthetic for streams)",
+        "for steps and rate, chatq,vllm-server for kpi, chatq for overload, synthetic for streams)",
     )
     p.add_argument("--concurrency", default="1,5,10", help="steps: concurrent sessions per step")
     p.add_argument("--step-seconds", type=float, default=30.0, help="length of each step / window")
@@ -82,6 +95,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--max-inflight", type=int, default=5000, help="open loop: arrivals beyond are dropped")
+    p.add_argument(
+        "--kpi-context-tokens", type=int, default=2048,
+        help="kpi: model input tokens (chat template included) of the TTFT step",
+    )  # fmt: skip
+    p.add_argument("--dtype", default=EngineConfig.dtype, help="vLLM dtype of both vLLM targets")
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, default=EngineConfig.gpu_memory_utilization,
+        help="vLLM gpu_memory_utilization of both vLLM targets (CPU build: share of host memory)",
+    )  # fmt: skip
+    p.add_argument("--progress-seconds", type=float, default=10.0, help="a progress line on stderr so often")
     return p
 
 
@@ -104,8 +127,11 @@ def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> Ru
     tokens_per_s = args.synth_tokens_per_s or (
         STREAMS_TOKENS_PER_S if scenario == "streams" else OTHER_TOKENS_PER_S
     )
-    if args.prompt_tokens < 1 or args.max_tokens < 1 or args.step_seconds <= 0:
-        raise SystemExit("--prompt-tokens, --max-tokens and --step-seconds must be positive")
+    if min(args.prompt_tokens, args.max_tokens, args.step_seconds, args.progress_seconds) <= 0:
+        raise SystemExit("--prompt-tokens, --max-tokens, --step-seconds, --progress-seconds must be positive")
+    room = EngineConfig.max_model_len
+    if scenario == "kpi" and args.kpi_context_tokens + args.max_tokens > room:
+        raise SystemExit(f"--kpi-context-tokens + --max-tokens must fit in max_model_len ({room} tokens)")
     return RunConfig(
         scenario=scenario,
         targets=targets,
@@ -127,6 +153,8 @@ def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> Ru
         request_timeout_s=args.request_timeout,
         start_timeout_s=args.start_timeout,
         max_inflight=args.max_inflight,
+        kpi_context_tokens=args.kpi_context_tokens,
+        progress_s=args.progress_seconds,
         model_dir=model_dir,
         model_name=args.model_name,
         out_dir=out_dir,
@@ -134,7 +162,9 @@ def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> Ru
         api_key=args.api_key,
         label=args.label,
         metrics_url=args.metrics_url,
-        engine=EngineConfig(max_num_seqs=args.slots),
+        engine=EngineConfig(
+            dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.slots
+        ),
         synth=SynthConfig(tokens_per_s=tokens_per_s, ttft_ms=args.synth_ttft_ms, slots=args.synth_slots),
     )
 
@@ -152,16 +182,36 @@ def _say(text: str) -> None:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # Unwinds through the `with target:` blocks, so every started process is stopped,
-    # and the report of what was measured so far is still written.
+    # Outside the event loop (a target starting or stopping): unwinds through the
+    # `with target:` blocks, so every started process is stopped, and the report of what
+    # was measured so far is still written.
     raise KeyboardInterrupt
 
 
-def run_target(target: Target, cfg: RunConfig, prompts: Any, warm: Any, into: list[Any]) -> None:
-    """Run the scenario against a started target; its finished steps go to `into`, even on failure."""
+async def _cancel_on_sigterm(work: Any) -> Any:
+    """Await `work`; SIGTERM cancels it as Ctrl-C does, so the step in progress is kept."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await work
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def run_target(
+    target: Target, cfg: RunConfig, prompts: Any, warm: Any, context: Any, into: list[Any]
+) -> None:
+    """Run the scenario against a started target; its steps go to `into`, even on failure.
+
+    Ctrl-C or SIGTERM while it runs: the step in progress keeps its finished requests
+    (marked interrupted) and KeyboardInterrupt is raised.
+    """
     from loadtest.scenarios import TargetRun
 
-    runner = TargetRun(target, cfg, prompts, warm)
+    runner = TargetRun(target, cfg, prompts, warm, context_prompts=context)
     try:
         import uvloop
 
@@ -170,9 +220,124 @@ def run_target(target: Target, cfg: RunConfig, prompts: Any, warm: Any, into: li
         loop_factory = None
     try:
         with asyncio.Runner(loop_factory=loop_factory) as loop:
-            loop.run(runner.run(_say))
+            loop.run(_cancel_on_sigterm(runner.run(_say)))
+    except asyncio.CancelledError:  # SIGTERM (Ctrl-C comes out of the runner as KeyboardInterrupt)
+        raise KeyboardInterrupt from None
     finally:
         into += runner.steps
+
+
+def context_prompts(tokenizer: Any, cfg: RunConfig, overhead: int) -> PromptSet | None:
+    """kpi: prompts whose whole model input is cfg.kpi_context_tokens long; else None."""
+    from loadtest.prompts import build_prompts
+
+    if cfg.scenario != "kpi":
+        return None
+    tokens = cfg.kpi_context_tokens - overhead
+    if tokens < 1:
+        raise SystemExit(f"--kpi-context-tokens must exceed the chat template's {overhead} tokens")
+    return build_prompts(tokenizer, tokens=tokens, count=cfg.num_prompts, seed=cfg.seed + 2)
+
+
+class RunReport:
+    """What the run has measured so far, written to report.json and requests.jsonl."""
+
+    def __init__(self, cfg: RunConfig, machine: dict[str, Any], prompts: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.machine = machine
+        self.prompts = prompts
+        self.started = time.monotonic()
+        self.steps: list[Any] = []
+        self.described: dict[str, Any] = {}
+        self.failures: dict[str, str] = {}
+        self.interrupted = False
+        self.files: dict[str, str] = {"samples": "requests.jsonl"}
+        self.json_path = cfg.out_dir / "report.json"
+        self.samples_path = cfg.out_dir / "requests.jsonl"
+
+    def rows(self) -> list[dict[str, Any]]:
+        from loadtest.stats import summarize
+
+        return [
+            {
+                "target": s.target,
+                "kind": s.kind,
+                "label": s.label,
+                "x": s.x,
+                "params": s.params,
+                "interrupted": s.interrupted,
+                "summary": summarize(s),
+            }
+            for s in self.steps
+        ]
+
+    def kpi(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        from loadtest import kpi
+        from loadtest.scenarios import KPI_SESSIONS
+
+        if self.cfg.scenario != "kpi":
+            return None
+        return kpi.evaluate(rows, list(self.cfg.targets), self.cfg.kpi_context_tokens, KPI_SESSIONS)
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Both files, each replaced whole (a reader never sees half a report)."""
+        from loadtest import report
+        from loadtest.stats import paired
+
+        cfg = self.cfg
+        body: dict[str, Any] = {
+            "tool": "chatq loadtest",
+            "format": 1,
+            "scenario": cfg.scenario,
+            "interrupted": self.interrupted,
+            "config": {**cfg.to_json(), "prompts": self.prompts},
+            "machine": self.machine,
+            "targets": self.described,
+            "steps": rows,
+            "ratios": {
+                "numerator": report.RATIO_NUMERATOR,
+                "denominator": report.RATIO_DENOMINATOR,
+                "by_step": report.ratios(rows),
+                "paired_by_step": paired(self.steps),
+            },
+            "files": self.files,
+            "failures": self.failures,
+            "wall_seconds": round(time.monotonic() - self.started, 1),
+        }
+        kpi = self.kpi(rows)
+        if kpi is not None:
+            body["kpi"] = kpi
+        samples_tmp = self.samples_path.with_name(self.samples_path.name + ".tmp")
+        report.write_samples(samples_tmp, self.steps)
+        samples_tmp.replace(self.samples_path)
+        json_tmp = self.json_path.with_name(self.json_path.name + ".tmp")
+        report.write_json(json_tmp, body)
+        json_tmp.replace(self.json_path)
+
+
+def draw_chart(run: RunReport, rows: list[dict[str, Any]]) -> None:
+    """chart.png if matplotlib imports; otherwise one line saying how to get it."""
+    try:
+        import matplotlib  # noqa: F401  - only to know whether the chart can be drawn
+    except ImportError:
+        _say(NO_CHART)
+        return
+    from loadtest.chart import write_chart
+
+    cfg, machine = run.cfg, run.machine
+    path = cfg.out_dir / "chart.png"
+    title = (
+        f"chatq loadtest — {cfg.scenario}, prompt {cfg.prompt_tokens} tok, max_tokens {cfg.max_tokens}, "
+        f"{machine['cores']} cores, {machine['date']}"
+    )
+    try:
+        write_chart(path, cfg.scenario, rows, title)
+    except Exception as exc:  # noqa: BLE001 - the chart is optional; the report is already written
+        _say(f"chart: not drawn ({exc!r}); the report is complete")
+        return
+    run.files["chart"] = path.name
+    run.write(rows)  # the report lists the chart now
+    _say(f"chart:   {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,26 +349,24 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model_dir.resolve() if args.model_dir else default_model_dir()
     cfg = build_config(args, out_dir, model_dir)
 
-    from loadtest import report
-    from loadtest.chart import write_chart
+    from loadtest import kpi, report
     from loadtest.prompts import build_prompts, load_tokenizer
-    from loadtest.stats import paired, summarize
 
-    machine = report.machine()
     _say(f"loadtest: scenario {cfg.scenario}, targets {', '.join(cfg.targets)}; results in {out_dir}")
     started = time.monotonic()
     tokenizer = load_tokenizer(model_dir)
     prompts = build_prompts(tokenizer, tokens=cfg.prompt_tokens, count=cfg.num_prompts, seed=cfg.seed)
     warm = build_prompts(tokenizer, tokens=cfg.prompt_tokens, count=max(1, cfg.warmup), seed=cfg.seed + 1)
+    context = context_prompts(tokenizer, cfg, prompts.template_overhead)
+    described_prompts = prompts.describe()
+    if context is not None:
+        described_prompts["kpi_context"] = context.describe()
     _say(
         f"prompts: {len(prompts.prompts)} × {prompts.tokens} tokens "
         f"(+{prompts.template_overhead} chat-template tokens) in {time.monotonic() - started:.1f} s"
     )
+    run = RunReport(cfg, report.machine(), described_prompts)
 
-    steps: list[Any] = []
-    described: dict[str, Any] = {}
-    failures: dict[str, str] = {}
-    interrupted = False
     for name in cfg.targets:
         target = external_target(cfg) if cfg.url else make_target(name, cfg)
         _say(f"[{name}] starting ...")
@@ -211,77 +374,41 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with target:
                 _say(f"[{name}] ready at {target.base_url} after {target.start_seconds} s")
-                run_target(target, cfg, prompts, warm, steps)
+                run_target(target, cfg, prompts, warm, context, run.steps)
         except (TargetError, OSError) as exc:
-            failures[name] = str(exc)
+            run.failures[name] = str(exc)
             _say(f"[{name}] FAILED: {exc}")
         except KeyboardInterrupt:
-            failures[name] = "interrupted"
-            interrupted = True
+            run.failures[name] = "interrupted"
+            run.interrupted = True
             _say(f"[{name}] interrupted; writing the report of what was measured")
         finally:
-            described[name] = {
+            run.described[name] = {
                 **target.describe(),
                 "load_average_before": load_before,
                 "load_average_after": [round(x, 2) for x in os.getloadavg()],
             }
-            if name in failures:
-                described[name]["failure"] = failures[name]
+            if name in run.failures:
+                run.described[name]["failure"] = run.failures[name]
         _say(f"[{name}] stopped")
-        if interrupted:
+        run.write(run.rows())  # what this target measured is safe before anything else runs
+        if run.interrupted:
             break
 
-    rows = [
-        {
-            "target": s.target,
-            "kind": s.kind,
-            "label": s.label,
-            "x": s.x,
-            "params": s.params,
-            "summary": summarize(s),
-        }
-        for s in steps
-    ]
+    rows = run.rows()
+    run.write(rows)
     report.print_tables(cfg.scenario, rows, _say)
-
-    json_path = out_dir / "report.json"
-    samples_path = out_dir / "requests.jsonl"
-    chart_path = out_dir / "chart.png"
-    title = (
-        f"chatq loadtest — {cfg.scenario}, prompt {cfg.prompt_tokens} tok, max_tokens {cfg.max_tokens}, "
-        f"{machine['cores']} cores, {machine['date']}"
-    )
-    files: dict[str, str] = {"samples": samples_path.name}
-    if rows:
-        write_chart(chart_path, cfg.scenario, rows, title)
-        files["chart"] = chart_path.name
-    report.write_samples(samples_path, steps)
-    report.write_json(
-        json_path,
-        {
-            "tool": "chatq loadtest",
-            "format": 1,
-            "scenario": cfg.scenario,
-            "config": {**cfg.to_json(), "prompts": prompts.describe()},
-            "machine": machine,
-            "targets": described,
-            "steps": rows,
-            "ratios": {
-                "numerator": report.RATIO_NUMERATOR,
-                "denominator": report.RATIO_DENOMINATOR,
-                "by_step": report.ratios(rows),
-                "paired_by_step": paired(steps),
-            },
-            "files": files,
-            "failures": failures,
-            "wall_seconds": round(time.monotonic() - started, 1),
-        },
-    )
-    _say(f"report:  {json_path}")
-    _say(f"samples: {samples_path}")
-    if "chart" in files:
-        _say(f"chart:   {chart_path}")
-    return 130 if interrupted else 1 if failures else 0
+    section = run.kpi(rows)
+    if section is not None:
+        _say("")
+        _say("== kpi: the plan's targets")
+        _say(kpi.table(section))
+    _say("")
+    _say(f"report:  {run.json_path}")
+    _say(f"samples: {run.samples_path}")
+    if rows and not run.interrupted:
+        draw_chart(run, rows)
+    return EXIT_INTERRUPTED if run.interrupted else 1 if run.failures else 0
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Scenario = Literal["steps", "rate", "overload", "streams"]
+Scenario = Literal["steps", "rate", "overload", "streams", "kpi"]
 Arrival = Literal["poisson", "uniform"]
 
-SCENARIOS: tuple[Scenario, ...] = ("steps", "rate", "overload", "streams")
+SCENARIOS: tuple[Scenario, ...] = ("steps", "rate", "overload", "streams", "kpi")
 # chatq and synthetic-accounts run with accounts on (PostgreSQL, Redis) and are called with a
 # user's API key under non-zero rate limits, so auth and the limit checks run on every
 # request; synthetic is the pipeline alone (a service key, no limits).
@@ -24,6 +24,7 @@ DEFAULT_TARGETS: dict[Scenario, tuple[str, ...]] = {
     "rate": ("chatq", "vllm-server", "synthetic"),
     "overload": ("chatq",),
     "streams": ("synthetic",),
+    "kpi": ("chatq", "vllm-server"),
 }
 # Default arrival rates (requests/s) of the open-loop scenarios.
 DEFAULT_RATES: dict[Scenario, tuple[float, ...]] = {
@@ -74,6 +75,8 @@ class RunConfig:
     request_timeout_s: float = 600.0
     start_timeout_s: float = 600.0
     max_inflight: int = 5000
+    kpi_context_tokens: int = 2048  # kpi: the whole model input (template included) of the TTFT step
+    progress_s: float = 10.0  # a progress line on stderr this often while a step runs
     model_dir: Path = Path()
     model_name: str = MODEL_NAME
     out_dir: Path = Path()

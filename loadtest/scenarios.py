@@ -1,7 +1,9 @@
 """The workloads: closed-loop steps, open-loop rate and overload, and many held streams.
 
 Each step records every request (RequestResult), the step's start and end, and the
-probes around it (process CPU, the worker's chunk and token counters).
+probes around it (process CPU, the worker's chunk and token counters). A step that is
+interrupted (Ctrl-C, SIGTERM: the running task is cancelled) still keeps the requests
+that had finished, marked `interrupted`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import itertools
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ PAUSE_BETWEEN_STEPS_S = 1.0
 STREAMS_SETTLE_S = 1.0
 OPEN_LOOP_KEEPALIVE = 32
 CHATQ_MAX_TOKENS = 4096  # chatq's default CHATQ_MAX_TOKENS
+KPI_SESSIONS = 5  # the plan's requests/min KPI is at 5 concurrent sessions
 
 
 @dataclass
@@ -44,6 +48,11 @@ class StepResult:
     probes: dict[str, Any] = field(default_factory=dict)
     window: tuple[float, float] | None = None  # steady window (streams), perf_counter
     synth: SynthConfig | None = None
+    interrupted: bool = False  # cut short: only the requests that had finished
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def synthetic_token_count(text: str) -> int:
@@ -59,13 +68,16 @@ class TargetRun:
     cfg: RunConfig
     prompts: PromptSet
     warmup_prompts: PromptSet
+    # kpi: prompts whose model input is cfg.kpi_context_tokens long (the TTFT step)
+    context_prompts: PromptSet | None = None
+    tick: Callable[[str], None] = _stderr  # the periodic progress lines
     steps: list[StepResult] = field(default_factory=list)
     _counter: Iterator[int] = field(default_factory=itertools.count)
 
-    def next_prompt(self) -> tuple[int, str]:
+    def next_prompt(self, prompts: PromptSet | None = None) -> tuple[int, str]:
         """The next request's index and prompt; the same sequence for every target."""
         index = next(self._counter)
-        return index, self.prompts[index]
+        return index, (prompts or self.prompts)[index]
 
     def client(self, http: httpx.AsyncClient, max_tokens: int | None = None) -> ChatClient:
         t = self.target
@@ -86,15 +98,21 @@ class TargetRun:
             await self.warm_up(progress)
             if cfg.scenario == "steps":
                 for n in cfg.concurrency:
-                    self.steps.append(
-                        await self.measure(probe_http, f"c={n}", n, self.closed_loop(n), progress)
-                    )
+                    await self.measure(probe_http, f"c={n}", n, self.closed_loop(n), progress)
                     await self.between_steps()
+            elif cfg.scenario == "kpi":
+                # TTFT at a long context, one session (the prompt alone, no queueing),
+                # then requests/min at the plan's 5 sessions with the ordinary prompts.
+                context = self.context_prompts
+                assert context is not None, "the kpi scenario needs context_prompts"
+                label = f"ctx={cfg.kpi_context_tokens}"
+                await self.measure(probe_http, label, 1, self.closed_loop(1, context), progress)
+                await self.between_steps()
+                n = KPI_SESSIONS
+                await self.measure(probe_http, f"c={n}", n, self.closed_loop(n), progress)
             elif cfg.scenario in ("rate", "overload"):
                 for rate in cfg.rates or DEFAULT_RATES[cfg.scenario]:
-                    self.steps.append(
-                        await self.measure(probe_http, f"r={rate:g}/s", rate, self.open_loop(rate), progress)
-                    )
+                    await self.measure(probe_http, f"r={rate:g}/s", rate, self.open_loop(rate), progress)
                     await self.between_steps()
             else:
                 self.steps.append(await self.streams(probe_http, progress))
@@ -123,17 +141,44 @@ class TargetRun:
         workload: _Workload,
         progress: Callable[[str], None],
     ) -> StepResult:
+        """Run one step; it goes to self.steps when it ends, or when it is cancelled."""
         t = self.target
         cpu = cpu_probe(t.api_pid, t.worker_pid)
         before = await worker_counters(probe_http, t.worker_metrics_url)
         cpu.begin()
         t0 = time.perf_counter()
-        results, params = await workload.run()
-        t1 = max((r.end for r in results), default=time.perf_counter())
+        ticker = asyncio.create_task(self.tick_progress(label, workload, t0))
+        try:
+            results, params = await workload.run()
+        except asyncio.CancelledError:
+            # Interrupted: keep what had finished; no awaiting here (the task is going away).
+            done = list(workload.results)
+            params = {**workload.params(), "interrupted": True}
+            self.steps.append(self._step(label, x, params, done, t0, cpu.end(), {}, interrupted=True))
+            progress(f"  {t.name} {label}: interrupted; {len(done)} finished requests kept")
+            raise
+        finally:
+            ticker.cancel()
         usage = cpu.end()
         after = await worker_counters(probe_http, t.worker_metrics_url)
+        step = self._step(label, x, params, results, t0, usage, counter_delta(before, after))
+        self.steps.append(step)
         ok = sum(1 for r in results if r.ok)
-        progress(f"  {t.name} {label}: {len(results)} requests, {ok} ok, {t1 - t0:.1f} s")
+        progress(f"  {t.name} {label}: {len(results)} requests, {ok} ok, {step.t1 - t0:.1f} s")
+        return step
+
+    def _step(
+        self,
+        label: str,
+        x: float,
+        params: dict[str, Any],
+        results: list[RequestResult],
+        t0: float,
+        usage: dict[str, float | None],
+        counters: dict[str, Any],
+        interrupted: bool = False,
+    ) -> StepResult:
+        t = self.target
         return StepResult(
             target=t.name,
             kind=t.kind,
@@ -143,15 +188,30 @@ class TargetRun:
             params=params,
             results=results,
             t0=t0,
-            t1=t1,
-            probes={"cpu_percent": usage, **counter_delta(before, after)},
+            t1=max((r.end for r in results), default=time.perf_counter()),
+            probes={"cpu_percent": usage, **counters},
             synth=t.synth,
+            interrupted=interrupted,
         )
+
+    async def tick_progress(self, label: str, workload: _Workload, t0: float) -> None:
+        """Every cfg.progress_s: the step, elapsed of its planned seconds, requests and errors."""
+        total = self.cfg.step_seconds
+        while True:
+            await asyncio.sleep(self.cfg.progress_s)
+            elapsed = time.perf_counter() - t0
+            done = workload.results
+            errors = sum(1 for r in done if not r.ok)
+            tail = "" if elapsed <= total else " (waiting for the last requests)"
+            self.tick(
+                f"progress: {self.target.name} {label} {elapsed:.0f}/{total:.0f} s, "
+                f"{len(done)} requests, {errors} errors{tail}"
+            )
 
     # --- workloads ------------------------------------------------------------------
 
-    def closed_loop(self, sessions: int) -> _Workload:
-        return _ClosedLoop(self, sessions)
+    def closed_loop(self, sessions: int, prompts: PromptSet | None = None) -> _Workload:
+        return _ClosedLoop(self, sessions, prompts)
 
     def open_loop(self, rate: float) -> _Workload:
         return _OpenLoop(self, rate)
@@ -231,34 +291,50 @@ class TargetRun:
 
 
 class _Workload:
+    """A step's load; `results` holds every request that has finished so far."""
+
+    results: list[RequestResult]
+
     async def run(self) -> tuple[list[RequestResult], dict[str, Any]]:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """The step's parameters as far as they are known before it ends."""
         raise NotImplementedError
 
 
 class _ClosedLoop(_Workload):
     """N sessions, each sending its next request as soon as the previous one ended."""
 
-    def __init__(self, run: TargetRun, sessions: int) -> None:
+    def __init__(self, run: TargetRun, sessions: int, prompts: PromptSet | None = None) -> None:
         self.runner = run
         self.sessions = sessions
+        self.prompts = prompts
+        self.results = []
+
+    def params(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"concurrency": self.sessions, "seconds": self.runner.cfg.step_seconds}
+        if self.prompts is not None:
+            out["prompt_tokens"] = self.prompts.tokens
+            out["context_tokens"] = self.prompts.rendered_tokens
+        return out
 
     async def run(self) -> tuple[list[RequestResult], dict[str, Any]]:
         cfg = self.runner.cfg
-        results: list[RequestResult] = []
         async with make_http_client(self.sessions, cfg.request_timeout_s) as http:
             client = self.runner.client(http)
             end = time.perf_counter() + cfg.step_seconds
 
             async def session() -> None:
                 while time.perf_counter() < end:
-                    index, prompt = self.runner.next_prompt()
+                    index, prompt = self.runner.next_prompt(self.prompts)
                     result = await client.chat(index, prompt)
-                    results.append(result)
+                    self.results.append(result)
                     if not result.ok:
                         await asyncio.sleep(0.05)  # a failing server must not be spun on
 
             await asyncio.gather(*(session() for _ in range(self.sessions)))
-        return results, {"concurrency": self.sessions, "seconds": cfg.step_seconds}
+        return self.results, self.params()
 
 
 class _OpenLoop(_Workload):
@@ -267,6 +343,11 @@ class _OpenLoop(_Workload):
     def __init__(self, run: TargetRun, rate: float) -> None:
         self.runner = run
         self.rate = rate
+        self.results = []
+
+    def params(self) -> dict[str, Any]:
+        cfg = self.runner.cfg
+        return {"rate": self.rate, "arrival": cfg.arrival, "seconds": cfg.step_seconds}
 
     def arrivals(self) -> list[float]:
         cfg = self.runner.cfg
@@ -287,9 +368,11 @@ class _OpenLoop(_Workload):
         max_lag = 0.0
         inflight = 0
 
-        def finished(_: asyncio.Task[RequestResult]) -> None:
+        def finished(task: asyncio.Task[RequestResult]) -> None:
             nonlocal inflight
             inflight -= 1
+            if not task.cancelled() and task.exception() is None:
+                self.results.append(task.result())
 
         async with make_http_client(None, cfg.request_timeout_s, keepalive=OPEN_LOOP_KEEPALIVE) as http:
             client = self.runner.client(http)
@@ -309,9 +392,7 @@ class _OpenLoop(_Workload):
                 tasks.append(task)
             results = list(await asyncio.gather(*tasks))
         return results, {
-            "rate": self.rate,
-            "arrival": cfg.arrival,
-            "seconds": cfg.step_seconds,
+            **self.params(),
             "scheduled": len(arrivals),
             "dropped_by_client": dropped,
             "max_schedule_lag_ms": round(max_lag * 1000, 1),
