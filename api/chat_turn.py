@@ -203,11 +203,11 @@ async def _turn_events(call: ChatCall, relay: Relay) -> AsyncIterator[bytes]:
     prelude, call.prelude = call.prelude, b""
     if prelude:
         yield prelude
-    job, bus, monitor = relay.job, call.services.bus, call.services.monitor
+    job, monitor = relay.job, call.services.monitor
     accepted = asyncio.ensure_future(relay.accepted())
     try:
         while not (await asyncio.wait({accepted}, timeout=QUEUE_EVENT_S))[0]:
-            where = await queue_position.place(bus, monitor, job.model, job.priority, relay._seq)
+            where = await queue_position.place(monitor, job.model, job.priority, relay._seq)
             if where is not None and not accepted.done():
                 yield b"event: queue\ndata: " + _json.encode(where) + b"\n\n"
         accepted.result()

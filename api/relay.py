@@ -110,7 +110,7 @@ class Relay:
             self.job.request_id, max_bytes=self.buffer_bytes, on_overflow=self._overflowed
         )
         try:
-            self._seq = await self.bus.publish_job(self.job)
+            self._seq = (await self.bus.publish_job(self.job)).seq
         except JobRefused:
             await self._sub.close()
             raise monitor.refused(self.job.model, self.job.priority) from None

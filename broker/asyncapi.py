@@ -35,12 +35,12 @@ CONTENT_TYPE = "application/msgpack"
 TAG_FIELD = "t"
 SCHEMA_REF = "#/components/schemas/{name}"
 
-# Dead-lettered events keep their body and gain these headers (set by workers/persistence).
+# Dead-lettered events keep their body and gain these headers (Bus.dead_letter_event).
 DEADLETTER_HEADERS = {
-    "Chatq-Error": "why the event was given up on, one line",
-    "Chatq-Request-Id": "the event's request id ('?' when the body does not decode)",
-    "Chatq-Subject": "the subject the event was published on",
-    "Chatq-Deliveries": "how many times it was tried",
+    bus.ERROR_HEADER: "why the event was given up on, one line",
+    bus.REQUEST_ID_HEADER: "the event's request id ('?' when the body does not decode)",
+    bus.SUBJECT_HEADER: "the subject the event was published on",
+    bus.DELIVERIES_HEADER: "how many times it was tried",
 }
 
 # What each event kind means to an integrator; a kind missing here is described by its

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 # consumer tags its log lines with the request before decoding anything. Token chunks
 # do not: their subject names the request and they are the hot path.
 REQUEST_ID_HEADER = "Chatq-Request-Id"
+# Headers of a dead-lettered event (its body is the event's bytes as they were published).
+ERROR_HEADER = "Chatq-Error"
+SUBJECT_HEADER = "Chatq-Subject"
+DELIVERIES_HEADER = "Chatq-Deliveries"
 
 # Unread token stream kept per request before its reader counts as too slow (4 MiB).
 DEFAULT_STREAM_BUFFER_BYTES = 4 << 20
@@ -53,6 +57,14 @@ class JobTooLarge(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Queued:
+    """A job in the JOBS stream: its sequence, and whether it was there already (same id)."""
+
+    seq: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ConsumerDepth:
     """A job consumer's backlog: jobs waiting, in flight, and started (acked) so far.
 
@@ -66,6 +78,9 @@ class ConsumerDepth:
     started: int
     at: float
     arrived: int = 0
+    # The stream sequence of the last job handed to a worker: a job queued at a higher
+    # sequence still waits (see api/queue_position.py).
+    delivered_seq: int = 0
 
 
 async def connect(url: str, name: str) -> Client:
@@ -209,8 +224,8 @@ class Bus:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=5.0)
 
-    async def publish_job(self, job: schemas.Job) -> int:
-        """Queue a job durably; returns its stream sequence. Raises JobRefused when full,
+    async def publish_job(self, job: schemas.Job) -> Queued:
+        """Queue a job durably, once per request id. Raises JobRefused when full,
         JobTooLarge when one message cannot carry it."""
         data = schemas.encode(job)
         limit = self.nc.max_payload - JOB_HEADROOM_BYTES
@@ -228,7 +243,7 @@ class Bus:
             if exc.err_code == 10077 or "maximum messages" in (exc.description or ""):
                 raise JobRefused(str(exc.description)) from exc
             raise
-        return int(ack.seq)
+        return Queued(seq=int(ack.seq), duplicate=bool(ack.duplicate))
 
     async def withdraw_job(self, seq: int) -> bool:
         """Remove a job that no worker has taken yet; False when it is already gone."""
@@ -263,6 +278,24 @@ class Bus:
                     raise
                 await asyncio.sleep(0.2 * (attempt + 1))
 
+    async def dead_letter_event(
+        self, data: bytes, *, request_id: str, subject: str, stream_seq: int, deliveries: int, reason: str
+    ) -> None:
+        """Keep an event that cannot be stored in the DEADLETTER stream, with why, once."""
+        await self.js.publish(
+            names.DEADLETTER_EVENTS,
+            data,
+            stream=names.DEADLETTER_STREAM,
+            headers={
+                ERROR_HEADER: reason,
+                REQUEST_ID_HEADER: request_id,
+                SUBJECT_HEADER: subject,
+                DELIVERIES_HEADER: str(deliveries),
+                # Dead-lettered twice (the first ack lost), it is stored once.
+                "Nats-Msg-Id": f"{names.EVENTS_STREAM}-{stream_seq}",
+            },
+        )
+
     async def publish_cancel(self, request_id: str, reason: CancelReason) -> None:
         cancel = schemas.Cancel(request_id=request_id, reason=reason)
         await self.nc.publish(
@@ -295,6 +328,7 @@ class Bus:
             started=int(info.ack_floor.consumer_seq or 0) if info.ack_floor else 0,
             at=time.monotonic(),
             arrived=pending + (int(info.delivered.consumer_seq or 0) if info.delivered else 0),
+            delivered_seq=int(info.delivered.stream_seq or 0) if info.delivered else 0,
         )
 
     async def jobs_in_stream(self) -> int:

@@ -36,6 +36,17 @@ def job_subject(model: str, priority: Priority = "interactive") -> str:
     return f"chat.jobs.{model_key(model)}.{priority}"
 
 
+def job_queue_of(subject: str) -> tuple[str, Priority] | None:
+    """(model key, priority) of a subject job_subject() built; None for any other subject."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != ["chat", "jobs"]:
+        return None
+    for priority in PRIORITIES:
+        if parts[3] == priority:
+            return parts[2], priority
+    return None
+
+
 def jobs_consumer(model: str, priority: Priority = "interactive") -> str:
     """Durable pull consumer shared by every worker serving this model and priority."""
     return f"jobs-{model_key(model)}-{priority}"

@@ -137,10 +137,10 @@ def test_every_event_kind_has_its_subject_and_the_stream_is_described(doc: dict[
     deadletter = by_address[names.DEADLETTER_EVENTS]
     assert set(deadletter["messages"]) == {s.__name__ for s in typing.get_args(schemas.Event)}
     for header in (
-        persistence.ERROR_HEADER,
-        persistence.REQUEST_ID_HEADER,
-        persistence.SUBJECT_HEADER,
-        persistence.DELIVERIES_HEADER,
+        bus.ERROR_HEADER,
+        bus.REQUEST_ID_HEADER,
+        bus.SUBJECT_HEADER,
+        bus.DELIVERIES_HEADER,
     ):
         assert f"`{header}`" in deadletter["description"]
 

@@ -26,6 +26,10 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 
 import schemas
 from broker import names, topology
+from broker.bus import DELIVERIES_HEADER as DELIVERIES_HEADER  # (the tests' old spelling)
+from broker.bus import ERROR_HEADER as ERROR_HEADER
+from broker.bus import REQUEST_ID_HEADER as REQUEST_ID_HEADER
+from broker.bus import SUBJECT_HEADER as SUBJECT_HEADER
 from broker.bus import Bus, RequestContext
 from chatq.logs import url_for_log
 from workers.persistence.store import Store, is_transient
@@ -37,11 +41,6 @@ RETRY_DELAY_S = 2.0
 MAX_DELIVER = 5
 SUMMARY_INTERVAL_S = 60.0
 DURABLE = "persistence"
-# Headers of a dead-lettered event (its body is the event's bytes as they were published).
-ERROR_HEADER = "Chatq-Error"
-REQUEST_ID_HEADER = "Chatq-Request-Id"
-SUBJECT_HEADER = "Chatq-Subject"
-DELIVERIES_HEADER = "Chatq-Deliveries"
 _MAX_REASON = 500
 
 
@@ -134,21 +133,14 @@ def build_app(
             tally.retried += 1
             await msg.nack(delay=retry_delay_s)
             return
-        headers = {
-            ERROR_HEADER: reason,
-            REQUEST_ID_HEADER: request_id,
-            SUBJECT_HEADER: msg.raw_message.subject,
-            DELIVERIES_HEADER: str(tries),
-            # Dead-lettered twice (the term below lost), it is stored once.
-            "Nats-Msg-Id": f"{names.EVENTS_STREAM}-{meta.sequence.stream}",
-        }
         try:
-            await broker.publish(
+            await Bus(broker.connection).dead_letter_event(
                 msg.body,
-                names.DEADLETTER_EVENTS,
-                headers=headers,
-                stream=names.DEADLETTER_STREAM,
-                timeout=5.0,
+                request_id=request_id,
+                subject=msg.raw_message.subject,
+                stream_seq=meta.sequence.stream,
+                deliveries=tries,
+                reason=reason,
             )
         except Exception as pub_exc:  # noqa: BLE001 - NATS trouble: keep the event, try later
             log.warning(
@@ -179,31 +171,20 @@ def build_app(
         event is written the conversation is no longer due a title at all.
         """
         job = title_job(source)
+        bus = Bus(broker.connection)
         try:
-            ack = await broker.connection.jetstream(timeout=5.0).publish(
-                names.job_subject(job.model, job.priority),
-                schemas.encode(job),
-                stream=names.JOBS_STREAM,
-                headers={"Nats-Msg-Id": job.request_id, REQUEST_ID_HEADER: job.request_id},
-            )
+            queued = await bus.publish_job(job)
         except Exception as exc:  # noqa: BLE001 - NATS trouble or a full queue: no title
             log.warning(
                 "could not queue the title job of conversation %s: %s", source.conversation_id, _reason(exc)
             )
             return
-        if ack.duplicate:
+        if queued.duplicate:
             return  # queued already by an earlier delivery of the same event
         tally.titles += 1
         log.debug("queued the title job of conversation %s", source.conversation_id)
-        accepted = schemas.Accepted(
-            request_id=job.request_id,
-            model=job.model,
-            time=job.created,
-            stream=False,
-            meta=job.meta,
-        )
         try:
-            await Bus(broker.connection).publish_event(accepted, attempts=2)
+            await bus.publish_event(schemas.Accepted.for_job(job, []), attempts=2)
         except Exception as exc:  # noqa: BLE001 - its Completed event still writes the row
             log.warning("could not record the title job %s: %s", job.request_id, _reason(exc))
 

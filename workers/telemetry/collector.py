@@ -119,11 +119,11 @@ def _milli(value: float | None) -> float | None:
 def _queue_of(info: ConsumerInfo, models: dict[str, str]) -> tuple[str, Priority, str] | None:
     """(model, priority, filter subject) of a job consumer, from its filter subject."""
     subject = info.config.filter_subject or ""
-    parts = subject.split(".")
-    if len(parts) != 4 or parts[:2] != ["chat", "jobs"] or parts[3] not in names.PRIORITIES:
+    queue = names.job_queue_of(subject)
+    if queue is None:
         return None
-    priority: Priority = "background" if parts[3] == "background" else "interactive"
-    return models.get(parts[2], parts[2]), priority, subject
+    key, priority = queue
+    return models.get(key, key), priority, subject
 
 
 async def _oldest_age(js: JetStreamContext, info: ConsumerInfo, subject: str, now: float) -> float | None:
