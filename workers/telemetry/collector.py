@@ -9,13 +9,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerInfo
 from prometheus_client import CollectorRegistry, Gauge
 
 import schemas
-from broker import names
-from schemas.messages import Priority
-from schemas.status import ConsumerLag, GpuStatus, QueueStatus, Snapshot
+from broker.queues import queues_of_streams
+from schemas.status import GpuStatus, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -116,65 +114,6 @@ def _milli(value: float | None) -> float | None:
     return None if value is None else value / 1000
 
 
-def _queue_of(info: ConsumerInfo, models: dict[str, str]) -> tuple[str, Priority, str] | None:
-    """(model, priority, filter subject) of a job consumer, from its filter subject."""
-    subject = info.config.filter_subject or ""
-    queue = names.job_queue_of(subject)
-    if queue is None:
-        return None
-    key, priority = queue
-    return models.get(key, key), priority, subject
-
-
-async def _oldest_age(js: JetStreamContext, info: ConsumerInfo, subject: str, now: float) -> float | None:
-    """Age of the first job after the last one the consumer delivered (None: none waits)."""
-    if not info.num_pending:
-        return None
-    after = info.delivered.stream_seq if info.delivered is not None else 0
-    msg = await js.get_msg(names.JOBS_STREAM, seq=after + 1, subject=subject, next=True)
-    if msg.time is None:
-        return None
-    return round(max(0.0, now - msg.time.timestamp()), 3)
-
-
-async def read_queues(
-    js: JetStreamContext, models: Iterable[str]
-) -> tuple[list[QueueStatus], list[ConsumerLag], list[str]]:
-    """Every job queue with its depth and oldest age, and every EVENTS consumer's lag."""
-    keys = {names.model_key(m): m for m in models}
-    queues: list[QueueStatus] = []
-    notes: list[str] = []
-    now = time.time()
-    for info in await js.consumers_info(names.JOBS_STREAM):
-        queue = _queue_of(info, keys)
-        if queue is None:
-            continue
-        model, priority, subject = queue
-        try:
-            oldest = await _oldest_age(js, info, subject, now)
-        except Exception as exc:  # noqa: BLE001 - taken by a worker meanwhile: no age this round
-            oldest = None
-            if info.num_pending:
-                notes.append(f"oldest job of {info.name} unknown: {exc!r}")
-        queues.append(
-            QueueStatus(
-                model=model,
-                priority=priority,
-                consumer=info.name,
-                depth=info.num_pending or 0,
-                in_flight=info.num_ack_pending or 0,
-                redelivered=info.num_redelivered or 0,
-                oldest_age_s=oldest,
-            )
-        )
-    queues.sort(key=lambda q: (q.model, names.PRIORITIES.index(q.priority)))
-    lags = [
-        ConsumerLag(consumer=info.name, pending=info.num_pending or 0)
-        for info in await js.consumers_info(names.EVENTS_STREAM)
-    ]
-    return queues, lags, notes
-
-
 def export(gauges: Gauges, snapshot: Snapshot, workers: list[schemas.WorkerStatus]) -> None:
     """Set the Prometheus gauges from one snapshot and the live workers."""
     for gauge in (gauges.pending, gauges.in_flight, gauges.redelivered, gauges.oldest_age):
@@ -221,7 +160,7 @@ async def collect(
     interval_s: float = 5.0,
 ) -> Snapshot:
     """One pass over JetStream consumers, the live workers and the GPUs; the gauges set."""
-    queues, lags, notes = await read_queues(js, [*models, *(w.model for w in workers)])
+    queues, lags, notes = await queues_of_streams(js, [*models, *(w.model for w in workers)])
     try:
         gpus = nvml.read()
     except Exception as exc:  # noqa: BLE001 - a GPU fallen off the bus must not hide the queues
