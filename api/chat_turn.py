@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Annotated, Literal
 
 import msgspec
 from litestar import Request, post
@@ -23,12 +24,34 @@ from api import conversations, queue_position
 from api.accounts import UserSettings, load_settings
 from api.auth import principal_of
 from api.generation import SSE_HEADERS, ChatCall, abandon, begin, close_reason, logged, sse_error
-from api.openai_types import SimpleChatRequest
 from api.relay import Relay
 from api.services import Services
 from chatq.errors import ApiError, Forbidden, InvalidRequest
+from schemas.openai_wire import InMessage, MaxTokens, Temperature
 
 _json = msgspec.json.Encoder()
+
+
+class SimpleChatRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """POST /api/chat, the original plan's endpoint; always answered as SSE.
+
+    `message` (or `messages`) is the new turn; with `conversation_id` it continues that
+    conversation from its stored history, without one it starts a new conversation.
+    Sampling fields not given come from the user's settings (GET /api/me/settings).
+    """
+
+    messages: Annotated[list[InMessage], msgspec.Meta(min_length=1)] | None = None
+    message: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    conversation_id: str | None = None
+    model: str | None = None
+    temperature: Temperature | None = None
+    max_tokens: MaxTokens | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
+    system_prompt: Annotated[str, msgspec.Meta(max_length=20_000)] | None = None
+    priority: Literal["interactive", "background"] | None = None
+    # Replace the conversation's last turn (its question and answer) with this one:
+    # regenerate an answer, or edit and resend the last question.
+    replace_last: bool = False
 
 
 @post("/api/chat", status_code=200)

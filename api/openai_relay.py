@@ -27,10 +27,10 @@ from api.generation import (
     logged,
     unless_gone,
 )
-from api.openai_types import ChatRequestHead, CompletionRequestHead, InMessage
 from api.services import Services
 from chatq.errors import ApiError, InvalidRequest
 from schemas.messages import Endpoint, Priority
+from schemas.openai_wire import ChatRequestHead, CompletionRequestHead, InMessage
 
 _json = msgspec.json.Encoder()
 

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from chatq.errors import EngineError, invalid_field
-from workers.inference import openai_wire as wire
+from schemas import openai_wire as wire
 from workers.inference.engine import Answer, OpenAIRequest, Progress, RequestRejected
 
 _WORDS = (

@@ -1,4 +1,12 @@
-"""The OpenAI wire format the synthetic engine writes (vLLM's engine writes its own)."""
+"""The OpenAI wire format, one set of Structs for every reader and writer in chatq.
+
+Requests: what the API reads before queueing (model, stream, limits, the messages for
+the history) and what the synthetic engine reads to answer; the engine's own OpenAI
+layer (vLLM's) validates and serves the whole body, so these pick out only the fields
+chatq acts on and refuse the obviously malformed with a 400 naming the field. Every
+field may be sent as null, which means "not given", as OpenAI clients expect.
+Responses: what the synthetic engine writes (vLLM's engine writes its own).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +14,29 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from schemas.messages import ChatMessage
+
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
+# chatq's queue priority (a string) or vLLM's own engine priority (an integer).
+PriorityField = Literal["interactive", "background"] | int | None
+
+_ROLES = {"system", "user", "assistant", "developer", "tool"}
 
 
-class TextPart(msgspec.Struct, frozen=True):
+# --- requests ------------------------------------------------------------------------
+
+
+class ContentPart(msgspec.Struct, frozen=True):
     type: str
-    text: str = ""
+    text: str | None = None
 
 
 class InMessage(msgspec.Struct, frozen=True):
+    """A chat message as clients send it: content is text, a list of parts, or null."""
+
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
 
     @property
     def text(self) -> str:
@@ -24,11 +44,38 @@ class InMessage(msgspec.Struct, frozen=True):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text or "" for part in self.content)
+
+    def to_chat(self) -> ChatMessage:
+        role = self.role if self.role in _ROLES else "tool"
+        return ChatMessage(role=role, content=self.text)  # type: ignore[arg-type]
 
 
 class StreamOptions(msgspec.Struct, frozen=True):
     include_usage: bool | None = None
+
+
+class ChatRequestHead(msgspec.Struct, frozen=True):
+    """POST /v1/chat/completions, as far as the API reads it."""
+
+    model: str | None = None
+    messages: Annotated[list[InMessage], msgspec.Meta(min_length=1)] | None = None
+    stream: bool | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    user: str | None = None
+    priority: PriorityField = None
+
+
+class CompletionRequestHead(msgspec.Struct, frozen=True):
+    """POST /v1/completions, as far as the API reads it."""
+
+    model: str | None = None
+    prompt: str | list[Any] | None = None  # text, texts, or token ids
+    stream: bool | None = None
+    max_tokens: MaxTokens | None = None
+    user: str | None = None
+    priority: PriorityField = None
 
 
 class SyntheticRequest(msgspec.Struct, frozen=True):
@@ -49,6 +96,9 @@ class SyntheticRequest(msgspec.Struct, frozen=True):
         if self.prompt is not None:
             return self.prompt if isinstance(self.prompt, str) else "\n".join(map(str, self.prompt))
         return "\n".join(m.text for m in self.messages)
+
+
+# --- responses -----------------------------------------------------------------------
 
 
 class Delta(msgspec.Struct, omit_defaults=True):
