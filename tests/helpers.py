@@ -1,11 +1,13 @@
 """Test helpers: chatq stacks and processes from the launcher (stack.supervisor) on free
-loopback ports; requests, events and queues; waiting for a condition with a deadline."""
+loopback ports; requests, accounts, events and queues; waiting for a condition with a deadline."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -86,6 +88,22 @@ def wait_log(proc: Proc, pattern: str, timeout: float = 20, count: int = 1) -> s
         return wait_until(f"line {count} matching {pattern!r}", nth, timeout)
     except TimeoutError as exc:
         raise TimeoutError(f"{exc} in {proc.name}'s log:\n{proc.tail()}") from None
+
+
+def run_python(
+    *args: str, env: dict[str, str], timeout: float = 120, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python ARGS` (e.g. `-m stack.cli status`) from the repository root, its output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def nats_with_streams(root: Path) -> NatsServer:
@@ -313,6 +331,33 @@ def accounts_stack(
 def _nats_url() -> str:
     """A URL for the stack's own nats-server, on a free port."""
     return f"nats://127.0.0.1:{free_port()}"
+
+
+def no_rate_limits(*roles: str) -> dict[str, str]:
+    """The settings that turn off every rate limit of these roles ("user", "admin")."""
+    limits = ("RPM", "TPM", "CONCURRENCY")
+    return {f"RATE_LIMIT_{role.upper()}_{limit}": "0" for role in roles for limit in limits}
+
+
+@dataclass
+class Account:
+    username: str
+    password: str
+    id: int
+
+
+def create_account(url: str, username: str, role: str = "user") -> Account:
+    """A new account, created with the service key (which acts as an admin); its password
+    is `pw-<username>-12345`."""
+    password = f"pw-{username}-12345"
+    created = httpx.post(
+        url + "/api/users",
+        json={"username": username, "password": password, "role": role},
+        headers=auth(),
+        timeout=30,
+    )
+    assert created.status_code == 201, created.text
+    return Account(username, password, created.json()["id"])
 
 
 def login(url: str, username: str, password: str) -> dict[str, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +22,13 @@ import httpx
 import pytest
 
 from tests.helpers import (
-    ROOT,
     AccountsStack,
     Proc,
     accounts_stack,
     auth,
+    create_account,
     login,
+    run_python,
     sse_events,
     start_api,
     wait_log,
@@ -113,15 +113,7 @@ def chat(content: str, **extra: object) -> dict[str, object]:
 def logs_cli(stack: AccountsStack, *args: str) -> subprocess.CompletedProcess[str]:
     """./logs, reading the stack's log folder (CHATQ_HOME/logs)."""
     env = {**os.environ, "CHATQ_HOME": str(stack.logdir.parent)}
-    return subprocess.run(
-        [sys.executable, "-m", "stack.cli", "logs", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
+    return run_python("-m", "stack.cli", "logs", *args, env=env, timeout=60)
 
 
 def test_every_line_of_every_process_is_one_json_object(stack: AccountsStack) -> None:
@@ -239,14 +231,8 @@ def test_a_client_that_leaves_mid_stream_is_one_line(stack: AccountsStack) -> No
 
 
 def test_one_request_is_followed_through_every_process(stack: AccountsStack) -> None:
-    created = httpx.post(
-        stack.url + "/api/users",
-        json={"username": "dora", "password": "pw-dora-12345"},
-        headers=auth(),
-        timeout=30,
-    )
-    assert created.status_code == 201, created.text
-    headers = login(stack.url, "dora", "pw-dora-12345")
+    dora = create_account(stack.url, "dora")
+    headers = login(stack.url, dora.username, dora.password)
     with httpx.stream(
         "POST", stack.url + "/api/chat", json={"message": "hi", "max_tokens": 5}, headers=headers, timeout=30
     ) as resp:
@@ -254,7 +240,7 @@ def test_one_request_is_followed_through_every_process(stack: AccountsStack) -> 
         request_id = resp.headers["X-Request-Id"]
         resp.read()
     line = one_line(stack, request_id)
-    assert line["user_id"] == created.json()["id"]
+    assert line["user_id"] == dora.id
     assert (line["endpoint"], line["outcome"], line["output_tokens"]) == ("/api/chat", "completed", 5)
     # The worker's and persistence's lines carry the id they got in the message headers.
     deadline = time.monotonic() + 20
@@ -268,7 +254,7 @@ def test_one_request_is_followed_through_every_process(stack: AccountsStack) -> 
     assert all(request_id in (r.get("request_id"), None) or request_id in r["msg"] for r in found)
     assert [r["ts"] for r in found] == sorted(r["ts"] for r in found)
     worker = [r for r in found if r["service"] == "worker"]
-    assert all(r["user_id"] == created.json()["id"] and r["model"] == MODEL for r in worker), worker
+    assert all(r["user_id"] == dora.id and r["model"] == MODEL for r in worker), worker
     # The worker's line when the job ended (DEBUG when it completed), persistence's at INFO
     # when the request's end is stored.
     ended = [r for r in worker if r["msg"].startswith("job completed in")]

@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from stack.servers import free_port, wait_for_port
-from tests.helpers import AccountsStack, accounts_stack, login, spawn
-from tests.ui.conftest import Account, off_the_browser_loop, shoot
+from tests.helpers import Account, AccountsStack, accounts_stack, login, no_rate_limits, spawn
+from tests.ui.conftest import off_the_browser_loop, shoot
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,12 +49,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, built_web: Path, browser: An
             SWITCH_GRACE_S="2",
             WORKER_SLOTS="2",
             TELEMETRY_INTERVAL_S="0.5",
-            RATE_LIMIT_USER_RPM="0",
-            RATE_LIMIT_USER_TPM="0",
-            RATE_LIMIT_USER_CONCURRENCY="0",
-            RATE_LIMIT_ADMIN_RPM="0",
-            RATE_LIMIT_ADMIN_TPM="0",
-            RATE_LIMIT_ADMIN_CONCURRENCY="0",
+            **no_rate_limits("user", "admin"),
         )
     ) as s:
         env = {**s.env, "TELEMETRY_PORT": str(telemetry_port)}
