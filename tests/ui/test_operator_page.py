@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from stack.servers import free_port, wait_for_port
-from tests.helpers import Account, AccountsStack, accounts_stack, login, no_rate_limits, spawn
+from tests.helpers import Account, AccountsStack, accounts_stack, login, no_rate_limits, spawn, wait_until
 from tests.ui.conftest import off_the_browser_loop, shoot
 
 pytestmark = pytest.mark.timeout(300)
@@ -80,16 +80,6 @@ def admin_page(browser: Any, stack: AccountsStack, root: Account) -> Iterator[An
 
 def worker_row(page: Any) -> Any:
     return page.get_by_test_id(f"worker-{WORKER}")
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not seen within {timeout} s")
 
 
 def chat(stack: AccountsStack, account: Account, text: str) -> None:
@@ -211,7 +201,7 @@ def test_usage_rows_after_a_chat_and_the_csv(admin_page: Any, stack: AccountsSta
             filters.get_by_role("button", name="Show").click()
         return "completed" in usage.inner_text()
 
-    wait_until("alice's request in the usage table", shown)  # once persistence stored its end
+    wait_until("alice's request in the usage table", shown, 30)  # once persistence stored its end
     body = usage.locator("tbody tr").first.inner_text()
     assert FIRST in body and "completed" in body
     assert "1 requests" in page.get_by_test_id("usage-totals").inner_text()
