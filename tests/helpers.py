@@ -1,15 +1,19 @@
 """Test helpers: chatq stacks and processes from the launcher (stack.supervisor) on free
-loopback ports; requests, events and queues."""
+loopback ports; requests, accounts, events and queues; waiting for a condition with a deadline."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import re
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import nats
@@ -17,6 +21,7 @@ import nats
 from broker import topology
 from chatq.sse import SseEvent as SseEvent
 from chatq.sse import sse_events as sse_events
+from schemas.messages import Priority
 from stack import process_table, processes
 from stack.process_table import ProcessSpec
 from stack.processes import Process as Proc
@@ -29,10 +34,76 @@ ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-0123456789abcdef"
 JWT_SECRET = "k3Xq9vR2mW7pL4tZ8nB5cY1hJ6fD0sGaQeUoIiPr"
 
+T = TypeVar("T")
+
+
+def wait_until(what: str, check: Callable[[], T], timeout: float, interval: float = 0.1) -> T:
+    """`check()`'s first truthy result, asked every `interval` s; TimeoutError naming `what`
+    (and the last result) once `timeout` s have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s (last: {found!r})")
+        time.sleep(interval)
+
+
+async def eventually(
+    what: str, check: Callable[[], T | Awaitable[T]], timeout: float, interval: float = 0.1
+) -> T:
+    """wait_until for asyncio tests: `check` may be a coroutine function, and the loop runs
+    the test's other tasks between two checks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if inspect.isawaitable(found):
+            found = await found
+        if found:
+            return found  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s (last: {found!r})")
+        await asyncio.sleep(interval)
+
 
 def spawn(name: str, module: str, env: dict[str, str], logdir: Path) -> Proc:
     """`python -m module` as a process of its own, not supervised: a test may kill it."""
     return processes.spawn(name, module_argv(module), env, logdir, cwd=ROOT)
+
+
+def log_lines(proc: Proc, pattern: str) -> list[str]:
+    """The lines of the process's log that match `pattern`."""
+    return [line for line in proc.log.read_text(errors="replace").splitlines() if re.search(pattern, line)]
+
+
+def wait_log(proc: Proc, pattern: str, timeout: float = 20, count: int = 1) -> str:
+    """The `count`-th line of the process's log that matches `pattern` (waits for it)."""
+
+    def nth() -> str | None:
+        lines = log_lines(proc, pattern)
+        return lines[count - 1] if len(lines) >= count else None
+
+    try:
+        return wait_until(f"line {count} matching {pattern!r}", nth, timeout)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc} in {proc.name}'s log:\n{proc.tail()}") from None
+
+
+def run_python(
+    *args: str, env: dict[str, str], timeout: float = 120, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python ARGS` (e.g. `-m stack.cli status`) from the repository root, its output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def nats_with_streams(root: Path) -> NatsServer:
@@ -135,15 +206,16 @@ async def find_event(nats_url: str, request_id: str, kind: str, timeout: float =
         await nc.close()
 
 
-async def jobs_in_queue(nats_url: str, model: str) -> int:
-    """How many jobs of a model are in the JOBS stream (waiting or in flight)."""
+async def jobs_in_queue(nats_url: str, model: str, priority: Priority = "interactive") -> int:
+    """How many jobs of a model and priority are in the JOBS stream (waiting or in flight)."""
     import nats
 
     from broker import names
 
     nc = await nats.connect(nats_url)
     try:
-        info = await nc.jetstream().stream_info(names.JOBS_STREAM, subjects_filter=names.job_subject(model))
+        subject = names.job_subject(model, priority)
+        info = await nc.jetstream().stream_info(names.JOBS_STREAM, subjects_filter=subject)
         return sum((info.state.subjects or {}).values())
     finally:
         await nc.close()
@@ -259,6 +331,33 @@ def accounts_stack(
 def _nats_url() -> str:
     """A URL for the stack's own nats-server, on a free port."""
     return f"nats://127.0.0.1:{free_port()}"
+
+
+def no_rate_limits(*roles: str) -> dict[str, str]:
+    """The settings that turn off every rate limit of these roles ("user", "admin")."""
+    limits = ("RPM", "TPM", "CONCURRENCY")
+    return {f"RATE_LIMIT_{role.upper()}_{limit}": "0" for role in roles for limit in limits}
+
+
+@dataclass
+class Account:
+    username: str
+    password: str
+    id: int
+
+
+def create_account(url: str, username: str, role: str = "user") -> Account:
+    """A new account, created with the service key (which acts as an admin); its password
+    is `pw-<username>-12345`."""
+    password = f"pw-{username}-12345"
+    created = httpx.post(
+        url + "/api/users",
+        json={"username": username, "password": password, "role": role},
+        headers=auth(),
+        timeout=30,
+    )
+    assert created.status_code == 201, created.text
+    return Account(username, password, created.json()["id"])
 
 
 def login(url: str, username: str, password: str) -> dict[str, str]:

@@ -17,7 +17,18 @@ import jwt
 import openai
 import pytest
 
-from tests.helpers import JWT_SECRET, AccountsStack, accounts_stack, auth, find_event, login, sse_events
+from tests.helpers import (
+    JWT_SECRET,
+    AccountsStack,
+    accounts_stack,
+    auth,
+    create_account,
+    find_event,
+    login,
+    no_rate_limits,
+    run_python,
+    sse_events,
+)
 
 MODEL = "acct-model"
 CACHE_S = 1.0
@@ -32,9 +43,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
         API_KEY_CACHE_S=str(CACHE_S),
         SYNTH_TOKENS_PER_S="400",
         SYNTH_TTFT_MS="5",
-        RATE_LIMIT_USER_RPM="0",
-        RATE_LIMIT_USER_TPM="0",
-        RATE_LIMIT_USER_CONCURRENCY="0",
+        **no_rate_limits("user"),
     ) as s:
         yield s
 
@@ -47,15 +56,8 @@ class User:
 
 
 def _user(stack: AccountsStack, name: str, role: str = "user") -> User:
-    password = f"pw-{name}-12345"
-    created = httpx.post(
-        stack.url + "/api/users",
-        json={"username": name, "password": password, "role": role},
-        headers=auth(),  # the service key acts as an admin
-        timeout=30,
-    )
-    assert created.status_code == 201, created.text
-    return User(name, created.json()["id"], login(stack.url, name, password))
+    account = create_account(stack.url, name, role)
+    return User(name, account.id, login(stack.url, name, account.password))
 
 
 @pytest.fixture(scope="module")
@@ -281,20 +283,11 @@ def test_a_password_reset_by_an_admin_ends_earlier_tokens(stack: AccountsStack) 
 
 def test_a_password_changed_from_the_command_line_ends_earlier_tokens(stack: AccountsStack) -> None:
     import os
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
 
     fay = _user(stack, "fay")
-    done = subprocess.run(
-        [sys.executable, "-m", "stack.cli", "users", "passwd", "fay", "--password", "changed-by-cli-1"],
+    done = run_python(
+        *("-m", "stack.cli", "users", "passwd", "fay", "--password", "changed-by-cli-1"),
         env={**os.environ, **stack.env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
     assert done.returncode == 0, done.stderr
     deadline = time.monotonic() + CACHE_S + 10

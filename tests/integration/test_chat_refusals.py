@@ -12,7 +12,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.helpers import AccountsStack, accounts_stack, auth, login, sse_events
+from tests.helpers import AccountsStack, accounts_stack, create_account, login, sse_events
 
 MODEL = "short-context"
 CONTEXT = 256  # the profile's max_model_len; VLLM_MAX_MODEL_LEN stays at its 4096
@@ -49,14 +49,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
 
 
 def user(stack: AccountsStack, name: str) -> dict[str, str]:
-    password = f"pw-{name}-12345"
-    r = httpx.post(
-        stack.url + "/api/users",
-        json={"username": name, "password": password, "role": "user"},
-        headers=auth(),
-    )
-    assert r.status_code == 201, r.text
-    return login(stack.url, name, password)
+    account = create_account(stack.url, name)
+    return login(stack.url, name, account.password)
 
 
 def ask(stack: AccountsStack, headers: dict[str, str], messages: list[dict[str, str]]) -> httpx.Response:

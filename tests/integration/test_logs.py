@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,19 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import ROOT, AccountsStack, Proc, accounts_stack, auth, login, sse_events, start_api
+from tests.helpers import (
+    AccountsStack,
+    Proc,
+    accounts_stack,
+    auth,
+    create_account,
+    login,
+    run_python,
+    sse_events,
+    start_api,
+    wait_log,
+    wait_until,
+)
 
 MODEL = "synthetic-model"
 KEYS = ["ts", "level", "service", "logger", "msg"]
@@ -64,19 +75,30 @@ def records(p: Proc) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.log.read_text(errors="replace").splitlines()]
 
 
-def request_lines(p: Proc, request_id: str, timeout: float = 10) -> list[dict[str, Any]]:
-    """The API's request lines for a request, once there is one (then a moment more)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(r.get("request_id") == request_id and "status_code" in r for r in records(p)):
-            time.sleep(0.3)  # a second line, if there were one, would be here by now
-            return [r for r in records(p) if r.get("request_id") == request_id and "status_code" in r]
-        time.sleep(0.05)
-    raise TimeoutError(f"no request line for {request_id}:\n{p.tail()}")
+def lines_of(p: Proc, request_id: str) -> list[dict[str, Any]]:
+    return [r for r in records(p) if r.get("request_id") == request_id and "status_code" in r]
+
+
+def request_lines(p: Proc, url: str, request_id: str, timeout: float = 10) -> list[dict[str, Any]]:
+    """The request lines the API `p` (at `url`) wrote for a request, once it wrote one."""
+    try:
+        wait_until(f"a request line for {request_id}", lambda: lines_of(p, request_id), timeout, 0.05)
+        # That there is no second line, a later request's line shows: sent once the first
+        # request has ended and its line is written, it is logged after anything that
+        # ending still writes (a fixed pause would only guess how long that takes).
+        later = httpx.post(
+            url + "/v1/chat/completions", json=chat("x", model="no-such-model"), headers=auth()
+        )
+        wait_until(
+            "the later request's line", lambda: lines_of(p, later.headers["X-Request-Id"]), timeout, 0.05
+        )
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}:\n{p.tail()}") from None
+    return lines_of(p, request_id)
 
 
 def one_line(stack: AccountsStack, request_id: str) -> dict[str, Any]:
-    lines = request_lines(proc(stack, "api0"), request_id)
+    lines = request_lines(proc(stack, "api0"), stack.url, request_id)
     assert len(lines) == 1, lines
     line = lines[0]
     assert list(line)[:5] == KEYS, line
@@ -91,15 +113,7 @@ def chat(content: str, **extra: object) -> dict[str, object]:
 def logs_cli(stack: AccountsStack, *args: str) -> subprocess.CompletedProcess[str]:
     """./logs, reading the stack's log folder (CHATQ_HOME/logs)."""
     env = {**os.environ, "CHATQ_HOME": str(stack.logdir.parent)}
-    return subprocess.run(
-        [sys.executable, "-m", "stack.cli", "logs", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
+    return run_python("-m", "stack.cli", "logs", *args, env=env, timeout=60)
 
 
 def test_every_line_of_every_process_is_one_json_object(stack: AccountsStack) -> None:
@@ -217,14 +231,8 @@ def test_a_client_that_leaves_mid_stream_is_one_line(stack: AccountsStack) -> No
 
 
 def test_one_request_is_followed_through_every_process(stack: AccountsStack) -> None:
-    created = httpx.post(
-        stack.url + "/api/users",
-        json={"username": "dora", "password": "pw-dora-12345"},
-        headers=auth(),
-        timeout=30,
-    )
-    assert created.status_code == 201, created.text
-    headers = login(stack.url, "dora", "pw-dora-12345")
+    dora = create_account(stack.url, "dora")
+    headers = login(stack.url, dora.username, dora.password)
     with httpx.stream(
         "POST", stack.url + "/api/chat", json={"message": "hi", "max_tokens": 5}, headers=headers, timeout=30
     ) as resp:
@@ -232,7 +240,7 @@ def test_one_request_is_followed_through_every_process(stack: AccountsStack) -> 
         request_id = resp.headers["X-Request-Id"]
         resp.read()
     line = one_line(stack, request_id)
-    assert line["user_id"] == created.json()["id"]
+    assert line["user_id"] == dora.id
     assert (line["endpoint"], line["outcome"], line["output_tokens"]) == ("/api/chat", "completed", 5)
     # The worker's and persistence's lines carry the id they got in the message headers.
     deadline = time.monotonic() + 20
@@ -246,7 +254,7 @@ def test_one_request_is_followed_through_every_process(stack: AccountsStack) -> 
     assert all(request_id in (r.get("request_id"), None) or request_id in r["msg"] for r in found)
     assert [r["ts"] for r in found] == sorted(r["ts"] for r in found)
     worker = [r for r in found if r["service"] == "worker"]
-    assert all(r["user_id"] == created.json()["id"] and r["model"] == MODEL for r in worker), worker
+    assert all(r["user_id"] == dora.id and r["model"] == MODEL for r in worker), worker
     # The worker's line when the job ended (DEBUG when it completed), persistence's at INFO
     # when the request's end is stored.
     ended = [r for r in worker if r["msg"].startswith("job completed in")]
@@ -269,7 +277,19 @@ def test_prompts_are_logged_masked_with_log_prompts(stack: AccountsStack) -> Non
     for kind in ("email", "phone", "key", "jwt"):
         assert f"[{kind}]" in line["prompt"], line["prompt"]
     assert "Bearer [token]" in line["prompt"] and '"password": "[masked]"' in line["prompt"]
-    time.sleep(1)  # persistence has written (and, at DEBUG, logged) the events
+    # Every process is done with the request: the worker's job line (DEBUG once it
+    # completed) and persistence's line for its stored end are written.
+    request_id = resp.headers["X-Request-Id"]
+    wait_until(
+        "the worker's line for the completed job",
+        lambda: [
+            r
+            for r in records(proc(stack, "worker"))
+            if r.get("request_id") == request_id and r["msg"].startswith("job completed in")
+        ],
+        10,
+    )
+    wait_log(proc(stack, "persistence"), f"wrote the completed event of {request_id}")
     for p in stack.procs:
         text = p.log.read_text(errors="replace")
         for kind, (_, secret) in SECRETS.items():
@@ -281,7 +301,7 @@ def test_prompts_are_not_logged_without_log_prompts(stack: AccountsStack, tmp_pa
     try:
         resp = httpx.post(url + "/v1/chat/completions", json=chat("secret plans"), headers=auth(), timeout=30)
         assert resp.status_code == 200, resp.text
-        lines = request_lines(api, resp.headers["X-Request-Id"])
+        lines = request_lines(api, url, resp.headers["X-Request-Id"])
     finally:
         api.stop()
     assert len(lines) == 1 and "prompt" not in lines[0], lines

@@ -14,7 +14,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from database import schema
-from tests.integration.test_persistence import private_postgres
+from tests.persistence import private_postgres
 
 ALL = [m.name for m in schema.migrations()]
 

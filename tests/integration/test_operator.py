@@ -13,7 +13,6 @@ import json
 import re
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,7 +25,18 @@ from prometheus_client.parser import text_string_to_metric_families
 import schemas
 from broker.bus import Bus
 from stack.servers import free_port, wait_for_port
-from tests.helpers import ROOT, AccountsStack, Proc, accounts_stack, auth, login, spawn, start_worker
+from tests.helpers import (
+    ROOT,
+    AccountsStack,
+    Proc,
+    accounts_stack,
+    auth,
+    create_account,
+    login,
+    run_python,
+    spawn,
+    start_worker,
+)
 from tests.metrics import metric_value
 
 MODEL = "op-model"
@@ -157,14 +167,8 @@ def test_an_admin_sees_workers_queues_and_how_old_the_snapshot_is(operated: Oper
 
 def test_users_who_are_not_admins_get_403(operated: Operated) -> None:
     url = operated.stack.url
-    created = httpx.post(
-        url + "/api/users",
-        headers=auth(),
-        json={"username": "op-user", "password": "op-user-password-1", "role": "user"},
-        timeout=30,
-    )
-    assert created.status_code in (200, 201), created.text
-    user = login(url, "op-user", "op-user-password-1")
+    account = create_account(url, "op-user")
+    user = login(url, account.username, account.password)
     for path in ("/api/admin/workers", "/api/admin/status"):
         response = httpx.get(url + path, headers=user, timeout=10)
         assert response.status_code == 403, response.text
@@ -180,14 +184,7 @@ def test_users_who_are_not_admins_get_403(operated: Operated) -> None:
 def _cli_status(operated: Operated, *args: str) -> subprocess.CompletedProcess[str]:
     port = operated.stack.url.rsplit(":", 1)[1]
     env = {**operated.stack.env, "CHATQ_PORT": port, "CHATQ_HOME": str(operated.stack.logdir / "cli-home")}
-    return subprocess.run(
-        [sys.executable, "-m", "stack.cli", "status", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_python("-m", "stack.cli", "status", *args, env=env, timeout=60)
 
 
 def test_status_command_prints_the_same_as_a_table_and_as_json(operated: Operated) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import AccountsStack, accounts_stack, auth, login, start_api
+from tests.helpers import AccountsStack, accounts_stack, auth, create_account, login, start_api
 from tests.metrics import metric_value
 
 MODEL = "limits-model"
@@ -47,12 +47,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
 
 
 def user(stack: AccountsStack, name: str, role: str = "user") -> dict[str, str]:
-    password = f"pw-{name}-12345"
-    r = httpx.post(
-        stack.url + "/api/users", json={"username": name, "password": password, "role": role}, headers=auth()
-    )
-    assert r.status_code == 201, r.text
-    return login(stack.url, name, password)
+    account = create_account(stack.url, name, role)
+    return login(stack.url, name, account.password)
 
 
 def ask(url: str, headers: dict[str, str], max_tokens: int = 2) -> httpx.Response:

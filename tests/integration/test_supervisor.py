@@ -31,7 +31,7 @@ import pytest
 from chatq.settings import DEFAULT_MODEL_NAME, load
 from stack.servers import free_port
 from stack.supervisor import Supervisor
-from tests.helpers import API_KEY, ROOT, auth
+from tests.helpers import API_KEY, ROOT, auth, wait_until
 from tests.metrics import metric_value
 
 pytestmark = pytest.mark.timeout(300)
@@ -70,16 +70,6 @@ def group_members(pgid: int) -> list[int]:
         except (ProcessLookupError, psutil.Error):
             continue
     return members
-
-
-def wait_until(what: str, check: Any, timeout: float, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(interval)
-    raise TimeoutError(f"{what}: not after {timeout} s")
 
 
 def children(home: Path) -> dict[str, Any]:

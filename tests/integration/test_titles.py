@@ -17,7 +17,7 @@ import pytest
 
 import schemas
 from tests.helpers import Proc, base_env, nats_with_streams, spawn, start_worker
-from tests.integration.test_persistence import (
+from tests.persistence import (
     make_conversation,
     make_user,
     private_postgres,

@@ -13,14 +13,12 @@ import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 import pytest
 
-from tests.helpers import AccountsStack, accounts_stack, auth
+from tests.helpers import Account, AccountsStack, accounts_stack, create_account, no_rate_limits
 
 MODEL = "ui-model"
 SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
@@ -90,13 +88,6 @@ def off_the_browser_loop(manager: AbstractContextManager[T]) -> Iterator[T]:
             pool.submit(manager.__exit__, None, None, None).result()
 
 
-@dataclass
-class Account:
-    username: str
-    password: str
-    id: int
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, built_web: Path, browser: Any) -> Iterator[AccountsStack]:
     with off_the_browser_loop(
@@ -107,9 +98,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, built_web: Path, browser: An
             SYNTH_TOKENS_PER_S="25",
             SYNTH_TTFT_MS="50",
             WORKER_SLOTS="2",
-            RATE_LIMIT_USER_RPM="0",
-            RATE_LIMIT_USER_TPM="0",
-            RATE_LIMIT_USER_CONCURRENCY="0",
+            **no_rate_limits("user"),
             RATE_LIMIT_ADMIN_RPM=str(ADMIN_RPM),
             RATE_LIMIT_ADMIN_TPM="0",
             RATE_LIMIT_ADMIN_CONCURRENCY="0",
@@ -118,26 +107,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, built_web: Path, browser: An
         yield s
 
 
-def make_user(stack: AccountsStack, username: str, role: str = "user") -> Account:
-    password = f"pw-{username}-12345"
-    created = httpx.post(
-        stack.url + "/api/users",
-        json={"username": username, "password": password, "role": role},
-        headers=auth(),
-        timeout=30,
-    )
-    assert created.status_code == 201, created.text
-    return Account(username, password, created.json()["id"])
-
-
 @pytest.fixture(scope="module")
 def alice(stack: AccountsStack) -> Account:
-    return make_user(stack, "alice")
+    return create_account(stack.url, "alice")
 
 
 @pytest.fixture(scope="module")
 def root(stack: AccountsStack) -> Account:
-    return make_user(stack, "root", role="admin")
+    return create_account(stack.url, "root", role="admin")
 
 
 def shoot(page: Any, name: str) -> None:

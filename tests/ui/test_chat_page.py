@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import AccountsStack, auth, login
+from tests.helpers import Account, AccountsStack, auth, create_account, login
 from tests.metrics import metric_value
-from tests.ui.conftest import ADMIN_RPM, MODEL, Account, make_user, shoot
+from tests.ui.conftest import ADMIN_RPM, MODEL, shoot
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -396,7 +396,7 @@ def test_keyboard_alone(page: Any) -> None:
 
 def test_time_to_first_token_on_the_page(browser: Any, stack: AccountsStack) -> None:
     """The closing figure: Enter to the first token painted, p50 over 20 tries (printed)."""
-    account = make_user(stack, "ttft")
+    account = create_account(stack.url, "ttft")
     page = open_page(browser, stack, account)
     times = []
     for i in range(20):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from stack.servers import free_port, wait_for_port
-from tests.helpers import AccountsStack, accounts_stack, login, spawn
-from tests.ui.conftest import Account, off_the_browser_loop, shoot
+from tests.helpers import Account, AccountsStack, accounts_stack, login, no_rate_limits, spawn, wait_until
+from tests.ui.conftest import off_the_browser_loop, shoot
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,12 +49,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, built_web: Path, browser: An
             SWITCH_GRACE_S="2",
             WORKER_SLOTS="2",
             TELEMETRY_INTERVAL_S="0.5",
-            RATE_LIMIT_USER_RPM="0",
-            RATE_LIMIT_USER_TPM="0",
-            RATE_LIMIT_USER_CONCURRENCY="0",
-            RATE_LIMIT_ADMIN_RPM="0",
-            RATE_LIMIT_ADMIN_TPM="0",
-            RATE_LIMIT_ADMIN_CONCURRENCY="0",
+            **no_rate_limits("user", "admin"),
         )
     ) as s:
         env = {**s.env, "TELEMETRY_PORT": str(telemetry_port)}
@@ -85,16 +80,6 @@ def admin_page(browser: Any, stack: AccountsStack, root: Account) -> Iterator[An
 
 def worker_row(page: Any) -> Any:
     return page.get_by_test_id(f"worker-{WORKER}")
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not seen within {timeout} s")
 
 
 def chat(stack: AccountsStack, account: Account, text: str) -> None:
@@ -216,7 +201,7 @@ def test_usage_rows_after_a_chat_and_the_csv(admin_page: Any, stack: AccountsSta
             filters.get_by_role("button", name="Show").click()
         return "completed" in usage.inner_text()
 
-    wait_until("alice's request in the usage table", shown)  # once persistence stored its end
+    wait_until("alice's request in the usage table", shown, 30)  # once persistence stored its end
     body = usage.locator("tbody tr").first.inner_text()
     assert FIRST in body and "completed" in body
     assert "1 requests" in page.get_by_test_id("usage-totals").inner_text()

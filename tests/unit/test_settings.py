@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from api.app import create_app
 from chatq.env import RANGES
 from chatq.errors import ConfigError
 from chatq.settings import load
+from tests.helpers import run_python
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -160,15 +159,7 @@ def test_a_process_started_with_a_bad_number_prints_one_line(tmp_path: Path, com
         "VLLM_GPU_MEMORY_UTILIZATION": "7",
         "DATABASE_URL": "postgresql://h/db",
     }
-    done = subprocess.run(
-        [sys.executable, *command],
-        capture_output=True,
-        text=True,
-        env=environ,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
+    done = run_python(*command, env=environ)
     output = done.stdout + done.stderr
     assert done.returncode == 2, output
     assert "Traceback" not in output and '"exc"' not in output, output

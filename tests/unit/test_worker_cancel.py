@@ -7,12 +7,12 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 import schemas
+from tests.helpers import eventually
 from workers.inference.engine import Answer, OpenAIRequest, Progress
 from workers.inference.synthetic import SyntheticEngine
 from workers.inference.worker import InferenceWorker, WorkerConfig
@@ -52,7 +52,10 @@ class FakeMsg:
 
 
 class StuckEngine(SyntheticEngine):
-    """An engine whose request ignores cancellation until released."""
+    """An engine whose request ignores cancellation until released (or STUCK_S have passed,
+    so that a test failing before it releases leaves no task in the session's loop)."""
+
+    STUCK_S = 30.0
 
     def __init__(self) -> None:
         super().__init__(model="m", tokens_per_s=50, ttft_s=0.01, slots=2)
@@ -61,9 +64,10 @@ class StuckEngine(SyntheticEngine):
 
     async def serve(self, request: OpenAIRequest, progress: Progress) -> Answer:
         self.entered.set()
-        while not self.release.is_set():
+        deadline = time.monotonic() + self.STUCK_S
+        while not self.release.is_set() and time.monotonic() < deadline:
             with contextlib.suppress(asyncio.CancelledError):
-                await self.release.wait()
+                await asyncio.sleep(0.01)
         raise asyncio.CancelledError
 
 
@@ -164,7 +168,9 @@ async def test_ending_the_active_requests_requeues_one_with_no_token_yet() -> No
     worker, bus, _ = make(ttft_s=60)
     msg: Any = FakeMsg(job("r5"))
     worker.jobs.start(msg)
-    await asyncio.wait_for(wait_until(lambda: worker.active["r5"].in_engine), 5)
+    await eventually(
+        "r5 in the engine", lambda: "r5" in worker.active and worker.active["r5"].in_engine, 5, 0.01
+    )
     await asyncio.wait_for(worker.jobs.end_active(0.1, "worker_shutdown"), 5)
     assert worker.active == {} and msg.calls == ["nak"]  # back to its queue, not acked
     assert bus.events == [] and not any(isinstance(m, schemas.Chunk) for m in bus.stream)
@@ -188,11 +194,6 @@ async def test_a_request_that_ignores_its_cancel_is_abandoned_at_the_deadline(
     engine.release.set()  # the abandoned task ends; it must not disturb the worker
     await worker.spawn.wait(5)
     assert worker.active == {} and msg.calls == ["nak"]
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    while not condition():
-        await asyncio.sleep(0.01)
 
 
 def msgspec_replace(job: schemas.Job, **changes: Any) -> schemas.Job:
