@@ -210,7 +210,7 @@ check_stop
 
 # 4. NVML figures in /api/admin/status, and nvidia-smi's own view beside them.
 NVML_OK=1
-run_phase nvml "$PY" -m loadtest.gpu_check nvml --out "$OUT/nvml.json" || NVML_OK=0
+run_phase nvml "$PY" -m loadtest.gpu_check nvml --out "$OUT" || NVML_OK=0
 nvidia-smi >>"$OUT/nvidia-smi.txt" 2>&1 || true
 check_stop
 

@@ -2,7 +2,7 @@
 
     python -m loadtest.gpu_check profile --profile NAME [--model-dir DIR] [--write FILE]
     python -m loadtest.gpu_check plan --remaining SECONDS
-    python -m loadtest.gpu_check nvml --out FILE [--wait SECONDS]
+    python -m loadtest.gpu_check nvml --out DIR [--wait SECONDS]
     python -m loadtest.gpu_check summary --out DIR --budget SECONDS --wall SECONDS
 
 `profile` checks that the profile exists and fits one card, and, given a model directory,
@@ -34,13 +34,16 @@ from chatq.errors import ConfigError
 # Seconds the budget keeps back, measured on nothing (no GPU here): a guess to revisit
 # after the first run on a GPU machine. A vLLM start of a small model with enforce_eager.
 ENGINE_START_S = 90
+# One loadtest run before its first step: imports, the tokenizer, 1000 prompts of each
+# length (~25 s on the 2-core build machine), warm-up requests; after: the report, the chart.
+LOADTEST_SETUP_S = 30
 # Stopping the stack, copying logs, writing the summary.
 WRAP_UP_S = 30
 # Steps measured after the NVML check: kpi's two, then the comparison's two sessions
 # (1 and 5) on each of chatq and vllm-server.
 KPI_STEPS = 2
 COMPARISON_STEPS = 4
-MIN_STEP_S = 5
+MIN_STEP_S = 10  # a shorter step says little
 MAX_STEP_S = 30
 NVML_WAIT_S = 60.0
 
@@ -120,7 +123,9 @@ def choose_profile(name: str, model_dir: Path | None, write: Path | None) -> Cho
         raise CheckError("--model-dir needs --write FILE for the profiles file")
     local = msgspec.structs.replace(profile, model=str(model_dir))
     write.parent.mkdir(parents=True, exist_ok=True)
-    write.write_text(f"# gpu-check: profile {profile.id} with its model in {model_dir}\n\n" + profile_toml(local))
+    write.write_text(
+        f"# gpu-check: profile {profile.id} with its model in {model_dir}\n\n" + profile_toml(local)
+    )
     try:
         load_profiles(write)  # the file the worker will read, checked as it will check it
     except ConfigError as exc:
@@ -144,14 +149,15 @@ def plan(remaining_s: float) -> Plan:
     """Step lengths that fit what is left of the budget after the NVML check.
 
     The kpi run measures the chatq already running; the comparison starts chatq and
-    vLLM's server once each. When both do not fit, the comparison goes first.
+    vLLM's server once each. When both do not fit, the comparison is dropped first: the
+    KPIs are what the check is for.
     """
     room = remaining_s - WRAP_UP_S
-    both = (room - 2 * ENGINE_START_S) / (KPI_STEPS + COMPARISON_STEPS)
+    both = (room - 2 * LOADTEST_SETUP_S - 2 * ENGINE_START_S) / (KPI_STEPS + COMPARISON_STEPS)
     if both >= MIN_STEP_S:
         step = min(MAX_STEP_S, math.floor(both))
         return Plan(step, step)
-    alone = room / KPI_STEPS
+    alone = (room - LOADTEST_SETUP_S) / KPI_STEPS
     return Plan(min(MAX_STEP_S, math.floor(alone)) if alone >= MIN_STEP_S else 0, 0)
 
 
@@ -186,15 +192,18 @@ def nvml_verdict(status: dict[str, Any] | None, problem: str | None = None) -> d
         "pass": not problems,
         "problems": problems,
         "gpus": gpus,
-        "workers": [{k: w.get(k) for k in ("id", "model", "engine", "engine_version", "state")} for w in workers],
+        "workers": [
+            {k: w.get(k) for k in ("id", "model", "engine", "engine_version", "state")} for w in workers
+        ],
         "notes": status.get("notes") or [],
         "status": status.get("status"),
         "reasons": status.get("reasons") or [],
     }
 
 
-def wait_nvml(wait_s: float) -> dict[str, Any]:
-    """Poll /api/admin/status (with the service key, as ./status does) until the check passes."""
+def wait_nvml(wait_s: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Poll /api/admin/status (with the service key, as ./status does) until the check passes;
+    the verdict and the last answer."""
     from chatq.settings import load
     from stack import state, status_table
 
@@ -207,7 +216,7 @@ def wait_nvml(wait_s: float) -> dict[str, Any]:
         polls += 1
         verdict = nvml_verdict(answer, problem)
         if verdict["pass"] or time.monotonic() >= deadline:
-            return {**verdict, "polls": polls, "raw": answer}
+            return {**verdict, "polls": polls}, answer
         time.sleep(2.0)
 
 
@@ -237,8 +246,6 @@ def summarize(out: Path, budget_s: int, wall_s: int) -> dict[str, Any]:
     """summary.json's content, from the files the run left in `out`."""
     nvml_file = out / "nvml.json"
     nvml = json.loads(nvml_file.read_text()) if nvml_file.is_file() else None
-    if nvml is not None:
-        nvml.pop("raw", None)  # it is in status.json
     kpi_run = _newest_report(out / "kpi")
     steps_run = _newest_report(out / "steps")
     phases = _phases(out / "phases.txt")
@@ -270,6 +277,7 @@ def _gib(n: Any) -> str:
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     from loadtest import kpi as kpi_mod
+    from loadtest.report import num
 
     lines = [
         "# chatq GPU check",
@@ -288,7 +296,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if nvml is None:
         lines.append("Not checked (the run stopped before).")
     else:
-        lines.append(f"{'PASS' if nvml['pass'] else 'FAIL'}" + (f": {'; '.join(nvml['problems'])}" if nvml["problems"] else ""))
+        lines.append(
+            f"{'PASS' if nvml['pass'] else 'FAIL'}"
+            + (f": {'; '.join(nvml['problems'])}" if nvml["problems"] else "")
+        )
         for g in nvml["gpus"]:
             lines.append(
                 f"- GPU {g.get('index')} {g.get('name')}: {_gib(g.get('memory_used_bytes'))} of "
@@ -309,7 +320,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     else:
         lines += ["| step | TTFT p50 | ITL p50 | TPOT p50 | out tok/s |", "| --- | --- | --- | --- | --- |"]
         for label, r in comparison["ratios"].items():
-            cells = [kpi_mod.num(r.get(k)) for k in ("ttft_p50", "itl_p50", "tpot_p50", "output_tok_per_s")]
+            cells = [num(r.get(k)) for k in ("ttft_p50", "itl_p50", "tpot_p50", "output_tok_per_s")]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += [f"- {t} failed: {why}" for t, why in comparison["failures"].items()]
         lines.append(f"Report: {comparison['report']}")
@@ -329,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     pl = sub.add_parser("plan", help="step lengths for what is left of the budget")
     pl.add_argument("--remaining", type=float, required=True)
     nv = sub.add_parser("nvml", help="poll /api/admin/status for a GPU with NVML figures")
-    nv.add_argument("--out", type=Path, required=True)
+    nv.add_argument("--out", type=Path, required=True, help="writes nvml.json and status.json here")
     nv.add_argument("--wait", type=float, default=NVML_WAIT_S)
     sm = sub.add_parser("summary", help="write summary.json and summary.md into the report folder")
     sm.add_argument("--out", type=Path, required=True)
@@ -344,16 +355,20 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(plan(args.remaining).shell())
             return 0
         if args.command == "nvml":
-            verdict = wait_nvml(args.wait)
-            args.out.write_text(json.dumps(verdict, indent=2) + "\n")
-            print(f"nvml: {'PASS' if verdict['pass'] else 'FAIL'}: " + ("; ".join(verdict["problems"]) or ", ".join(f"{g.get('name')}" for g in verdict["gpus"])))
+            verdict, answer = wait_nvml(args.wait)
+            (args.out / "nvml.json").write_text(json.dumps(verdict, indent=2) + "\n")
+            (args.out / "status.json").write_text(json.dumps(answer, indent=2) + "\n")
+            print(
+                f"nvml: {'PASS' if verdict['pass'] else 'FAIL'}: "
+                + ("; ".join(verdict["problems"]) or ", ".join(f"{g.get('name')}" for g in verdict["gpus"]))
+            )
             return 0 if verdict["pass"] else 1
         summary = summarize(args.out, args.budget, args.wall)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         text = summary_markdown(summary)
         (args.out / "summary.md").write_text(text)
         sys.stdout.write(text)
-        return 0
+        return 0 if summary["pass"] else 1
     except CheckError as exc:
         print(f"gpu-check: {exc}", file=sys.stderr)
         return 2
