@@ -197,7 +197,7 @@ PROFILE_VARS="$("$PY" -m loadtest.gpu_check profile "${PROFILE_ARGS[@]}")" || ex
 eval "$PROFILE_VARS"
 SERVICE_KEY="cq-gpucheck-$("$PY" -c 'import secrets; print(secrets.token_urlsafe(24))')"
 export CHATQ_API_KEYS="$SERVICE_KEY" # the service key acts as an admin for /api/admin/status
-CHATQ_ENV=(MODEL_PROFILE="$PROFILE_ID" REQUIRE_GPU=true)
+CHATQ_ENV=(MODEL_PROFILE="$PROFILE_ID" REQUIRE_GPU="${REQUIRE_GPU:-true}")
 if [ -n "$PROFILE_FILE" ]; then
   # MODEL_ID too, only so that the launcher does not prepare the bundled model for nothing.
   CHATQ_ENV+=(PROFILES_FILE="$PROFILE_FILE" MODEL_ID="$PROFILE_MODEL_DIR")
@@ -215,7 +215,7 @@ nvidia-smi >>"$OUT/nvidia-smi.txt" 2>&1 || true
 check_stop
 
 # 5. Step lengths for what is left (the comparison starts two engines of its own).
-eval "$("$PY" -m loadtest.gpu_check plan --remaining "$((DEADLINE - $(date +%s)))")"
+eval "$("$PY" -m loadtest.gpu_check plan --remaining "$((DEADLINE - $(date +%s)))" --out "$OUT")"
 say "gpu-check: kpi steps of ${KPI_STEP_S} s, comparison steps of ${COMPARISON_STEP_S} s (0: no room left)"
 MODEL_ARGS=(--model-name "$PROFILE_ID")
 [ -z "$PROFILE_MODEL_DIR" ] || MODEL_ARGS+=(--model-dir "$PROFILE_MODEL_DIR")

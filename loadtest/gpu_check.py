@@ -17,6 +17,7 @@ summary.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shlex
@@ -35,8 +36,8 @@ from chatq.errors import ConfigError
 # after the first run on a GPU machine. A vLLM start of a small model with enforce_eager.
 ENGINE_START_S = 90
 # One loadtest run before its first step: imports, the tokenizer, 1000 prompts of each
-# length (~25 s on the 2-core build machine), warm-up requests; after: the report, the chart.
-LOADTEST_SETUP_S = 30
+# length (25 s on the busy 2-core build machine), warm-up requests; after: the report, the chart.
+LOADTEST_SETUP_S = 40
 # Stopping the stack, copying logs, writing the summary.
 WRAP_UP_S = 30
 # Steps measured after the NVML check: kpi's two, then the comparison's two sessions
@@ -46,6 +47,8 @@ COMPARISON_STEPS = 4
 MIN_STEP_S = 10  # a shorter step says little
 MAX_STEP_S = 30
 NVML_WAIT_S = 60.0
+# How workers/telemetry/collector.py's Nvml says NVML did not start (no driver or library).
+NVML_ABSENT_NOTE = "no NVIDIA GPU stats:"
 
 
 class CheckError(Exception):
@@ -201,6 +204,15 @@ def nvml_verdict(status: dict[str, Any] | None, problem: str | None = None) -> d
     }
 
 
+def _nvml_absent(status: dict[str, Any] | None) -> bool:
+    """The telemetry worker runs but could not start NVML: waiting longer changes nothing."""
+    if status is None or status.get("gpus"):
+        return False
+    telemetry = (status.get("services") or {}).get("telemetry") or {}
+    notes = status.get("notes") or []
+    return telemetry.get("status") == "ok" and any(str(n).startswith(NVML_ABSENT_NOTE) for n in notes)
+
+
 def wait_nvml(wait_s: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Poll /api/admin/status (with the service key, as ./status does) until the check passes;
     the verdict and the last answer."""
@@ -215,7 +227,7 @@ def wait_nvml(wait_s: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
         answer, problem = status_table.fetch(state.api_url(s), key)
         polls += 1
         verdict = nvml_verdict(answer, problem)
-        if verdict["pass"] or time.monotonic() >= deadline:
+        if verdict["pass"] or time.monotonic() >= deadline or _nvml_absent(answer):
             return {**verdict, "polls": polls}, answer
         time.sleep(2.0)
 
@@ -249,6 +261,8 @@ def summarize(out: Path, budget_s: int, wall_s: int) -> dict[str, Any]:
     kpi_run = _newest_report(out / "kpi")
     steps_run = _newest_report(out / "steps")
     phases = _phases(out / "phases.txt")
+    plan_file = out / "plan.json"
+    planned = json.loads(plan_file.read_text()) if plan_file.is_file() else None
     failed = [p["phase"] for p in phases if p["exit"] != 0]
     return {
         "tool": "chatq gpu-check",
@@ -257,6 +271,7 @@ def summarize(out: Path, budget_s: int, wall_s: int) -> dict[str, Any]:
         "within_budget": wall_s <= budget_s,
         "phases": phases,
         "failed_phases": failed,
+        "plan": planned,
         "nvml": nvml,
         "kpi": None if kpi_run is None else {"report": kpi_run["_path"], **(kpi_run.get("kpi") or {})},
         "comparison": None
@@ -273,6 +288,13 @@ def summarize(out: Path, budget_s: int, wall_s: int) -> dict[str, Any]:
 
 def _gib(n: Any) -> str:
     return f"{n / 2**30:.1f} GiB" if isinstance(n, (int, float)) else "-"
+
+
+def _not_measured(planned: dict[str, Any] | None, step_key: str) -> str:
+    if planned is not None and not planned.get(step_key):
+        left = planned.get("remaining_seconds")
+        return f"Not measured: no room in the budget ({left:.0f} s were left after the NVML check)."
+    return "Not measured: the run stopped before, or the loadtest failed (gpu-check.log)."
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -310,13 +332,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "## KPIs (`--scenario kpi` against the chatq started above)", ""]
     section = summary["kpi"]
     if section is None or "targets" not in section:
-        lines.append("Not measured.")
+        lines.append(_not_measured(summary["plan"], "kpi_step_s"))
     else:
         lines += ["```", kpi_mod.table(section), "```", f"Report: {section['report']}"]
     lines += ["", "## chatq ÷ vLLM's server (`--scenario steps`)", ""]
     comparison = summary["comparison"]
     if comparison is None:
-        lines.append("Not measured.")
+        lines.append(_not_measured(summary["plan"], "comparison_step_s"))
     else:
         lines += ["| step | TTFT p50 | ITL p50 | TPOT p50 | out tok/s |", "| --- | --- | --- | --- | --- |"]
         for label, r in comparison["ratios"].items():
@@ -339,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--write", type=Path, help="where to write the profiles file for --model-dir")
     pl = sub.add_parser("plan", help="step lengths for what is left of the budget")
     pl.add_argument("--remaining", type=float, required=True)
+    pl.add_argument("--out", type=Path, help="also write plan.json here, for the summary")
     nv = sub.add_parser("nvml", help="poll /api/admin/status for a GPU with NVML figures")
     nv.add_argument("--out", type=Path, required=True, help="writes nvml.json and status.json here")
     nv.add_argument("--wait", type=float, default=NVML_WAIT_S)
@@ -352,7 +375,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(choose_profile(args.profile, args.model_dir, args.write).shell())
             return 0
         if args.command == "plan":
-            sys.stdout.write(plan(args.remaining).shell())
+            chosen = plan(args.remaining)
+            if args.out is not None:
+                body = {"remaining_seconds": args.remaining, **dataclasses.asdict(chosen)}
+                (args.out / "plan.json").write_text(json.dumps(body, indent=2) + "\n")
+            sys.stdout.write(chosen.shell())
             return 0
         if args.command == "nvml":
             verdict, answer = wait_nvml(args.wait)
