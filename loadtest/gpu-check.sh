@@ -66,7 +66,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   echo "gpu-check: refused: no NVIDIA GPU here (nvidia-smi is not on PATH); nothing was installed" >&2
   exit 3
 fi
-if ! GPU_LIST="$(nvidia-smi -L 2>&1)"; then
+# timeout: a driver in trouble can keep nvidia-smi waiting for minutes.
+if ! GPU_LIST="$(timeout 30 nvidia-smi -L 2>&1)"; then
   echo "gpu-check: refused: nvidia-smi -L failed ($(printf '%s' "$GPU_LIST" | head -n 1)); nothing was installed" >&2
   exit 3
 fi
@@ -81,7 +82,7 @@ if [ -z "${_CHATQ_GPUCHECK_DEADLINE:-}" ]; then
   _CHATQ_GPUCHECK_DEADLINE=$((_CHATQ_GPUCHECK_T0 + BUDGET))
   export _CHATQ_GPUCHECK_T0 _CHATQ_GPUCHECK_DEADLINE
   # -k: after the budget, a little time to stop chatq and write the summary, then KILL.
-  exec timeout -k 45 "$BUDGET" "$SELF" "${ARGS[@]}"
+  exec timeout -k 45 "$BUDGET" bash "$SELF" "${ARGS[@]}"
 fi
 T0="$_CHATQ_GPUCHECK_T0"
 DEADLINE="$_CHATQ_GPUCHECK_DEADLINE"

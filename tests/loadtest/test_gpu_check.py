@@ -23,7 +23,7 @@ from loadtest import gpu_check
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "loadtest" / "gpu-check.sh"
 # What the script runs before its GPU check; nothing else is on the PATH the tests give it.
-TOOLS = ("bash", "dirname", "grep", "head")
+TOOLS = ("bash", "dirname", "grep", "head", "timeout")
 
 
 def bin_dir(tmp_path: Path, nvidia_smi: str | None = None) -> Path:
