@@ -131,8 +131,13 @@ run_phase() {
   shift
   t0="$(date +%s)"
   left=$((DEADLINE - t0 - WRAP_UP_S))
-  if [ -n "$STOPPING" ] || [ "$left" -le 0 ]; then
-    say "gpu-check: $name: skipped, ${STOPPING:+interrupted}${STOPPING:-the budget is spent}"
+  if [ -n "$STOPPING" ]; then
+    say "gpu-check: $name: skipped, interrupted"
+    echo "$name $STOPPING 0" >>"$OUT/phases.txt"
+    return "$STOPPING"
+  fi
+  if [ "$left" -le 0 ]; then
+    say "gpu-check: $name: skipped, the budget is spent"
     echo "$name 124 0" >>"$OUT/phases.txt"
     return 124
   fi
@@ -175,6 +180,8 @@ finish() {
       "$CHATQ_VENV" >"$OUT/summary.md"
     [ "$rc" != 0 ] || rc=1
   fi
+  # A phase cut short by the budget makes the whole run "out of time".
+  if [ "$rc" != 0 ] && grep -q '^[^ ]* 124 ' "$OUT/phases.txt"; then rc=124; fi
   [ -z "$STOPPING" ] || rc="$STOPPING"
   say "gpu-check: report folder $OUT (summary.md); exit $rc"
   exit "$rc"
