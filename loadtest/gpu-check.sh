@@ -197,6 +197,17 @@ printf '%s\n' "$GPU_LIST" >"$OUT/nvidia-smi.txt"
 # 1. vLLM's GPU build through the repo's own installer, with matplotlib for the charts.
 run_phase install env CHATQ_ENGINE_EXTRA=gpu scripts/bootstrap.sh loadtest || exit 1
 check_stop
+# The venv's torch must see the card: a CPU build left in CHATQ_VENV would only fail
+# later, in the worker, less clearly. (Skipped with REQUIRE_GPU=false, a dry run.)
+if [ "${REQUIRE_GPU:-true}" != false ]; then
+  run_phase cuda "$PY" -c 'import sys, torch, vllm
+if not torch.cuda.is_available():
+    sys.exit(f"gpu-check: torch {torch.__version__} in this venv sees no CUDA device (vLLM {vllm.__version__}): "
+             "a CPU build left in CHATQ_VENV? A fresh CHATQ_VENV gets the GPU build")
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), vLLM {vllm.__version__}: {torch.cuda.get_device_name(0)}")' \
+    || exit 1
+  check_stop
+fi
 
 # 2. The profile: a real one that fits one card; with --model-dir, a profiles file that
 #    points it at the directory.
@@ -233,7 +244,7 @@ say "gpu-check: kpi steps of ${KPI_STEP_S} s, comparison steps of ${COMPARISON_S
 MODEL_ARGS=(--model-name "$PROFILE_ID")
 [ -z "$PROFILE_MODEL_DIR" ] || MODEL_ARGS+=(--model-dir "$PROFILE_MODEL_DIR")
 
-# 6. The plan's KPIs against the chatq started above (the service key, no rate limits).
+# 6. The plan's KPIs against the chatq started above (the service key; limits far above the load).
 LOADTEST_OK=1
 if [ "$KPI_STEP_S" -gt 0 ]; then
   run_phase kpi "$PY" -m loadtest --scenario kpi --url "$API_URL" --api-key "$SERVICE_KEY" --label chatq \
