@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -32,8 +33,8 @@ import msgspec
 from catalog.profiles import Profile, load_profiles
 from chatq.errors import ConfigError
 
-# Seconds the budget keeps back, measured on nothing (no GPU here): a guess to revisit
-# after the first run on a GPU machine. A vLLM start of a small model with enforce_eager.
+# What the budget keeps back, in seconds. A guess, not a measurement (no GPU here), to
+# revisit after the first run on one: a vLLM start of a small model with enforce_eager.
 ENGINE_START_S = 90
 # One loadtest run before its first step: imports, the tokenizer, 1000 prompts of each
 # length (25 s on the busy 2-core build machine), warm-up requests; after: the report, the chart.
@@ -103,7 +104,7 @@ class ChosenProfile:
 def choose_profile(name: str, model_dir: Path | None, write: Path | None) -> ChosenProfile:
     """The profile NAME, checked for one card; with a model directory, a profiles file for it."""
     try:
-        profiles = load_profiles()
+        profiles = load_profiles(os.environ.get("PROFILES_FILE") or None)  # what chatq will read
     except ConfigError as exc:
         raise CheckError(str(exc)) from None
     profile = profiles.resolve(name)

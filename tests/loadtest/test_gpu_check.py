@@ -128,6 +128,12 @@ def test_an_nvidia_smi_that_lists_no_gpu_is_refused(tmp_path: Path) -> None:
 # -- the helper ------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def bundled_profiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper reads PROFILES_FILE as chatq does; these tests mean the bundled file."""
+    monkeypatch.delenv("PROFILES_FILE", raising=False)
+
+
 def test_the_bundled_profile_needs_no_model_directory() -> None:
     chosen = gpu_check.choose_profile("smollm2", None, None)
     assert chosen.profile.id == "SmolLM2-135M-Instruct"
