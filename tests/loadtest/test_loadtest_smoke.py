@@ -1,12 +1,16 @@
 """Smoke test of the load-test tool: a tiny steps run against chatq's synthetic engine.
 
 Runs `python -m loadtest` as a subprocess (it starts nats-server, a synthetic worker and
-the API itself) and checks the JSON report and the chart; no timing assertions.
+the API itself) and checks the JSON report and the chart; no timing assertions. Also the
+kpi scenario's verdicts, a run without matplotlib, and Ctrl-C in the middle of a step.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +90,96 @@ def test_streams_with_the_lean_client(tmp_path: Path) -> None:
         assert len(sample["chunk_times"]) > 40
         assert sample["chunk_times"] == sorted(sample["chunk_times"])
         assert set(sample["chunk_tokens"]) == {1}
+
+
+def only_run(out: Path) -> Path:
+    runs = list(out.iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.mark.timeout(120)
+def test_kpi_against_synthetic_judges_every_kpi(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "loadtest",
+        "--targets", "synthetic", "--scenario", "kpi", "--step-seconds", "2", "--max-tokens", "8",
+        "--num-prompts", "50", "--warmup", "1", "--out", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((only_run(tmp_path) / "report.json").read_text())
+    assert report["scenario"] == "kpi"
+    assert [s["label"] for s in report["steps"]] == ["ctx=2048", "c=5"]
+    section = report["kpi"]
+    assert section["context_tokens"] == 2048
+    assert section["sessions"] == 5
+    assert [d["id"] for d in section["definitions"]] == ["ttft_p50_s", "req_per_min", "http_5xx_pct"]
+    verdicts = section["targets"]["synthetic"]["kpis"]
+    assert set(verdicts) == {"ttft_p50_s", "req_per_min", "http_5xx_pct"}
+    for kpi in verdicts.values():
+        assert isinstance(kpi["value"], (int, float))
+        assert isinstance(kpi["pass"], bool)
+    # The synthetic engine answers in 50 ms: far inside every target.
+    assert section["targets"]["synthetic"]["all_pass"] is True
+    assert "== kpi: the plan's targets" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_without_matplotlib_the_report_is_kept_and_the_chart_skipped(tmp_path: Path) -> None:
+    shim = tmp_path / "shim" / "matplotlib"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text('raise ImportError("matplotlib is blocked by this test")\n')
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(shim.parent), os.environ.get("PYTHONPATH")])),
+    }
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "loadtest",
+        "--targets", "synthetic", "--scenario", "steps", "--concurrency", "1",
+        "--step-seconds", "2", "--max-tokens", "8", "--num-prompts", "50", "--warmup", "1", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = only_run(out)
+    report = json.loads((run / "report.json").read_text())
+    assert report["steps"][0]["summary"]["ok"] > 0
+    assert "chart" not in report["files"]
+    assert not (run / "chart.png").exists()
+    assert "chart: not drawn, matplotlib is not installed; `scripts/bootstrap.sh loadtest`" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_mid_step_keeps_the_finished_requests_and_exits_130(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "loadtest",
+        "--targets", "synthetic", "--scenario", "steps", "--concurrency", "1,2",
+        "--step-seconds", "60", "--max-tokens", "8", "--num-prompts", "50", "--warmup", "1",
+        "--progress-seconds", "1", "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    with (tmp_path / "stdout.txt").open("w+") as stdout:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        # The first step is under way once its progress line counts a finished request.
+        for line in proc.stderr:
+            match = re.match(r"progress: synthetic c=1 \d+/60 s, (\d+) requests", line)
+            if match and int(match.group(1)) > 0:
+                break
+        else:
+            pytest.fail(f"no progress line; exit {proc.wait()}")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        stdout.seek(0)
+        printed = stdout.read()
+    assert proc.returncode == 130, printed[-3000:] + err[-3000:]
+    run = only_run(tmp_path / "out")
+    report = json.loads((run / "report.json").read_text())
+    assert report["interrupted"] is True
+    assert report["failures"] == {"synthetic": "interrupted"}
+    (step,) = report["steps"]  # the second step never started
+    assert step["label"] == "c=1"
+    assert step["interrupted"] is True
+    assert step["summary"]["ok"] > 0
+    samples = (run / "requests.jsonl").read_text().splitlines()
+    assert len(samples) == step["summary"]["requests"]
+    assert "interrupted; writing the report of what was measured" in printed
