@@ -21,9 +21,10 @@ from nats.js.errors import NotFoundError
 
 import schemas
 from broker import names
+from broker.bus import REQUEST_ID_HEADER
 from stack.servers import EmbeddedPostgres, NatsServer
 from tests.helpers import Proc, eventually, nats_with_streams, spawn, wait_until
-from workers.persistence.app import DURABLE, REQUEST_ID_HEADER
+from workers.persistence.app import DURABLE
 
 MAX_DELIVER = 3
 STATEMENT_TIMEOUT_MS = 1000

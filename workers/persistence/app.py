@@ -26,10 +26,6 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 
 import schemas
 from broker import names, topology
-from broker.bus import DELIVERIES_HEADER as DELIVERIES_HEADER  # (the tests' old spelling)
-from broker.bus import ERROR_HEADER as ERROR_HEADER
-from broker.bus import REQUEST_ID_HEADER as REQUEST_ID_HEADER
-from broker.bus import SUBJECT_HEADER as SUBJECT_HEADER
 from broker.bus import Bus, RequestContext
 from chatq.logs import url_for_log
 from workers.persistence.store import Store, is_transient

@@ -11,6 +11,7 @@ import pytest
 
 import schemas
 from broker import names
+from broker.bus import DELIVERIES_HEADER, ERROR_HEADER, REQUEST_ID_HEADER, SUBJECT_HEADER
 from tests.helpers import log_lines, wait_log
 from tests.persistence import (
     BILLED,
@@ -27,7 +28,6 @@ from tests.persistence import (
     wait_rows,
     wait_settled,
 )
-from workers.persistence.app import DELIVERIES_HEADER, ERROR_HEADER, REQUEST_ID_HEADER, SUBJECT_HEADER
 from workers.persistence.store import Store
 
 

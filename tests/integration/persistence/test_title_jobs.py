@@ -13,6 +13,7 @@ import pytest
 
 import schemas
 from broker import names
+from broker.bus import REQUEST_ID_HEADER
 from tests.helpers import wait_log
 from tests.persistence import (
     BILLED,
@@ -29,7 +30,6 @@ from tests.persistence import (
     wait_settled,
     wait_title_jobs,
 )
-from workers.persistence.app import REQUEST_ID_HEADER
 
 
 async def test_a_conversation_turn_is_stored_at_its_positions_and_queues_one_title_job(
