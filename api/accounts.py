@@ -47,7 +47,7 @@ class Token(msgspec.Struct):
     token_type: str = "bearer"
 
 
-@post("/api/auth/login", status_code=200)
+@post("/api/auth/login", status_code=200, opt={"body": Login})
 async def login(request: AnyRequest, services: NamedDependency[Services]) -> Response[bytes]:
     """Username and password → a bearer token. Wrong password and unknown user: the same 401."""
     body: Login = decode_body(await request.body(), Login)
@@ -134,7 +134,7 @@ async def list_keys(request: AnyRequest, services: NamedDependency[Services]) ->
     return json_response({"keys": keys})
 
 
-@post("/api/keys", status_code=201)
+@post("/api/keys", status_code=201, opt={"body": NewKey, "body_optional": True})
 async def create_key(request: AnyRequest, services: NamedDependency[Services]) -> Response[bytes]:
     """A new key for the caller; the answer is the only time the key is shown."""
     user_id = principal_of(request).require_account()
@@ -179,7 +179,7 @@ class UserChange(msgspec.Struct, forbid_unknown_fields=True):
     email: str | None = None
 
 
-@get("/api/users")
+@get("/api/users", opt={"admin": True})
 async def list_users(request: AnyRequest, services: NamedDependency[Services]) -> Response[bytes]:
     principal_of(request).require_admin()
     async with services.db() as conn:
@@ -187,7 +187,7 @@ async def list_users(request: AnyRequest, services: NamedDependency[Services]) -
     return json_response({"users": users})
 
 
-@post("/api/users", status_code=201)
+@post("/api/users", status_code=201, opt={"body": NewUser, "admin": True})
 async def create_user(request: AnyRequest, services: NamedDependency[Services]) -> Response[bytes]:
     principal_of(request).require_admin()
     body: NewUser = decode_body(await request.body(), NewUser)
@@ -201,7 +201,7 @@ async def create_user(request: AnyRequest, services: NamedDependency[Services]) 
     return json_response(user, 201)
 
 
-@patch("/api/users/{user_id:int}")
+@patch("/api/users/{user_id:int}", opt={"body": UserChange, "admin": True})
 async def change_user(
     user_id: int, request: AnyRequest, services: NamedDependency[Services]
 ) -> Response[bytes]:
@@ -228,7 +228,7 @@ async def change_user(
     return json_response(user)
 
 
-@get("/api/users/{user_id:int}/keys")
+@get("/api/users/{user_id:int}/keys", opt={"admin": True})
 async def user_keys(
     user_id: int, request: AnyRequest, services: NamedDependency[Services]
 ) -> Response[bytes]:
@@ -277,7 +277,7 @@ async def get_settings(request: AnyRequest, services: NamedDependency[Services])
     return json_response(await load_settings(services, principal_of(request).require_account()))
 
 
-@put("/api/me/settings")
+@put("/api/me/settings", opt={"body": UserSettings})
 async def put_settings(request: AnyRequest, services: NamedDependency[Services]) -> Response[bytes]:
     user_id = principal_of(request).require_account()
     body: UserSettings = decode_body(await request.body(), UserSettings)

@@ -172,14 +172,14 @@ async def build_status(services: Services) -> AdminStatus:
     )
 
 
-@get("/api/admin/workers")
+@get("/api/admin/workers", opt={"admin": True})
 async def admin_workers(request: Request, services: NamedDependency[Services]) -> Response[bytes]:  # type: ignore[type-arg]
     """The live inference workers (admins only)."""
     principal_of(request).require_admin()
     return json_response({"workers": live_workers(services, time.time())})
 
 
-@get("/api/admin/status")
+@get("/api/admin/status", opt={"admin": True})
 async def admin_status(request: Request, services: NamedDependency[Services]) -> Response[bytes]:  # type: ignore[type-arg]
     """Health, workers, queues and GPUs in one answer (admins only)."""
     principal_of(request).require_admin()

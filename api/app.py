@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
 from api import accounts as accounts_routes
-from api import admin, conversations, metrics, models, usage
+from api import admin, allow, conversations, metrics, models, openapi, usage
 from api import asyncapi as asyncapi_routes
 from api import web as web_routes
 from api.admission import QueueMonitor
@@ -100,6 +100,8 @@ def _http_error(request: Request, exc: HTTPException) -> Response[bytes]:  # typ
         mapped = ServerError(str(exc.detail))
     response = _error_response(request, mapped)
     response.status_code = status
+    if status == 405:  # (raised while routing, before any middleware)
+        response.headers["Allow"] = ", ".join(allow.allowed_methods(request.app, request.url.path))
     return response
 
 
@@ -136,7 +138,7 @@ def health(services: NamedDependency[Services]) -> Response[bytes]:
     return Response(_json.encode(body), media_type="application/json")
 
 
-@get("/metrics", sync_to_thread=False)
+@get("/metrics", sync_to_thread=False, opt={"media": ["text/plain"]})
 def prometheus_metrics() -> Response[bytes]:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
@@ -260,7 +262,7 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
             *web_routes.routes(),
         ],
         lifespan=[lifespan],
-        middleware=[metrics.count_responses],
+        middleware=[metrics.count_responses, allow.full_allow_header],
         dependencies={"services": Provide(_services, sync_to_thread=False)},
         exception_handlers={
             ApiError: _error_response,
@@ -275,5 +277,5 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
         )
         if settings.cors_origins
         else None,
-        openapi_config=None,
+        openapi_config=openapi.config(asyncapi_routes.chatq_version()),
     )

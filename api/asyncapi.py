@@ -17,7 +17,7 @@ from broker import asyncapi
 _json = msgspec.json.Encoder()
 
 
-def _version() -> str:
+def chatq_version() -> str:
     try:
         return version("chatq")
     except PackageNotFoundError:  # a source tree that is not installed
@@ -26,7 +26,7 @@ def _version() -> str:
 
 @functools.lru_cache(maxsize=4)
 def _document(nats_url: str) -> dict[str, Any]:
-    return asyncapi.document(version=_version(), nats_url=nats_url)
+    return asyncapi.document(version=chatq_version(), nats_url=nats_url)
 
 
 @get("/asyncapi.json", sync_to_thread=False)
@@ -96,7 +96,7 @@ def render_html(doc: dict[str, Any]) -> str:
     )
 
 
-@get("/asyncapi", sync_to_thread=False)
+@get("/asyncapi", sync_to_thread=False, opt={"media": ["text/html"]})
 def asyncapi_page(services: NamedDependency[Services]) -> Response[str]:
     """The same document as a plain HTML page (no scripts); no auth."""
     return Response(render_html(_document(services.settings.nats_url)), media_type="text/html")

@@ -54,7 +54,11 @@ class SimpleChatRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     replace_last: bool = False
 
 
-@post("/api/chat", status_code=200)
+@post(
+    "/api/chat",
+    status_code=200,
+    opt={"body": SimpleChatRequest, "generates": True, "media": ["text/event-stream"]},
+)
 async def simple_chat(request: Request, services: NamedDependency[Services]) -> Response[bytes] | Stream:  # type: ignore[type-arg]
     """The original plan's endpoint: {messages, model, temperature, max_tokens} → SSE with usage."""
     return await logged(request, _simple_chat(request, services))

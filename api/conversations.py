@@ -253,7 +253,7 @@ async def history(
 # --- routes -----------------------------------------------------------------------------------
 
 
-@post("/api/conversations", status_code=201)
+@post("/api/conversations", status_code=201, opt={"body": NewConversation, "body_optional": True})
 async def create_conversation(request: AnyRequest, services: NamedDependency[Services]) -> Response[bytes]:
     user_id = principal_of(request).require_account()
     raw = await request.body()
@@ -317,7 +317,7 @@ async def get_conversation(
     return json_response(ConversationWithMessages(**row, messages=messages))
 
 
-@patch("/api/conversations/{conversation_id:str}")
+@patch("/api/conversations/{conversation_id:str}", opt={"body": ConversationChange})
 async def change_conversation(
     conversation_id: str, request: AnyRequest, services: NamedDependency[Services]
 ) -> Response[bytes]:

@@ -208,7 +208,7 @@ _REFUSALS: dict[str, type[ClientError]] = {
 }
 
 
-@post("/api/admin/workers/{worker_id:str}/model", status_code=202)
+@post("/api/admin/workers/{worker_id:str}/model", status_code=202, opt={"body": SwitchRequest, "admin": True})
 async def switch_model(
     worker_id: str,
     request: Request,  # type: ignore[type-arg]

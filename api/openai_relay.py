@@ -113,13 +113,25 @@ async def _openai(request: Request, services: Services, endpoint: Endpoint) -> R
     return await _answer(request, call, job)
 
 
-@post("/v1/chat/completions", status_code=200)
+# A JSON answer, or with "stream": true an SSE stream.
+_ANSWERS = ["application/json", "text/event-stream"]
+
+
+@post(
+    "/v1/chat/completions",
+    status_code=200,
+    opt={"body": ChatRequestHead, "generates": True, "media": _ANSWERS},
+)
 async def chat_completions(request: Request, services: NamedDependency[Services]) -> Response[bytes] | Stream:  # type: ignore[type-arg]
     """OpenAI-compatible chat completions, streaming or not; served by the engine's OpenAI layer."""
     return await logged(request, _openai(request, services, "chat"))
 
 
-@post("/v1/completions", status_code=200)
+@post(
+    "/v1/completions",
+    status_code=200,
+    opt={"body": CompletionRequestHead, "generates": True, "media": _ANSWERS},
+)
 async def completions(request: Request, services: NamedDependency[Services]) -> Response[bytes] | Stream:  # type: ignore[type-arg]
     """OpenAI-compatible (legacy) text completions, streaming or not."""
     return await logged(request, _openai(request, services, "completions"))

@@ -316,7 +316,7 @@ async def usage(request: Request, services: NamedDependency[Services]) -> Respon
     return json_response(body)
 
 
-@get("/api/usage.csv")
+@get("/api/usage.csv", opt={"media": ["text/csv"]})
 async def usage_csv(request: Request, services: NamedDependency[Services]) -> Stream:  # type: ignore[type-arg]
     """The same rows as a CSV download (every row unless limit= is given)."""
     async with services.db() as conn:
