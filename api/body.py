@@ -21,3 +21,5 @@ def decode_body(body: bytes, kind: type[BodyT]) -> BodyT:
         raise InvalidRequest(f"invalid request: {exc}", param=invalid_field(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply") from None

@@ -30,6 +30,8 @@ from chatq.errors import ApiError, Forbidden, InvalidRequest
 from schemas.openai_wire import InMessage, MaxTokens, Temperature
 
 _json = msgspec.json.Encoder()
+# The roles a conversation turn stores (/v1 passes any role on to the engine, as vLLM does).
+TURN_ROLES = ("user", "assistant", "system")
 
 
 class SimpleChatRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -69,6 +71,12 @@ async def _simple_chat(request: Request, services: Services) -> Response[bytes] 
     principal = principal_of(request)
     call = ChatCall(services, line, principal)
     if body.messages is not None:
+        for i, m in enumerate(body.messages):
+            if m.role not in TURN_ROLES:
+                raise InvalidRequest(
+                    f"a turn's messages are from {', '.join(TURN_ROLES)}, not {m.role!r}",
+                    param=f"messages.{i}.role",
+                )
         new = [m.to_chat() for m in body.messages]
     elif body.message is not None:
         new = [schemas.ChatMessage(role="user", content=body.message)]

@@ -11,6 +11,10 @@ a handler task) for as long as it likes; a few hundred such sockets starve the s
   at `connection_made` and `on_message_begin`, cancelled by `on_headers_complete`. When
   it fires the client gets 408 (the standard error body) and the connection is closed.
   Bytes arriving do not re-arm it, so trickling does not help.
+- The head may be at most MAX_HEAD_BYTES (64 KiB, request line and headers together;
+  nginx's default allows 32 KiB): the same protocol counts what arrives until the
+  headers are complete and answers 431 (the standard error body) and closes beyond it,
+  so a client cannot make the parser buffer an endless header.
 - The body must arrive within HTTP_BODY_TIMEOUT_S of the head: `BodyDeadline`, an ASGI
   wrapper of `receive`. A handler waiting for the rest of the body gets `RequestTimeout`
   (408, the standard body, through the app's error handler) and the response says
@@ -28,16 +32,16 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from chatq.errors import RequestTimeout, error_body
+from chatq.errors import ClientError, RequestHeaderTooLarge, RequestTimeout, error_body
+
+MAX_HEAD_BYTES = 64 * 1024
 
 
-def _head_timeout_response(timeout_s: float) -> bytes:
-    """A whole 408 response: the standard error body, then the connection closes."""
-    body = msgspec.json.encode(
-        error_body(RequestTimeout(f"the request head did not arrive within {timeout_s:g} s"), None)
-    )
+def _closing_response(exc: ClientError, reason: str) -> bytes:
+    """A whole error response: the standard error body, then the connection closes."""
+    body = msgspec.json.encode(error_body(exc, None))
     head = (
-        "HTTP/1.1 408 Request Timeout\r\n"
+        f"HTTP/1.1 {exc.status} {reason}\r\n"
         "content-type: application/json\r\n"
         f"content-length: {len(body)}\r\n"
         "connection: close\r\n\r\n"
@@ -45,14 +49,64 @@ def _head_timeout_response(timeout_s: float) -> bytes:
     return head.encode() + body
 
 
+def _head_timeout_response(timeout_s: float) -> bytes:
+    return _closing_response(
+        RequestTimeout(f"the request head did not arrive within {timeout_s:g} s"), "Request Timeout"
+    )
+
+
+def _head_too_large_response() -> bytes:
+    message = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
+    return _closing_response(RequestHeaderTooLarge(message), "Request Header Fields Too Large")
+
+
 class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol; the request head must arrive within `header_timeout_s`."""
+    """uvicorn's httptools protocol; the request head must arrive within `header_timeout_s`
+    and be at most MAX_HEAD_BYTES."""
 
     header_timeout_s: float = 10.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._in_head = True
+        self._head_bytes = 0
+        self._parsed_head_bytes = 0
+        self._head_too_large = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # Still in the head after all of this: every byte since it began is head.
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._refuse_head()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # A head that came whole in one read: counted as the parser hands it over.
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count(self, size: int) -> None:
+        self._parsed_head_bytes += size
+        if self._parsed_head_bytes > MAX_HEAD_BYTES:
+            self._head_too_large = True
+            raise ValueError("request head too large")  # the parser stops; see send_400_response
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_too_large:
+            self._refuse_head()
+        else:
+            super().send_400_response(msg)
+
+    def _refuse_head(self) -> None:
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.write(_head_too_large_response())
+        self.transport.close()
 
     @classmethod
     def bounded(cls, header_timeout_s: float) -> type[HeaderDeadlineProtocol]:
@@ -83,9 +137,11 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_head, self._head_bytes, self._parsed_head_bytes = True, 0, 0
         self._arm()
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._disarm()
         super().on_headers_complete()
 

@@ -16,6 +16,7 @@ ChatqError
     ├── ModelNotFound        404 model_not_found
     ├── RequestTimeout       408 request_timeout (the head or body did not arrive in time)
     ├── RequestTooLarge      413 request_too_large
+    ├── RequestHeaderTooLarge 431 request_header_too_large (the request line and headers)
     └── Overloaded           429 rate_limit_error (queue full), with Retry-After
 ServerError                  5xx, raised while serving
     ├── UpstreamUnavailable  503 the message plane (or the database, Redis) is unreachable
@@ -116,6 +117,11 @@ class RequestTimeout(ClientError):
 class RequestTooLarge(ClientError):
     status = 413
     default_code = "request_too_large"
+
+
+class RequestHeaderTooLarge(ClientError):
+    status = 431
+    default_code = "request_header_too_large"
 
 
 class Overloaded(ClientError):

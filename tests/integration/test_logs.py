@@ -140,6 +140,50 @@ def test_a_token_in_nats_url_reaches_no_log(stack: AccountsStack) -> None:
         assert NATS_TOKEN not in p.log.read_text(errors="replace"), p.name
 
 
+def test_login_tokens_keys_and_passwords_reach_no_log(stack: AccountsStack) -> None:
+    """At DEBUG, a user who logs in (once with a wrong password), chats with the token,
+    makes a key and uses it, and a caller with a forged token: none of them in any log."""
+    account = create_account(stack.url, "log-secrets")
+    wrong = httpx.post(
+        stack.url + "/api/auth/login", json={"username": account.username, "password": "wrong-pw-98765"}
+    )
+    assert wrong.status_code == 401
+    session = login(stack.url, account.username, account.password)
+    token = session["Authorization"].removeprefix("Bearer ")
+    assert (
+        httpx.post(stack.url + "/v1/chat/completions", json=chat("hello"), headers=session).status_code == 200
+    )
+    key = httpx.post(stack.url + "/api/keys", json={"name": "k"}, headers=session).json()["key"]
+    used = httpx.post(
+        stack.url + "/v1/completions",
+        json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert used.status_code == 200, used.text
+    forged = token[:-6] + "AAAAAA"
+    assert (
+        httpx.get(stack.url + "/api/me/settings", headers={"Authorization": f"Bearer {forged}"}).status_code
+        == 401
+    )
+    # The key's request is the last: its line written, everything before it is too.
+    wait_until(
+        "the key's request line",
+        lambda: lines_of(proc(stack, "api0"), used.headers["X-Request-Id"]),
+        10,
+        0.05,
+    )
+    for p in stack.procs:
+        text = p.log.read_text(errors="replace")
+        for name, secret in [
+            ("token", token),
+            ("forged token", forged),
+            ("key", key),
+            ("password", account.password),
+            ("wrong password", "wrong-pw-98765"),
+        ]:
+            assert secret not in text, f"{p.name} logged the {name}"
+
+
 def test_the_api_logs_a_start_line(stack: AccountsStack) -> None:
     port = stack.url.rsplit(":", 1)[1]
     start = [r for r in records(proc(stack, "api0")) if "listening on" in r["msg"]]

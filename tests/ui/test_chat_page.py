@@ -89,6 +89,37 @@ def test_login_page_then_the_chat(browser: Any, stack: AccountsStack, alice: Acc
     page.context.close()
 
 
+def test_the_page_runs_under_its_security_headers(browser: Any, stack: AccountsStack, alice: Account) -> None:
+    """A CSP that forbids inline script, no framing, nosniff: the page still logs in and
+    chats, and the browser reports no violation."""
+    page = browser.new_context().new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    response = page.goto(stack.url + "/")
+    headers = response.headers
+    assert "script-src 'self'" in headers["content-security-policy"]
+    assert "unsafe-inline" not in headers["content-security-policy"].split("script-src")[1].split(";")[0]
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["referrer-policy"] == "no-referrer"
+    page.get_by_label("Username").fill(alice.username)
+    page.get_by_label("Password").fill(alice.password)
+    page.get_by_role("button", name="Log in").click()
+    page.get_by_label("Message", exact=True).fill("!say under the policy")
+    page.keyboard.press("Enter")
+    last_answer(page).get_by_text("under the policy").wait_for()
+    # An inline script, as an injected one would be, is refused.
+    inject = (
+        "s => { const e = document.createElement('script'); e.textContent = s; document.body.append(e); }"
+    )
+    page.evaluate(inject, "window.injected = 1")
+    assert page.evaluate("() => window.injected") is None
+    assert [p for p in problems if "Content Security Policy" in p and "window.injected" not in p] == [], (
+        problems
+    )
+    page.context.close()
+
+
 def test_a_message_streams_token_by_token_with_markdown(page: Any) -> None:
     page.evaluate(PAINTS)
     table = "| city | country |\n|---|---|\n| Paris | France |"
