@@ -38,16 +38,16 @@ def allowed_methods(app: Litestar, path: str) -> list[str]:
 
 
 def full_allow_header(app: ASGIApp) -> ASGIApp:
-    """ASGI middleware: OPTIONS and 405 answers carry the path's whole `Allow`."""
+    """ASGI middleware: OPTIONS answers carry the path's whole `Allow` (every other request
+    passes straight through: nothing is added to the request path)."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP:
+        if scope["type"] != ScopeType.HTTP or scope["method"] != "OPTIONS":
             await app(scope, receive, send)
             return
-        method = scope["method"]
 
         async def send_allow(message: Message) -> None:
-            if message["type"] == "http.response.start" and (method == "OPTIONS" or message["status"] == 405):
+            if message["type"] == "http.response.start":
                 methods = allowed_methods(scope["litestar_app"], scope["path"])
                 if methods:
                     headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]

@@ -21,6 +21,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin
 from litestar.routes import HTTPRoute
 
+from api.auth import authenticated
 from chatq.errors import ErrorBody
 
 _REF = "#/components/schemas/{name}"
@@ -45,7 +46,7 @@ _ERRORS = {
 
 
 def _is_protected(handler: HTTPRouteHandler) -> bool:
-    return any(guard.__name__ == "authenticated" for guard in handler.resolve_guards())
+    return authenticated in handler.resolve_guards()
 
 
 def _error_codes(handler: HTTPRouteHandler, path: str, method: str) -> list[str]:
@@ -59,10 +60,10 @@ def _error_codes(handler: HTTPRouteHandler, path: str, method: str) -> list[str]
         codes |= {"401", "403", "503"}
     if method in {"POST", "PATCH", "PUT", "DELETE"}:
         codes.add("409")
-    if opt.get("generates") or path == "/api/auth/login":
-        codes |= {"401", "429", "503"}
     if opt.get("generates"):
-        codes |= {"404", "502", "504"}
+        codes |= {"401", "404", "429", "502", "503", "504"}
+    if path == "/api/auth/login":
+        codes |= {"401", "429", "503"}
     if path == "/health":
         codes.add("503")  # a service chatq needs is down
     return sorted(codes)

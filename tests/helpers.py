@@ -360,6 +360,12 @@ def create_account(url: str, username: str, role: str = "user") -> Account:
     return Account(username, password, created.json()["id"])
 
 
+def logged_in(url: str, username: str, role: str = "user") -> dict[str, str]:
+    """A new account (create_account), logged in: the Authorization header of its session."""
+    account = create_account(url, username, role)
+    return login(url, account.username, account.password)
+
+
 def login(url: str, username: str, password: str) -> dict[str, str]:
     """Log in; the Authorization header of the session."""
     response = httpx.post(

@@ -99,7 +99,7 @@ async def slot_is_free(limiter: RateLimiter) -> bool:
 async def test_withdrawing_a_job_that_times_out_is_logged_not_raised(
     bus: Bus, fresh_nats: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    seq = await bus.publish_job(job())
+    seq = (await bus.publish_job(job())).seq
     with stalled(fresh_nats):
         assert await bus.withdraw_job(seq) is False
     assert "timed out" in caplog.text

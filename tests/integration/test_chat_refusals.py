@@ -12,7 +12,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.helpers import AccountsStack, accounts_stack, create_account, login, sse_events
+from tests.helpers import AccountsStack, accounts_stack, logged_in, sse_events
 
 MODEL = "short-context"
 CONTEXT = 256  # the profile's max_model_len; VLLM_MAX_MODEL_LEN stays at its 4096
@@ -49,8 +49,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
 
 
 def user(stack: AccountsStack, name: str) -> dict[str, str]:
-    account = create_account(stack.url, name)
-    return login(stack.url, name, account.password)
+    return logged_in(stack.url, name)
 
 
 def ask(stack: AccountsStack, headers: dict[str, str], messages: list[dict[str, str]]) -> httpx.Response:

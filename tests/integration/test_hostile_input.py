@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from broker import names
-from tests.helpers import AccountsStack, accounts_stack, create_account, login
+from tests.helpers import AccountsStack, accounts_stack, logged_in, no_rate_limits
 
 MODEL = "hostile-model"
 ROUNDS = 20  # each family this many times, for the memory bound
@@ -32,17 +32,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
         MODEL,
         SYNTH_TOKENS_PER_S="2000",
         SYNTH_TTFT_MS="1",
-        RATE_LIMIT_USER_RPM="0",
-        RATE_LIMIT_USER_TPM="0",
-        RATE_LIMIT_USER_CONCURRENCY="0",
+        **no_rate_limits("user"),
     ) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def session(stack: AccountsStack) -> dict[str, str]:
-    account = create_account(stack.url, "hostile-user")
-    return login(stack.url, account.username, account.password)
+    return logged_in(stack.url, "hostile-user")
 
 
 @dataclass(frozen=True)

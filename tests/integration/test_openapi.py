@@ -23,7 +23,7 @@ from litestar.routes import HTTPRoute
 from api import openapi
 from api.app import create_app
 from chatq.settings import load as load_settings
-from tests.helpers import AccountsStack, accounts_stack, auth, login
+from tests.helpers import AccountsStack, accounts_stack, logged_in, no_rate_limits
 
 MODEL = "fuzz-model"
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
@@ -37,31 +37,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
         MODEL,
         SYNTH_TOKENS_PER_S="20000",
         SYNTH_TTFT_MS="1",
-        RATE_LIMIT_USER_RPM="0",
-        RATE_LIMIT_USER_TPM="0",
-        RATE_LIMIT_USER_CONCURRENCY="0",
+        **no_rate_limits("user"),
     ) as s:
         yield s
-
-
-def _account(stack: AccountsStack, name: str, role: str) -> dict[str, str]:
-    password = f"pw-{name}-12345"
-    created = httpx.post(
-        stack.url + "/api/users",
-        json={"username": name, "password": password, "role": role},
-        headers=auth(),  # the service key acts as an admin
-        timeout=30,
-    )
-    assert created.status_code == 201, created.text
-    return login(stack.url, name, password)
 
 
 @pytest.fixture(scope="module")
 def who(stack: AccountsStack) -> dict[str, dict[str, str]]:
     return {
         "anonymous": {},
-        "user": _account(stack, "fuzz-user", "user"),
-        "admin": _account(stack, "fuzz-admin", "admin"),
+        "user": logged_in(stack.url, "fuzz-user"),
+        "admin": logged_in(stack.url, "fuzz-admin", "admin"),
     }
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import AccountsStack, accounts_stack, auth, create_account, login, start_api
+from tests.helpers import AccountsStack, accounts_stack, auth, logged_in, login, start_api
 from tests.metrics import metric_value
 
 MODEL = "limits-model"
@@ -47,8 +47,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
 
 
 def user(stack: AccountsStack, name: str, role: str = "user") -> dict[str, str]:
-    account = create_account(stack.url, name, role)
-    return login(stack.url, name, account.password)
+    return logged_in(stack.url, name, role)
 
 
 def ask(url: str, headers: dict[str, str], max_tokens: int = 2) -> httpx.Response:
