@@ -32,7 +32,7 @@ from api.ratelimit import RateLimiter
 from api.services import Services
 from broker import bus as bus_module
 from broker import topology
-from broker.bus import Bus
+from broker.bus import Bus, NatsLogin
 from broker.workers import WorkerRegistry
 from catalog.profiles import load_profiles, settle_model_profile
 from chatq.errors import (
@@ -58,7 +58,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     VERSION = "0.0.0"
 
-Connect = Callable[[str, str], Awaitable[Client]]
+Connect = Callable[[str, str, NatsLogin], Awaitable[Client]]
 
 
 SERVED = "/v1/chat/completions, /v1/completions, /v1/models"
@@ -204,7 +204,7 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
                 "admin/admin123 and test/test exist. Never run it like this where others can reach it."
             )
         pool = await _open_database(settings)
-        nc = await connect(settings.nats_url, "chatq-api")
+        nc = await connect(settings.nats_url, "chatq-api", NatsLogin.of(settings))
         bus = Bus(nc)
         await topology.ensure_streams(bus.js, jobs_max_msgs=settings.jobs_max_msgs)
         for model in dict.fromkeys([*settings.models, *(p.id for p in profiles)]):

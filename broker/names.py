@@ -16,6 +16,8 @@ JOBS_ALL = "chat.jobs.>"
 EVENTS_ALL = "chat.events.>"
 CANCEL_ALL = "chat.cancel.*"
 DEADLETTER_ALL = "chat.deadletter.>"
+STREAM_ALL = "chat.stream.*"
+CONTROL_ALL = "control.workers.*.model"
 # Events the persistence worker gave up on (the raw event, with a header naming the error).
 DEADLETTER_EVENTS = "chat.deadletter.events"
 PRIORITIES: tuple[Priority, ...] = ("interactive", "background")
@@ -45,6 +47,11 @@ def job_queue_of(subject: str) -> tuple[str, Priority] | None:
         if parts[3] == priority:
             return parts[2], priority
     return None
+
+
+def jobs_of_priority(priority: Priority) -> str:
+    """Every model's job subject of one priority (a wildcard)."""
+    return f"chat.jobs.*.{priority}"
 
 
 def jobs_consumer(model: str, priority: Priority = "interactive") -> str:

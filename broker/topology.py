@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from nats.js import JetStreamContext
@@ -102,6 +103,21 @@ async def ensure_streams(js: JetStreamContext, *, jobs_max_msgs: int) -> None:
     await _ensure_stream(js, jobs_stream_config(jobs_max_msgs))
     await _ensure_stream(js, events_stream_config())
     await ensure_deadletter(js)
+
+
+async def wait_for_stream(js: JetStreamContext, stream: str, every_s: float = 1.0) -> None:
+    """Wait until a stream exists: a worker may read and write it, not declare it (the
+    launcher or the API does, broker/permissions.py)."""
+    waiting = False
+    while True:
+        try:
+            await js.stream_info(stream)
+            return
+        except NotFoundError:
+            if not waiting:
+                log.warning("waiting for the %s stream (the API declares it)", stream)
+                waiting = True
+        await asyncio.sleep(every_s)
 
 
 async def ensure_deadletter(js: JetStreamContext) -> None:

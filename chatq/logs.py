@@ -300,6 +300,7 @@ def _known_secrets() -> list[str]:
     """The service keys and JWT secret this machine's settings name (to mask them verbatim)."""
     found = [k.strip() for k in os.environ.get("CHATQ_API_KEYS", "").split(",")]
     found.append(os.environ.get("JWT_SECRET", ""))
+    found.append(os.environ.get("NATS_PASSWORD", ""))
     home = os.environ.get("CHATQ_HOME") or str(Path(__file__).resolve().parent.parent / ".chatq")
     for name in ("api_keys", "jwt_secret"):
         with contextlib.suppress(OSError):

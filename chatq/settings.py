@@ -40,6 +40,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_prompts: bool = False
     nats_url: str
     embedded_nats: bool
+    # Who this process is on NATS (the embedded server's users are made by ./start).
+    nats_user: str | None = None
+    nats_password: str | None = None
     database_url: str | None
     # Persistence worker
     database_connect_timeout_s: int
@@ -200,6 +203,11 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     if any(len(key) < 20 for key in api_keys):
         raise ConfigError("every API key must be at least 20 characters long")
 
+    nats_user = env.optional("NATS_USER")
+    nats_password = env.optional("NATS_PASSWORD")
+    if nats_password is not None and nats_user is None:
+        raise ConfigError("NATS_PASSWORD is set without NATS_USER: set both, or neither")
+
     watchdog_s = env.number("STREAM_WATCHDOG_S", 15.0)
     heartbeat_s = env.number("STREAM_HEARTBEAT_S", min(2.0, watchdog_s / 3))
     if heartbeat_s >= watchdog_s:
@@ -213,6 +221,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         log_prompts=env.flag("LOG_PROMPTS", False),
         nats_url=env.text("NATS_URL", "nats://127.0.0.1:4222"),
         embedded_nats=env.flag("CHATQ_EMBEDDED_NATS", True),
+        nats_user=nats_user,
+        nats_password=nats_password,
         database_url=env.optional("DATABASE_URL"),
         database_connect_timeout_s=env.integer("DATABASE_CONNECT_TIMEOUT_S", 5),
         database_statement_timeout_ms=env.integer("DATABASE_STATEMENT_TIMEOUT_MS", 10_000),

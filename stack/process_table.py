@@ -31,6 +31,8 @@ class ProcessSpec:
     # The variable of the port it listens on (a key of PORT_SETTINGS), checked free at start.
     port_env: str | None = None
     stop_rank: int = 9  # lower stops first
+    # Its NATS user (a service of broker/permissions.py); none: it connects as no one.
+    nats_service: str | None = None
 
     def with_env(self, **env: str) -> ProcessSpec:
         """The same row, with more environment variables."""
@@ -39,8 +41,20 @@ class ProcessSpec:
 
 # What ./start runs. The API stops first (no new work), then the worker (it drains), then the
 # event consumers.
-API = ProcessSpec("api", "api", needs=("database", "redis"), port_env="CHATQ_PORT", stop_rank=0)
-INFERENCE_WORKER = ProcessSpec("worker", "workers.inference", port_env="WORKER_METRICS_PORT", stop_rank=1)
-PERSISTENCE = ProcessSpec("persistence", "workers.persistence", needs=("database", "streams"), stop_rank=2)
-TELEMETRY = ProcessSpec("telemetry", "workers.telemetry", port_env="TELEMETRY_PORT", stop_rank=3)
+API = ProcessSpec(
+    "api", "api", needs=("database", "redis"), port_env="CHATQ_PORT", stop_rank=0, nats_service="api"
+)
+INFERENCE_WORKER = ProcessSpec(
+    "worker", "workers.inference", port_env="WORKER_METRICS_PORT", stop_rank=1, nats_service="inference"
+)
+PERSISTENCE = ProcessSpec(
+    "persistence",
+    "workers.persistence",
+    needs=("database", "streams"),
+    stop_rank=2,
+    nats_service="persistence",
+)
+TELEMETRY = ProcessSpec(
+    "telemetry", "workers.telemetry", port_env="TELEMETRY_PORT", stop_rank=3, nats_service="telemetry"
+)
 PROCESS_TABLE: tuple[ProcessSpec, ...] = (INFERENCE_WORKER, API, PERSISTENCE, TELEMETRY)

@@ -81,18 +81,37 @@ class NatsServer(_ServerProcess):
     """A nats-server child process with JetStream, storing under store_dir."""
 
     def __init__(
-        self, store_dir: Path, *, port: int = 0, monitor_port: int = 0, host: str = "127.0.0.1"
+        self,
+        store_dir: Path,
+        *,
+        port: int = 0,
+        monitor_port: int = 0,
+        host: str = "127.0.0.1",
+        config: Path | None = None,
+        login: tuple[str, str] | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.host = host
         self.port = port or free_port()
         self.monitor_port = monitor_port or free_port()
+        # A config file (its users and permissions), and the user `url` logs in as.
+        self.config = config
+        self.login = login
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
     @property
-    def url(self) -> str:
+    def address(self) -> str:
+        """The server's URL without credentials."""
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The server's URL, with the login's user and password in it when it has one."""
+        if self.login is None:
+            return self.address
+        user, password = self.login
+        return f"nats://{user}:{password}@{self.host}:{self.port}"
 
     def start(self, log: IO[bytes] | Path | None = None, timeout: float = 15.0) -> NatsServer:
         """Start the server, its output appended to `log` (a file or a path)."""
@@ -111,6 +130,7 @@ class NatsServer(_ServerProcess):
                 str(self.port),
                 "-m",
                 str(self.monitor_port),
+                *(["-c", str(self.config)] if self.config else []),
             ],
             stdout=log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,

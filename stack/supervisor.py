@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 from chatq.errors import ChatqError
 from chatq.logs import url_for_log
 from chatq.settings import Settings, load
-from stack import state
+from stack import nats_auth, state
 from stack.process_table import PORT_SETTINGS, PROCESS_TABLE, ProcessSpec
 from stack.processes import Process, module_argv, spawn, tail, wait_http
 from stack.servers import EmbeddedPostgres, NatsServer, RedisServer, port_free
@@ -99,6 +99,7 @@ class Supervisor:
         self.nats: NatsServer | None = None
         self.postgres: EmbeddedPostgres | None = None
         self.redis: RedisServer | None = None
+        self.nats_passwords: dict[str, str] = {}
         self.database_url = s.database_url
         self.redis_url = s.redis_url
         self._stopping = False
@@ -155,6 +156,13 @@ class Supervisor:
 
     def _child_env(self, spec: ProcessSpec) -> dict[str, str]:
         env = {**self.env, "CHATQ_HOME": str(self.s.home), "NATS_URL": self.s.nats_url}
+        if self.nats_passwords:
+            # The embedded server's users: each process logs in as its service, or as no one.
+            env.pop("NATS_USER", None)
+            env.pop("NATS_PASSWORD", None)
+            if spec.nats_service is not None:
+                env["NATS_USER"] = user = nats_auth.permissions.user_name(spec.nats_service)
+                env["NATS_PASSWORD"] = self.nats_passwords[user]
         if "database" in spec.needs and self.database_url:
             env["DATABASE_URL"] = self.database_url
         if "redis" in spec.needs and self.redis_url:
@@ -204,10 +212,15 @@ class Supervisor:
         s = self.s
         url = urlparse(s.nats_url)
         if s.embedded_nats:
+            self.nats_passwords = nats_auth.ensure_passwords(s.home)
             fd = self._log("nats")
             with os.fdopen(fd, "ab") as log:
                 self.nats = NatsServer(
-                    s.home / "nats", port=url.port or 4222, host=url.hostname or "127.0.0.1"
+                    s.home / "nats",
+                    port=url.port or 4222,
+                    host=url.hostname or "127.0.0.1",
+                    config=nats_auth.write_config(s.home, self.nats_passwords),
+                    login=nats_auth.admin_login(self.nats_passwords),
                 ).start(log)
             self._announce(f"NATS JetStream on {url_for_log(s.nats_url)} (data in {s.home / 'nats'})")
         if "streams" in needs:
@@ -230,9 +243,16 @@ class Supervisor:
         import nats
 
         from broker import topology
+        from broker.bus import NatsLogin
+
+        if self.nats is not None and self.nats.login is not None:
+            login = NatsLogin(*self.nats.login)
+        else:
+            login = NatsLogin(self.s.nats_user, self.s.nats_password)
 
         async def declare() -> None:
-            nc = await nats.connect(self.s.nats_url)
+            url = self.s.nats_url
+            nc = await nats.connect(url.split(","), name="chatq-start", **login.client_options(url))
             try:
                 await topology.ensure_streams(nc.jetstream(), jobs_max_msgs=self.s.jobs_max_msgs)
             finally:

@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 import httpx
 import nats
 
-from broker import topology
+from broker import permissions, topology
 from chatq.sse import SseEvent as SseEvent
 from chatq.sse import sse_events as sse_events
 from schemas.messages import Priority
-from stack import process_table, processes
+from stack import nats_auth, process_table, processes
 from stack.process_table import ProcessSpec
 from stack.processes import Process as Proc
 from stack.processes import module_argv
@@ -68,8 +68,22 @@ async def eventually(
 
 
 def spawn(name: str, module: str, env: dict[str, str], logdir: Path) -> Proc:
-    """`python -m module` as a process of its own, not supervised: a test may kill it."""
-    return processes.spawn(name, module_argv(module), env, logdir, cwd=ROOT)
+    """`python -m module` as a process of its own, not supervised: a test may kill it.
+
+    Where the state folder has NATS users (a launcher's stack), it logs in as its service's
+    user, as the launcher's own processes do."""
+    return processes.spawn(name, module_argv(module), nats_login_env(env, module), logdir, cwd=ROOT)
+
+
+def nats_login_env(env: dict[str, str], module: str) -> dict[str, str]:
+    """`env` with NATS_USER and NATS_PASSWORD of the service `module` runs, where the state
+    folder (CHATQ_HOME) has the embedded server's users and `env` names no user itself."""
+    service = next((s.nats_service for s in process_table.PROCESS_TABLE if s.module == module), None)
+    if service is None or "NATS_USER" in env or "CHATQ_HOME" not in env:
+        return env
+    user = permissions.user_name(service)
+    password = nats_auth.read_passwords(Path(env["CHATQ_HOME"])).get(user)
+    return env if password is None else {**env, "NATS_USER": user, "NATS_PASSWORD": password}
 
 
 def log_lines(proc: Proc, pattern: str) -> list[str]:
@@ -300,16 +314,10 @@ class AccountsStack:
 
 
 @contextmanager
-def accounts_stack(
-    root: Path, model: str, *, apis: int = 1, nats_token: str | None = None, **env: str
-) -> Iterator[AccountsStack]:
+def accounts_stack(root: Path, model: str, *, apis: int = 1, **env: str) -> Iterator[AccountsStack]:
     """The launcher's stack with `apis` API processes, a synthetic worker and persistence;
-    processes a test adds to `procs` are stopped with it.
-
-    `nats_token`: the processes' NATS_URL carries it (`nats://TOKEN@host:port`); the test
-    server asks for none, so it is only there to be kept out of the logs."""
-    nats_url = _nats_url() if nats_token is None else _nats_url().replace("://", f"://{nats_token}@", 1)
-    full = base_env(nats_url, root / "home", INFERENCE_ENGINE="synthetic", MODEL_NAME=model, **env)
+    processes a test adds to `procs` are stopped with it."""
+    full = base_env(_nats_url(), root / "home", INFERENCE_ENGINE="synthetic", MODEL_NAME=model, **env)
     specs = [_api_spec(f"api{i}") for i in range(apis)]
     specs += [_worker_spec(), process_table.PERSISTENCE]
     logdir = root / "logs"

@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
+from broker import permissions
+from stack import nats_auth
 from tests.helpers import (
     AccountsStack,
     Proc,
@@ -47,9 +49,6 @@ SECRETS = {
     "password": ('{"password": "correct horse battery"}', "correct horse battery"),
 }
 
-# The processes' NATS_URL carries this token (as `nats://TOKEN@host`).
-NATS_TOKEN = "n4tsT0kenNeverLogged"
-
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
@@ -62,7 +61,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
         # DEBUG: every line a request can cause (FastStream's per message included).
         LOG_LEVEL="DEBUG",
         LOG_PROMPTS="true",
-        nats_token=NATS_TOKEN,
     ) as stack:
         yield stack
 
@@ -131,13 +129,18 @@ def test_every_line_of_every_process_is_one_json_object(stack: AccountsStack) ->
             assert line["service"] == service, line
 
 
-def test_a_token_in_nats_url_reaches_no_log(stack: AccountsStack) -> None:
-    """The persistence worker names its NATS server at start, with the token masked."""
+def test_the_nats_passwords_reach_no_log(stack: AccountsStack) -> None:
+    """Each process logs in to the embedded NATS as its service's user (NATS_PASSWORD in its
+    environment): the persistence worker names its server at start, and no log of any
+    process (nor the launcher's, nor nats-server's) holds a password."""
     start = [r for r in records(proc(stack, "persistence")) if "persistence worker started" in r["msg"]]
     assert len(start) == 1, start
-    assert "NATS nats://[masked]@127.0.0.1:" in start[0]["msg"], start
-    for p in stack.procs:
-        assert NATS_TOKEN not in p.log.read_text(errors="replace"), p.name
+    assert "NATS nats://127.0.0.1:" in start[0]["msg"], start
+    passwords = nats_auth.read_passwords(stack.logdir.parent / "home")
+    assert len(passwords) == len(permissions.SERVICES), passwords.keys()
+    for log in stack.logdir.glob("*.log"):
+        text = log.read_text(errors="replace")
+        assert not [user for user, pw in passwords.items() if pw in text], log.name
 
 
 def test_login_tokens_keys_and_passwords_reach_no_log(stack: AccountsStack) -> None:

@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 
 import schemas
 from broker import names, topology
-from broker.bus import Bus
+from broker.bus import Bus, NatsLogin
 from catalog import hardware
 from catalog.profiles import Profile, ProfileSet, load_profiles, settle_model_profile
 from chatq.errors import ConfigError, EngineError
@@ -118,6 +118,7 @@ def build_app(
         reconnect_time_wait=1,
         name=f"chatq-worker-{settings.worker_id}",
         graceful_timeout=settings.drain_grace_s,
+        **NatsLogin.of(settings).broker_options(settings.nats_url),
     )
     engine = engine or make_engine(settings, profile)
     state: dict[str, InferenceWorker | asyncio.Task[None] | Subscription] = {}
@@ -141,7 +142,7 @@ def build_app(
     @app.after_startup
     async def start_worker() -> None:
         bus = Bus(broker.connection)
-        await topology.ensure_streams(bus.js, jobs_max_msgs=settings.jobs_max_msgs)
+        await topology.wait_for_stream(bus.js, names.JOBS_STREAM)
         worker = make_worker(settings, bus, engine, profile, profiles, gpus=gpus, fits=fits)
         state["worker"] = worker
 

@@ -22,6 +22,7 @@ def main() -> int:
     if not dsn:
         print("chatq persistence: DATABASE_URL is not set", file=sys.stderr)
         return 2
+    from broker.bus import NatsLogin
     from workers.persistence.app import build_app
     from workers.persistence.store import Store
 
@@ -33,6 +34,7 @@ def main() -> int:
     app, _ = build_app(
         settings.nats_url,
         store,
+        login=NatsLogin.of(settings),
         max_deliver=settings.persistence_max_deliver,
         title_jobs=settings.title_jobs,
     )

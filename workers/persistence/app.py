@@ -26,7 +26,7 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 
 import schemas
 from broker import names, topology
-from broker.bus import Bus, RequestContext
+from broker.bus import NO_LOGIN, Bus, NatsLogin, RequestContext
 from chatq.logs import url_for_log
 from workers.persistence.store import Store, is_transient
 from workers.persistence.titles import TitleSource, title_job
@@ -87,6 +87,7 @@ def build_app(
     retry_delay_s: float = RETRY_DELAY_S,
     summary_interval_s: float = SUMMARY_INTERVAL_S,
     title_jobs: bool = True,
+    login: NatsLogin = NO_LOGIN,
 ) -> tuple[FastStream, NatsBroker]:
     """The persistence worker as a FastStream app; tests pass their own Store.
 
@@ -106,6 +107,7 @@ def build_app(
         log_level=logging.DEBUG,
         # Each event's Chatq-Request-Id header tags what is logged while handling it.
         middlewares=[RequestContext],
+        **login.broker_options(nats_url),
     )
     app = FastStream(broker, logger=log)
     tally = Tally()
@@ -190,6 +192,7 @@ def build_app(
         durable=DURABLE,
         pull_sub=PullSub(batch_size=64, timeout=1.0),
         ack_policy=AckPolicy.MANUAL,
+        inbox_prefix=login.pull_inbox_prefix(nats_url),
     )
     async def on_event(msg: NatsMessage) -> None:
         kind = msg.raw_message.subject.rsplit(".", 1)[-1]

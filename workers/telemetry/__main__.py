@@ -9,8 +9,7 @@ import sys
 from nats.js.kv import KeyValue
 from prometheus_client import REGISTRY, start_http_server
 
-from broker import topology
-from broker.bus import Bus, connect
+from broker.bus import Bus, NatsLogin, connect
 from broker.status import SNAPSHOT_KEY, status_kv
 from broker.workers import WorkerRegistry
 from catalog.profiles import load_profiles
@@ -24,9 +23,10 @@ log = logging.getLogger("chatq.telemetry")
 
 
 async def run(settings: Settings) -> None:
-    nc = await connect(settings.nats_url, "chatq-telemetry")
+    nc = await connect(settings.nats_url, "chatq-telemetry", NatsLogin.of(settings))
     js = nc.jetstream()
-    await topology.ensure_streams(js, jobs_max_msgs=settings.jobs_max_msgs)
+    # Telemetry only reads the streams (the launcher or the API declares them): until
+    # they exist, a round fails with a warning and the next one tries again.
     gauges = Gauges(REGISTRY)
     nvml = Nvml()
     workers = WorkerRegistry(Bus(nc))
