@@ -133,7 +133,7 @@ ACCOUNT = "401 200 200 200 403"
 OWNER = "401 200 404 404 403"  # A's conversation: for everyone else there is no such thing
 
 ROWS = [
-    #   method    path                                          anon owner other admin service
+    # Row(method, path, "anonymous owner other admin service", body): see Row.expect
     Row("POST", "/v1/chat/completions", ANY_KEY, CHAT),
     Row("POST", "/v1/completions", ANY_KEY, {"model": MODEL, "prompt": "hi", "max_tokens": 2}),
     Row("POST", "/api/chat", OWNER, _chat_into_a_conversation),
