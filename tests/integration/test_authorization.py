@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +22,23 @@ from litestar.routes import HTTPRoute
 
 from api.app import create_app
 from chatq.settings import load as load_settings
-from tests.helpers import Account, accounts_stack, auth, create_account, login, no_rate_limits, wait_until
+from tests.helpers import (
+    API_KEY,
+    JWT_SECRET,
+    Account,
+    accounts_stack,
+    auth,
+    create_account,
+    login,
+    no_rate_limits,
+    wait_until,
+)
 
 MODEL = "authz-model"
 CALLERS = ("anonymous", "owner", "other", "admin", "service")
 # What A keeps: nobody else may read the first two; the e-mail and the key prefix only A and
-# the admins; the key itself nobody, once it has been shown at its creation.
+# the admins; the key itself nobody once it was shown at its creation (nor any password hash,
+# key digest, service key or the JWT secret).
 TITLE = "A's private title q7f3c"
 SAID = "A's private question 91bez"
 EMAIL = "a-private-3kd9@example.test"
@@ -249,7 +260,8 @@ def _assert_standard_error(response: httpx.Response, caller: str, code: str | No
 
 
 def _assert_nothing_of_a(world: World, caller: str, text: str, asked: str) -> None:
-    assert world.key not in text, "A's API key itself was answered"
+    for secret in (world.key, API_KEY, JWT_SECRET, "$argon2", "password_hash", "key_sha256"):
+        assert secret not in text, f"a secret ({secret[:12]}…) was answered"
     username = world.accounts["owner"].username
     if caller in ("anonymous", "other") and username not in asked:  # (an error may echo the ask)
         assert username not in text, f"{caller} got A's username"
@@ -300,6 +312,48 @@ def test_what_the_others_must_not_see_is_there_for_those_who_may(world: World) -
     assert world.key_prefix in world.send("owner", "GET", "/api/keys").text
     verified = httpx.get(world.url + "/api/auth/verify", headers={"Authorization": f"Bearer {world.key}"})
     assert verified.json()["username"] == world.accounts["owner"].username
+
+
+def _as_b(field: str) -> Callable[[World], dict[str, object]]:
+    return lambda world: {field: world.accounts["other"].id}
+
+
+# API3: a field that would make a thing someone else's, or the caller an admin, is refused
+# whole; nothing is made or changed.
+PLANTED = [
+    ("PUT", "/api/me/settings", lambda world: {"role": "admin"}),
+    ("PUT", "/api/me/settings", _as_b("user_id")),
+    ("POST", "/api/conversations", _as_b("user_id")),
+    ("PATCH", "/api/conversations/{conversation_id}", _as_b("user_id")),
+    ("POST", "/api/keys", _as_b("user_id")),
+    ("POST", "/api/chat", lambda world: {"message": "planted", "user_id": world.accounts["other"].id}),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"), [pytest.param(*p, id=f"{p[0]} {p[1]} #{i}") for i, p in enumerate(PLANTED)]
+)
+def test_a_field_that_assigns_to_another_user_or_a_role_is_refused(
+    world: World, method: str, path: str, body: Callable[[World], dict[str, object]]
+) -> None:
+    def bs_things() -> tuple[object, ...]:
+        return tuple(world.send("other", "GET", p).json() for p in ("/api/conversations", "/api/keys"))
+
+    before = bs_things()
+    response = world.send("owner", method, world.fill(path), body(world))
+    assert response.status_code == 400, response.text
+    _assert_standard_error(response, "owner", "invalid_request")
+    assert world.send("owner", "GET", "/api/auth/verify").json()["role"] == "user"
+    assert bs_things() == before
+
+
+def test_the_openai_user_field_bills_no_one_else(world: World) -> None:
+    """`user` in a /v1 request is the client's label; the usage is the caller's."""
+    b = world.accounts["other"].username
+    said = world.send("owner", "POST", "/v1/chat/completions", {**CHAT, "user": b})
+    request_id = said.json()["id"]
+    wait_until("A's usage row", lambda: request_id in world.send("owner", "GET", "/api/usage").text, 30)
+    assert request_id not in world.send("other", "GET", "/api/usage").text
 
 
 def _app_routes() -> set[tuple[str, str]]:
