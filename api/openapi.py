@@ -15,11 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Request
+from litestar import Litestar, Request, Response, Router
+from litestar.exceptions import NotFoundException
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin
 from litestar.routes import HTTPRoute
+from litestar.utils import ensure_async_callable
 
 from api.auth import authenticated
 from chatq.errors import ErrorBody
@@ -134,6 +136,17 @@ class _Document(JsonRenderPlugin):
             cached = _json.encode(build(app, openapi_schema))
             app.state.openapi_json = cached
         return cached
+
+    def receive_router(self, router: Router) -> None:
+        # Litestar answers an unknown page under /schema with an HTML 404 of its own;
+        # raised instead, it gets the standard error body like every other 404.
+        router.after_request = ensure_async_callable(_standard_not_found)
+
+
+def _standard_not_found(response: Response) -> Response:  # type: ignore[type-arg]
+    if response.status_code == 404:
+        raise NotFoundException("there is no such page under /schema")
+    return response
 
 
 def config(version: str) -> OpenAPIConfig:
