@@ -11,6 +11,8 @@ JOBS_STREAM = "JOBS"
 EVENTS_STREAM = "EVENTS"
 DEADLETTER_STREAM = "DEADLETTER"
 WORKERS_BUCKET = "workers"
+# The persistence worker's durable consumer of EVENTS: no other reader may take from it.
+EVENTS_DURABLE = "persistence"
 
 JOBS_ALL = "chat.jobs.>"
 EVENTS_ALL = "chat.events.>"

@@ -144,6 +144,7 @@ def _publish(service: str) -> list[str]:
             f"{_JS}.CONSUMER.INFO.{events}.>",
             f"{_JS}.CONSUMER.DELETE.{events}.>",
             f"{_JS}.CONSUMER.MSG.NEXT.{events}.>",
+            f"$JS.ACK.{events}.>",
         ]
     raise ValueError(f"no NATS permissions for {service!r}")
 
@@ -153,6 +154,8 @@ def _subscribe(service: str) -> list[str]:
         return [names.STREAM_ALL]
     if service == "inference":
         return [names.CANCEL_ALL, names.CONTROL_ALL]
+    if service == "integration":
+        return [names.EVENTS_ALL]  # as they are published, or from the stream (on its inbox)
     return []
 
 
@@ -165,6 +168,16 @@ def permissions(service: str) -> dict[str, Any]:
         "publish": {"allow": [f"{_JS}.INFO", *_publish(service)]},
         "subscribe": {"allow": [inbox, *_subscribe(service)]},
     }
+    if service == "integration":
+        # A reader of its own consumers: persistence's durable is not one to take from,
+        # change or delete (what it took, the database would never get).
+        events, durable = names.EVENTS_STREAM, names.EVENTS_DURABLE
+        block["publish"]["deny"] = [
+            *(f"{_JS}.CONSUMER.{verb}.{events}.{durable}" for verb in ("CREATE", "DELETE", "MSG.NEXT")),
+            f"{_JS}.CONSUMER.CREATE.{events}.{durable}.>",
+            f"{_JS}.CONSUMER.DURABLE.CREATE.{events}.{durable}",
+            f"$JS.ACK.{events}.{durable}.>",
+        ]
     if service == "inference":
         # A switch request is answered on the asker's inbox, and only that once.
         block["allow_responses"] = {"max": 1}

@@ -1,5 +1,6 @@
 """Tokens per user per hour, read from chatq's events: how an integration follows chat.events.>.
 
+    NATS_USER=chatq-integration NATS_PASSWORD=... \
     .venv/bin/python -m examples.tokens_per_user [--nats-url nats://127.0.0.1:4222]
         [--since all | 24h | 90m | 2026-11-24T10:00Z] [--every 10]
 
@@ -32,7 +33,6 @@ import sys
 from dataclasses import dataclass
 
 import msgspec
-import nats
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -40,6 +40,7 @@ from nats.js.errors import NotFoundError
 
 import schemas
 from broker import names
+from broker.bus import NatsLogin, connect
 
 log = logging.getLogger("tokens_per_user")
 
@@ -200,7 +201,10 @@ async def read_events(
 async def run(nats_url: str, since: str | None, every: float) -> None:
     """Follow the events and print the table every `every` seconds and on SIGINT or SIGTERM."""
     start_at(since)  # a bad --since fails before connecting
-    nc = await nats.connect(nats_url, name="tokens-per-user", max_reconnect_attempts=-1)
+    # NATS_USER and NATS_PASSWORD (or a user in the URL): chatq's embedded server asks for a
+    # login; the `chatq-integration` user reads the events (docs/integrations.md).
+    login = NatsLogin(os.environ.get("NATS_USER"), os.environ.get("NATS_PASSWORD"))
+    nc = await connect(nats_url, "tokens-per-user", login)
     tally = Tally()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -36,7 +36,7 @@ log = logging.getLogger("chatq.persistence")
 RETRY_DELAY_S = 2.0
 MAX_DELIVER = 5
 SUMMARY_INTERVAL_S = 60.0
-DURABLE = "persistence"
+DURABLE = names.EVENTS_DURABLE
 _MAX_REASON = 500
 
 
