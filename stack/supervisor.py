@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from broker import permissions
 from chatq.errors import ChatqError
 from chatq.logs import url_for_log
 from chatq.settings import Settings, load
@@ -161,7 +162,7 @@ class Supervisor:
             env.pop("NATS_USER", None)
             env.pop("NATS_PASSWORD", None)
             if spec.nats_service is not None:
-                env["NATS_USER"] = user = nats_auth.permissions.user_name(spec.nats_service)
+                env["NATS_USER"] = user = permissions.user_name(spec.nats_service)
                 env["NATS_PASSWORD"] = self.nats_passwords[user]
         if "database" in spec.needs and self.database_url:
             env["DATABASE_URL"] = self.database_url
