@@ -344,3 +344,27 @@ def test_every_workload_has_a_disruption_budget_and_services_find_their_pods(
         assert pods, f"service {service['metadata']['name']} selects no pod"
         for port in service["spec"]["ports"]:
             _port(pods[0][1], port["targetPort"])  # a named port the container has
+
+
+def test_the_helm_values_agree_with_the_manifests(docs: tuple[dict[str, Any], ...]) -> None:
+    """The NATS and CloudNativePG releases deploy/k8s/helm describes are the ones the pods use."""
+    nats = yaml.safe_load((K8S / "helm" / "nats-values.yaml").read_text())
+    assert nats["config"]["cluster"]["enabled"] and nats["config"]["cluster"]["replicas"] == 3
+    assert nats["config"]["jetstream"]["enabled"] and nats["config"]["monitor"]["enabled"]
+    postgres = yaml.safe_load((K8S / "helm" / "postgres-values.yaml").read_text())
+    assert postgres["cluster"]["instances"] == 3
+    _, api = _workload(docs, "chatq-api")
+    # Release `nats`: its client Service is `nats`, its headless one `nats-headless`.
+    assert load(_container_env(docs, api)).nats_url == "nats://nats:4222"
+    (scaled,) = _of(docs, "ScaledObject")
+    endpoint = scaled["spec"]["triggers"][0]["metadata"]["natsServerMonitoringEndpoint"]
+    assert endpoint.startswith("nats-headless.") and endpoint.endswith(":8222")
+    if "namespace" in scaled["metadata"]:  # an overlay: KEDA's operator resolves it from its own
+        assert endpoint.split(".")[1] == scaled["metadata"]["namespace"]
+    refs = {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for _, c in _containers(docs)
+        for e in c.get("env", [])
+        if e["name"] == "DATABASE_URL"
+    }
+    assert refs == {f"{postgres['fullnameOverride']}-app"}
