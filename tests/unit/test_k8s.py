@@ -322,14 +322,17 @@ def test_the_keda_trigger_names_the_real_stream_and_consumer(docs: tuple[dict[st
     inference, worker = _workload(docs, target["name"])
     assert inference["kind"] == target["kind"] and "replicas" not in inference["spec"]
     model = load(_container_env(docs, worker)).model_name
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "nats-jetstream"
+    (trigger,) = [t for t in scaled["spec"]["triggers"] if t["type"] == "nats-jetstream"]
     meta = trigger["metadata"]
     assert meta["stream"] == names.JOBS_STREAM
     assert meta["consumer"] == names.jobs_consumer(model, "interactive"), f"the workers serve {model!r}"
     # What KEDA's nats-jetstream scaler requires (pkg/scalers/nats_jetstream_scaler.go).
     assert {"natsServerMonitoringEndpoint", "account", "stream", "consumer"} <= set(meta)
     assert int(meta["lagThreshold"]) > 0
+    for other in scaled["spec"]["triggers"]:
+        if other["type"] == "prometheus":  # on the workers' load: the same model's series
+            assert f'model="{model}"' in other["metadata"]["query"]
+            assert float(other["metadata"]["threshold"]) > 0
 
 
 def test_every_workload_has_a_disruption_budget_and_services_find_their_pods(
