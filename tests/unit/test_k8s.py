@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from api.app import health
-from broker import names
+from broker import names, nats_helm, permissions
 from chatq.errors import ConfigError
 from chatq.settings import REPO_ROOT, jwt_secret_problem, load
 
@@ -214,7 +214,8 @@ def _container_env(docs: tuple[dict[str, Any], ...], container: dict[str, Any]) 
         elif "secretKeyRef" in ref:
             key = (ref["secretKeyRef"]["name"], ref["secretKeyRef"]["key"])
             secrets = _of(docs, "Secret", key[0])
-            env[entry["name"]] = secrets[0]["stringData"][key[1]] if secrets else OUTSIDE_SECRETS[key]
+            outside = OUTSIDE_SECRETS.get(key, "a-secret-made-outside-the-manifests")
+            env[entry["name"]] = secrets[0]["stringData"][key[1]] if secrets else outside
         else:
             (config,) = _of(docs, "ConfigMap", ref["configMapKeyRef"]["name"])
             env[entry["name"]] = config["data"][ref["configMapKeyRef"]["key"]]
@@ -379,3 +380,23 @@ def test_the_helm_values_agree_with_the_manifests(docs: tuple[dict[str, Any], ..
         if e["name"] == "DATABASE_URL"
     }
     assert refs == {f"{postgres['fullnameOverride']}-app"}
+
+
+def test_each_service_connects_as_its_own_nats_user(docs: tuple[dict[str, Any], ...]) -> None:
+    """NATS_USER is the service's user of broker/permissions.py, NATS_PASSWORD the key of the
+    Secret that the NATS release's values (python -m broker.nats_helm) read for that user."""
+    values = nats_helm.helm_values()
+    users = {u["user"]: u for u in values["config"]["merge"]["authorization"]["users"]}
+    nats_env = values["container"]["env"]
+    for workload, container in _containers(docs):
+        service = workload["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
+        if service is None:  # Redis
+            continue
+        env = {e["name"]: e for e in container.get("env", [])}
+        user = permissions.user_name(service)
+        assert env["NATS_USER"]["value"] == user and user in users
+        ref = env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": nats_helm.SECRET, "key": user}
+        variable = users[user]["password"].removeprefix("<< $").removesuffix(" >>")
+        assert nats_env[variable]["valueFrom"]["secretKeyRef"] == ref
+        assert users[user]["permissions"] == permissions.permissions(service)
