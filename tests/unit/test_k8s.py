@@ -139,8 +139,9 @@ def test_kubeconform_where_installed(tree: str, tmp_path: Path) -> None:
         )
     rendered = tmp_path / "rendered.yaml"
     rendered.write_text(yaml.safe_dump_all(_render(tree)))
-    keda = tmp_path / "ScaledObject-keda-v1alpha1.json"
-    keda.write_text((SCHEMAS / "scaledobject-keda-v1alpha1.json").read_text())
+    # kubeconform's template names the kind in lower case: scaledobject-keda-v1alpha1.json.
+    keda = tmp_path / "scaledobject-keda-v1alpha1.json"
+    keda.write_text(json.dumps(_strict(json.loads((SCHEMAS / keda.name).read_text()))))
     done = subprocess.run(
         [kubeconform, "-strict", "-summary", "-kubernetes-version", KUBERNETES_VERSION,
          "-schema-location", "default",
