@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from nats.js import JetStreamContext
@@ -90,11 +91,14 @@ def jobs_consumer_config(model: str, priority: Priority, ack_wait_s: float) -> C
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     assert config.name is not None
     try:
-        await js.stream_info(config.name)
+        info = await js.stream_info(config.name)
     except NotFoundError:
         await js.add_stream(config)
         log.info("created stream %s", config.name)
         return
+    # chatq creates a stream with one replica; on a NATS cluster the operator raises that
+    # (`nats stream edit JOBS --replicas 3`, docs/scaling.md), and an update keeps it.
+    config = dataclasses.replace(config, num_replicas=info.config.num_replicas)
     await js.update_stream(config)
 
 

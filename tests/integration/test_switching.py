@@ -50,6 +50,7 @@ class SwitchStack:
     url: str
     reject_url: str
     worker: Proc
+    worker_port: int  # its metrics port, with /ready
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +76,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwitchStack]:
         procs.append(api)
         reject_api, reject_url = start_api({**env, "UNSERVED_MODEL": "reject"}, root / "logs", "api-reject")
         procs.append(reject_api)
-        worker, _ = start_worker(env, root / "logs", name=WORKER)
+        worker, worker_port = start_worker(env, root / "logs", name=WORKER)
         procs.append(worker)
         wait_for_model(url, "alpha", 60, procs)
         wait_for_model(reject_url, "alpha", 60, procs)
-        yield SwitchStack(url, reject_url, worker)
+        yield SwitchStack(url, reject_url, worker, worker_port)
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -245,6 +246,41 @@ async def test_streams_past_the_grace_period_end_with_the_standard_error(stack: 
     assert answer.status == 200 and answer.text  # it had been streaming
     assert answer.error is not None and answer.error["code"] == "deadline_exceeded", answer
     assert ended_after < 15  # ended by the 3 s grace period, not by running to its end
+
+
+def readiness_until_ready_on(stack: SwitchStack, model: str, timeout: float = 30) -> list[tuple[int, str]]:
+    """The worker's /ready answers, each change once, until the API sees it ready on `model`."""
+    seen: list[tuple[int, str]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe = httpx.get(f"http://127.0.0.1:{stack.worker_port}/ready", timeout=5)
+        answer = (probe.status_code, probe.text.strip())
+        if not seen or seen[-1] != answer:
+            seen.append(answer)
+        entry = worker_entry(stack.url)
+        if answer[0] == 200 and entry is not None and entry["model"] == model:
+            return seen
+        time.sleep(0.05)
+    raise TimeoutError(f"/ready did not come back on {model} within {timeout} s; seen {seen}")
+
+
+async def test_the_readiness_probe_fails_while_the_worker_drains_and_loads(stack: SwitchStack) -> None:
+    """Kubernetes' readinessProbe (deploy/k8s) points at /ready on the metrics port."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        ready = await client.get(f"http://127.0.0.1:{stack.worker_port}/ready")
+        assert (ready.status_code, ready.text) == (200, "ready\n")
+        in_flight = asyncio.create_task(chat(client, stack.url, "alpha", 30))  # 1.5 s: it drains
+        await asyncio.sleep(0.3)
+        assert (await asyncio.to_thread(switch, stack.url, "beta")).status_code == 202
+        seen = await asyncio.to_thread(readiness_until_ready_on, stack, "beta")
+        assert (await in_flight).error is None
+        assert (await asyncio.to_thread(switch, stack.url, "alpha")).status_code == 202
+        back = await asyncio.to_thread(readiness_until_ready_on, stack, "alpha")
+    # The first probe may come before the worker has taken the switch in.
+    seen = seen[1:] if seen[0] == (200, "ready") else seen
+    assert seen[0] == (503, "draining") and seen[-1] == (200, "ready"), seen
+    assert (503, "loading") in seen, seen
+    assert back[-1] == (200, "ready") and (503, "loading") in back, back
 
 
 def wait_failed(url: str, timeout: float = 30) -> dict[str, Any] | None:

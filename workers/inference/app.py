@@ -12,7 +12,6 @@ from faststream import FastStream
 from faststream.nats import NatsBroker, NatsMessage
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from prometheus_client import start_http_server
 
 import schemas
 from broker import names, topology
@@ -23,7 +22,7 @@ from chatq.errors import ConfigError, EngineError
 from chatq.gcfreeze import freeze_startup_objects
 from chatq.settings import Settings
 from schemas.messages import SwitchReply, decode_switch
-from workers.inference import metrics
+from workers.inference import health, metrics
 from workers.inference.engine import Engine
 from workers.inference.worker import InferenceWorker, WorkerConfig
 
@@ -124,6 +123,11 @@ def build_app(
     state: dict[str, InferenceWorker | asyncio.Task[None] | Subscription] = {}
     app = FastStream(broker)
 
+    def worker_state() -> str:
+        """The worker's state for /ready; loading until the worker exists (engine starting)."""
+        worker = state.get("worker")
+        return worker.state if isinstance(worker, InferenceWorker) else "loading"
+
     @broker.subscriber(names.CANCEL_ALL)
     async def on_cancel(msg: NatsMessage) -> None:
         worker = state.get("worker")
@@ -133,7 +137,7 @@ def build_app(
     @app.on_startup
     async def start_engine() -> None:
         if settings.worker_metrics_port:
-            start_http_server(settings.worker_metrics_port, addr=settings.host)
+            health.serve(settings.worker_metrics_port, settings.host, worker_state)
         await engine.start()
         start_s = getattr(engine, "start_seconds", None)
         if start_s is not None:

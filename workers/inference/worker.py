@@ -77,6 +77,11 @@ class InferenceWorker:
         metrics.ENGINE_LOAD.watch(self)
 
     @property
+    def state(self) -> str:
+        """What it last announced: loading, ready or draining (its /ready probe reads it)."""
+        return self._state
+
+    @property
     def engine(self) -> Engine:
         return self.jobs.engine
 
