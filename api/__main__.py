@@ -75,8 +75,21 @@ def main() -> int:
         proxy_headers=bool(settings.forwarded_allow_ips),
         forwarded_allow_ips=list(settings.forwarded_allow_ips),
     )
-    _Server(config, settings, VERSION).run()
+    # Beside sibling API processes on the one port (./start --api-workers M): each binds it
+    # with SO_REUSEPORT and the kernel spreads new connections over them.
+    sockets = [_reuse_port_socket(settings.host, settings.port)] if settings.api_reuse_port else None
+    _Server(config, settings, VERSION).run(sockets=sockets)
     return 0
+
+
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

@@ -76,6 +76,8 @@ RANGES: dict[str, Range] = {
     "DRAIN_GRACE_S": Range(0, _DAY_S),
     "WORKER_SLOTS": _whole(0, 4096),  # 0: the engine's own count
     "WORKER_METRICS_PORT": _PORT_OR_OFF,
+    "INFERENCE_WORKERS": _whole(1, 64),
+    "API_WORKERS": _whole(1, 64),
     "CHUNK_MAX_TOKENS": _whole(1, 4096),
     "CHUNK_MAX_DELAY_MS": Range(0, 10_000),
     "VLLM_GPU_MEMORY_UTILIZATION": Range(0.01, 1),  # a fraction of the GPU's memory

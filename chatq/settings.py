@@ -98,6 +98,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: str
     worker_slots: int
     worker_metrics_port: int
+    # ./start's process table: how many inference workers and API processes, and the
+    # profile of each worker (WORKER_PROFILES, one per worker; empty: MODEL_PROFILE's).
+    inference_workers: int = 1
+    api_workers: int = 1
+    worker_profiles: tuple[str, ...] = ()
+    # The API binds its port with SO_REUSEPORT, beside its siblings (API_WORKERS > 1).
+    api_reuse_port: bool = False
     chunk_max_tokens: int
     chunk_max_delay_s: float
     heartbeat_s: float
@@ -203,6 +210,15 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     if any(len(key) < 20 for key in api_keys):
         raise ConfigError("every API key must be at least 20 characters long")
 
+    worker_profiles = tuple(env.items("WORKER_PROFILES"))
+    inference_workers = env.integer("INFERENCE_WORKERS", len(worker_profiles) or 1)
+    api_workers = env.integer("API_WORKERS", 1)
+    if worker_profiles and len(worker_profiles) != inference_workers:
+        raise ConfigError(
+            f"WORKER_PROFILES names {len(worker_profiles)} profiles for {inference_workers} "
+            "inference workers: name one per worker, or leave INFERENCE_WORKERS unset"
+        )
+
     nats_user = env.optional("NATS_USER")
     nats_password = env.optional("NATS_PASSWORD")
     if nats_password is not None and nats_user is None:
@@ -269,6 +285,10 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         worker_id=env.text("WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
         worker_slots=env.integer("WORKER_SLOTS", 0),
         worker_metrics_port=env.integer("WORKER_METRICS_PORT", 9101),
+        inference_workers=inference_workers,
+        api_workers=api_workers,
+        worker_profiles=worker_profiles,
+        api_reuse_port=env.flag("CHATQ_REUSE_PORT", False),
         chunk_max_tokens=env.integer("CHUNK_MAX_TOKENS", 16),
         chunk_max_delay_s=env.number("CHUNK_MAX_DELAY_MS", 15.0) / 1000,
         heartbeat_s=heartbeat_s,

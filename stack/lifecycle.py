@@ -12,7 +12,7 @@ from catalog.profiles import settle_model_profile
 from chatq.settings import Settings, load
 from stack import state
 from stack.credentials import ensure_api_key, ensure_jwt_secret
-from stack.process_table import PROCESS_TABLE
+from stack.process_table import scaled_table
 from stack.supervisor import Supervisor
 
 HEALTH_TIMEOUT_S = 900.0
@@ -67,7 +67,9 @@ def _run(s: Settings, new_key: str | None) -> int:
     signal.signal(signal.SIGTERM, sup.request_stop)
     signal.signal(signal.SIGINT, sup.request_stop)
     try:
-        sup.start(PROCESS_TABLE)
+        from catalog.hardware import read_gpus
+
+        sup.start(scaled_table(s, gpus=len(read_gpus()) if s.inference_workers > 1 else 0))
         if not sup.wait_healthy(HEALTH_TIMEOUT_S):
             sup.stop()
             return 1

@@ -20,8 +20,8 @@ def cmd_logs(
     if request:
         return _request_logs(s, request, service, as_json)
     names = [service] if service else ["chatq", *SERVICES]
-    paths = [state.logdir(s) / f"{n}.log" for n in names]
-    paths = [p for p in paths if p.exists()]
+    # `worker` and `api` are every one of them (worker-2.log, api-1.log, …).
+    paths = [p for n in names for p in sorted(state.logdir(s).glob(f"{n}*.log"))]
     if not paths:
         print(f"no logs yet in {state.logdir(s)}")
         return 1
@@ -31,7 +31,7 @@ def cmd_logs(
 
 def _request_logs(s: Settings, request_id: str, service: str | None, as_json: bool) -> int:
     """Every service's log lines about one request, in time order (docs/logging.md)."""
-    paths = [state.logdir(s) / f"{service}.log"] if service else sorted(state.logdir(s).glob("*.log"))
+    paths = sorted(state.logdir(s).glob(f"{service}*.log" if service else "*.log"))
     found: list[tuple[str, int, int, str, dict[str, object]]] = []
     for order, path in enumerate(paths):
         try:

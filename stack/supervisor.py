@@ -274,8 +274,12 @@ class Supervisor:
         for spec in processes:
             self.start_process(spec)
         names = ", ".join(spec.name for spec in processes)
+        workers = sum(spec.module == "workers.inference" for spec in processes)
+        apis = sum(spec.port_env == "CHATQ_PORT" for spec in processes)
         if tuple(processes) == PROCESS_TABLE:
             names = f"the inference worker ({self.s.engine}), the API, persistence and telemetry"
+        elif workers > 1 or apis > 1:
+            names = f"{workers} inference workers ({self.s.engine}), {apis} API processes, {names}"
         self._announce(f"starting {names} …")
 
     # --- keeping it up ------------------------------------------------------------------
