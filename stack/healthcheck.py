@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import urllib.request
+from collections.abc import Callable
 
 from chatq.settings import Settings, load
 
@@ -40,28 +41,39 @@ async def _consumer_alive(settings: Settings) -> bool:
         await bus.close()
 
 
-def healthy(service: str, settings: Settings) -> bool:
-    """Whether `service` (a compose service name) is healthy, asked from inside its container."""
-    local = "http://127.0.0.1"
-    if service == "api":
-        return _answers(f"{local}:{settings.port}/health")
-    if service == "inference":
-        return _answers(f"{local}:{settings.worker_metrics_port}/metrics")
-    if service == "telemetry":
-        return _answers(f"{local}:{settings.telemetry_port}/metrics")
-    if service == "persistence":
-        try:
-            return asyncio.run(asyncio.wait_for(_consumer_alive(settings), TIMEOUT_S))
-        except Exception:  # noqa: BLE001 - NATS away or no consumer: unhealthy, either way
-            return False
-    raise SystemExit(f"chatq healthcheck: no check for {service!r} (api, inference, telemetry, persistence)")
+def _api(settings: Settings) -> bool:
+    return _answers(f"http://127.0.0.1:{settings.port}/health")
+
+
+def _inference(settings: Settings) -> bool:
+    return _answers(f"http://127.0.0.1:{settings.worker_metrics_port}/metrics")
+
+
+def _telemetry(settings: Settings) -> bool:
+    return _answers(f"http://127.0.0.1:{settings.telemetry_port}/metrics")
+
+
+def _persistence(settings: Settings) -> bool:
+    try:
+        return asyncio.run(asyncio.wait_for(_consumer_alive(settings), TIMEOUT_S))
+    except Exception:  # noqa: BLE001 - NATS away or no consumer: unhealthy, either way
+        return False
+
+
+# compose.yaml's service names, each checked from inside its own container.
+CHECKS: dict[str, Callable[[Settings], bool]] = {
+    "api": _api,
+    "inference": _inference,
+    "telemetry": _telemetry,
+    "persistence": _persistence,
+}
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m stack.healthcheck api|inference|telemetry|persistence", file=sys.stderr)
+    if len(argv) != 1 or argv[0] not in CHECKS:
+        print(f"usage: python -m stack.healthcheck {'|'.join(CHECKS)}", file=sys.stderr)
         return 2
-    return 0 if healthy(argv[0], load()) else 1
+    return 0 if CHECKS[argv[0]](load()) else 1
 
 
 if __name__ == "__main__":
