@@ -223,7 +223,9 @@ def test_every_mounted_file_is_in_the_repo() -> None:
                 assert (ROOT / source).exists(), f"{name}: {source}"
 
 
-@pytest.mark.parametrize("engine", sorted({s["build"]["args"]["ENGINE"] for s in SERVICES.values() if "build" in s}))
+@pytest.mark.parametrize(
+    "engine", sorted({s["build"]["args"]["ENGINE"] for s in SERVICES.values() if "build" in s})
+)
 def test_the_image_lock_holds_every_dependency(engine: str) -> None:
     """deploy/requirements/<ENGINE>.txt pins every package pyproject.toml names (run
     scripts/lock-images.sh after changing them)."""
@@ -236,4 +238,9 @@ def test_the_image_lock_holds_every_dependency(engine: str) -> None:
         package = re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
         assert re.search(rf"^{re.escape(package)}==\S+ \\$", locked, re.MULTILINE), f"{engine}: {package}"
     assert "--hash=sha256:" in locked
-    assert "--require-hashes" in DOCKERFILE and re.search(r"^USER (?!root)\w+", DOCKERFILE, re.MULTILINE)
+
+
+def test_the_image_installs_only_what_is_locked_and_runs_unprivileged() -> None:
+    assert re.search(r"pip install --require-hashes --no-deps -r \S+\$ENGINE\.txt", DOCKERFILE)
+    assert "pip install --no-deps --no-build-isolation ." in DOCKERFILE
+    assert re.search(r"^USER (?!root\b)\w+", DOCKERFILE, re.MULTILINE)
