@@ -40,8 +40,7 @@ from tests.helpers import (
     sse_events,
     wait_until,
 )
-from tests.metrics import metric_value
-from tests.pipeline import chat_body, expected_text
+from tests.pipeline import chat_body, expected_text, worker_disconnect_aborts
 
 MODEL = "nginx-model"
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nginx"
@@ -272,17 +271,8 @@ def test_a_stream_through_nginx_arrives_token_by_token(nginx: Nginx) -> None:
 
 
 def test_a_client_leaving_nginx_stops_the_engine(nginx: Nginx, stack: AccountsStack) -> None:
-    metrics = f"http://127.0.0.1:{_worker(stack).env['WORKER_METRICS_PORT']}/metrics"
-
-    def aborts() -> float:
-        try:
-            return metric_value(
-                httpx.get(metrics).text, "chatq_engine_aborts_total", reason="client_disconnected"
-            )
-        except KeyError:  # the counter appears with the first abort
-            return 0.0
-
-    before = aborts()
+    port = int(_worker(stack).env["WORKER_METRICS_PORT"])
+    before = worker_disconnect_aborts(port)
     with httpx.stream(
         "POST",
         nginx.url + "/v1/chat/completions",
@@ -294,7 +284,7 @@ def test_a_client_leaving_nginx_stops_the_engine(nginx: Nginx, stack: AccountsSt
         first = next(sse_events(resp.iter_lines()))
         request_id = first.json()["id"]
         # Leave mid-stream: closing the response drops the connection to nginx.
-    wait_until("the worker aborts the engine request", lambda: aborts() > before, 10)
+    wait_until("the worker aborts the engine request", lambda: worker_disconnect_aborts(port) > before, 10)
     cancelled = asyncio.run(find_event(stack.nats_url, request_id, "cancelled"))
     assert cancelled.reason == "client_disconnected"
     # The engine stopped: far fewer than the 2000 tokens asked for (100 s of work).
