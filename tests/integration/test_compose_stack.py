@@ -181,6 +181,9 @@ worker_processes 1;
 events {{ worker_connections 128; }}
 http {{
     access_log logs/access.log;
+    # The API's streams carry X-Accel-Buffering: no, which turns nginx's buffering off by
+    # itself; ignored here, the streams test chatq.conf's own proxy_buffering.
+    proxy_ignore_headers X-Accel-Buffering;
 {temp}
     include upstream.conf;
     include chatq.conf;
@@ -289,3 +292,19 @@ def test_a_client_leaving_nginx_stops_the_engine(nginx: Nginx, stack: AccountsSt
     assert cancelled.reason == "client_disconnected"
     # The engine stopped: far fewer than the 2000 tokens asked for (100 s of work).
     assert 0 < cancelled.usage.completion_tokens < 5 * TOKENS_PER_S
+
+
+def test_a_client_giving_up_on_a_whole_answer_stops_the_engine(nginx: Nginx, stack: AccountsStack) -> None:
+    """Not streamed, nothing is written to the client until the end: nginx must notice the
+    client leaving by itself and close the API's connection."""
+    port = int(_worker(stack).env["WORKER_METRICS_PORT"])
+    before = worker_disconnect_aborts(port)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            nginx.url + "/v1/chat/completions",
+            json=chat_body("patience", model=MODEL, max_tokens=2000, stream=False),
+            headers=auth(),
+            verify=nginx.tls,
+            timeout=httpx.Timeout(10, read=1.0),
+        )
+    wait_until("the worker aborts the engine request", lambda: worker_disconnect_aborts(port) > before, 10)
