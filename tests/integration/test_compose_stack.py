@@ -37,6 +37,7 @@ from tests.helpers import (
     auth,
     create_account,
     find_event,
+    spawn,
     sse_events,
     wait_until,
 )
@@ -73,6 +74,10 @@ def test_the_health_checks_pass_against_running_services(stack: AccountsStack) -
     worker = load({**stack.env, **_worker(stack).env})
     assert CHECKS["api"](api)
     assert CHECKS["inference"](worker)
+    # The stack runs no telemetry worker: one of its own, stopped with the stack.
+    telemetry_env = {**stack.env, "TELEMETRY_PORT": str(free_port())}
+    stack.procs.append(spawn("telemetry", "workers.telemetry", telemetry_env, stack.logdir))
+    wait_until("telemetry serves its metrics", lambda: CHECKS["telemetry"](load(telemetry_env)), 30)
     # A pull request is renewed every second: the check may land between two, as Docker's
     # retries allow.
     wait_until("persistence's consumer holds a pull open", lambda: CHECKS["persistence"](api), 10)
