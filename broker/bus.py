@@ -381,6 +381,11 @@ class Bus:
             delivered_seq=int(info.delivered.stream_seq or 0) if info.delivered else 0,
         )
 
+    async def pulls_waiting(self, stream: str, durable: str) -> int:
+        """Pull requests a durable consumer's subscribers hold open: 0 when none is alive."""
+        info = await self.js.consumer_info(stream, durable)
+        return int(info.num_waiting or 0)
+
     async def jobs_in_stream(self) -> int:
         info = await self.js.stream_info(names.JOBS_STREAM)
         return int(info.state.messages)

@@ -55,7 +55,12 @@ def chat_body(
 
 def disconnect_aborts(stack: Stack) -> float:
     """Engine requests the stack's worker aborted because the client left."""
-    text = httpx.get(f"http://127.0.0.1:{stack.worker_metrics}/metrics").text
+    return worker_disconnect_aborts(stack.worker_metrics)
+
+
+def worker_disconnect_aborts(metrics_port: int) -> float:
+    """Engine requests the worker with this metrics port aborted because the client left."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
     try:
         return metric_value(text, "chatq_engine_aborts_total", reason="client_disconnected")
     except KeyError:  # the counter appears with the first abort
