@@ -19,20 +19,11 @@ from broker import permissions
 SECRET = "chatq-nats"
 
 
-def password_variable(service: str) -> str:
-    """The NATS container's environment variable that holds a service's password."""
-    return f"CHATQ_{service.upper()}_PASSWORD"
+password_variable = permissions.password_variable
 
 
 def helm_values() -> dict[str, Any]:
-    users = [
-        {
-            "user": permissions.user_name(service),
-            "password": f"<< ${password_variable(service)} >>",
-            "permissions": permissions.permissions(service),
-        }
-        for service in permissions.SERVICES
-    ]
+    users = permissions.server_users(lambda service: f"<< ${password_variable(service)} >>")
     env = {
         password_variable(service): {
             "valueFrom": {"secretKeyRef": {"name": SECRET, "key": permissions.user_name(service)}}

@@ -24,6 +24,9 @@ no service can read another's replies (a worker's pulled jobs among them).
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from broker import names
@@ -182,3 +185,39 @@ def permissions(service: str) -> dict[str, Any]:
         # A switch request is answered on the asker's inbox, and only that once.
         block["allow_responses"] = {"max": 1}
     return block
+
+
+def server_users(password: Callable[[str], str]) -> list[dict[str, Any]]:
+    """nats-server's `authorization.users`: each service's user, `password(service)` and
+    its permissions (the embedded server, compose's config, the Helm chart's values)."""
+    return [
+        {"user": user_name(service), "password": password(service), "permissions": permissions(service)}
+        for service in SERVICES
+    ]
+
+
+def password_variable(service: str) -> str:
+    """The environment variable a NATS server reads a service's password from (compose,
+    Kubernetes): `CHATQ_API_PASSWORD`."""
+    return f"CHATQ_{service.upper()}_PASSWORD"
+
+
+def server_config(users: list[dict[str, Any]]) -> str:
+    """The `authorization` block of a nats-server config for `users` (its format reads JSON)."""
+    return "authorization: " + json.dumps({"users": users}, indent=2) + "\n"
+
+
+def environment_config() -> str:
+    """deploy/nats/nats.conf: every service's user, each password read from the server's
+    environment (password_variable(); an unquoted `$NAME` is a variable in nats-server's
+    format, a quoted one text)."""
+    text = server_config(server_users(lambda service: f"${password_variable(service)}"))
+    for service in SERVICES:
+        variable = f"${password_variable(service)}"
+        text = text.replace(json.dumps(variable), variable)
+    header = "# python -m broker.permissions > deploy/nats/nats.conf (tests/unit/test_nats_conf.py)\n"
+    return header + text
+
+
+if __name__ == "__main__":
+    sys.stdout.write(environment_config())

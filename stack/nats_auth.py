@@ -7,7 +7,6 @@ before there were users gets them at its next start.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from pathlib import Path
@@ -53,17 +52,10 @@ def ensure_passwords(home: Path) -> dict[str, str]:
 
 def write_config(home: Path, passwords: dict[str, str]) -> Path:
     """nats-server.conf with each service's user and permissions; returns its path."""
-    users = [
-        {
-            "user": permissions.user_name(service),
-            "password": passwords[permissions.user_name(service)],
-            "permissions": permissions.permissions(service),
-        }
-        for service in permissions.SERVICES
-    ]
+    users = permissions.server_users(lambda service: passwords[permissions.user_name(service)])
     # The server's config format reads JSON; `$JS...` inside quotes is not a variable.
     text = "# Made by ./start from broker/permissions.py: edits are overwritten.\n"
-    text += "authorization: " + json.dumps({"users": users}, indent=2) + "\n"
+    text += permissions.server_config(users)
     path = home / CONFIG_FILE
     _write_private(path, text)
     return path

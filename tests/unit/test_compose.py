@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from broker import permissions
 from chatq.settings import load
 from stack.healthcheck import CHECKS
 from stack.process_table import PORT_SETTINGS, PROCESS_TABLE
@@ -208,7 +209,8 @@ def test_env_sample_holds_every_variable_compose_uses_and_no_other() -> None:
 
 
 def test_no_secret_has_a_default() -> None:
-    for secret in ("JWT_SECRET", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+    nats = [f"NATS_{service.upper()}_PASSWORD" for service in permissions.SERVICES]
+    for secret in ("JWT_SECRET", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD", *nats):
         forms = {m.group(2) for m in VARIABLE.finditer(COMPOSE_TEXT) if m.group(1) == secret}
         assert forms == {":?"}, secret
         assert env_sample()[secret] == ""

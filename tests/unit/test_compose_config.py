@@ -17,12 +17,14 @@ from typing import Any
 
 import pytest
 
+from broker import permissions
 from tests.unit.test_compose import ROOT, SERVICES, env_sample
 
 SECRETS = {
     "JWT_SECRET": "k3Xq9vR2mW7pL4tZ8nB5cY1hJ6fD0sGaQeUoIiPr",
     "POSTGRES_PASSWORD": "pg-sample-password",
     "GRAFANA_ADMIN_PASSWORD": "grafana-sample-password",
+    **{f"NATS_{service.upper()}_PASSWORD": f"nats-{service}-sample" for service in permissions.SERVICES},
 }
 
 
