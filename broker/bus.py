@@ -23,7 +23,8 @@ from nats.js.errors import APIError, NotFoundError
 
 import schemas
 from broker import names, permissions
-from chatq.logs import bound
+from chatq.errors import ConfigError
+from chatq.logs import bound, url_for_log
 from schemas.messages import CancelReason, Priority
 
 if TYPE_CHECKING:
@@ -133,16 +134,36 @@ NO_LOGIN = NatsLogin()
 
 
 async def connect(url: str, name: str, login: NatsLogin = NO_LOGIN) -> Client:
-    """Connect to NATS, retrying forever on reconnect so a NATS restart is survived."""
-    return await nats.connect(
+    """Connect to NATS, retrying forever on reconnect so a NATS restart is survived.
+
+    A server that refuses the login at the first connect is a setting to fix, not a server
+    to wait for: ConfigError at once (nats-py would try again forever). Once connected,
+    every error NATS reports (a permissions violation among them) is logged.
+    """
+    connected = False
+
+    async def on_error(exc: Exception) -> None:
+        # At connect nats-py reports it as a plain Error naming the violation.
+        refused = isinstance(exc, nats.errors.Error) and "authorization violation" in str(exc).lower()
+        if not connected and refused:
+            who = login.user or urlparse(url.split(",")[0]).username or "no user"
+            raise ConfigError(
+                f"NATS at {url_for_log(url)} refused the login ({who}): check NATS_USER and NATS_PASSWORD"
+            ) from None
+        log.error("NATS: %s", exc)
+
+    nc = await nats.connect(
         url.split(","),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=5,
         allow_reconnect=True,
+        error_cb=on_error,
         **login.client_options(url),
     )
+    connected = True
+    return nc
 
 
 class StreamOverflow(Exception):

@@ -21,6 +21,7 @@ import pytest
 
 from broker import names, permissions
 from broker.bus import NatsLogin, connect
+from chatq.errors import ConfigError
 from examples.tokens_per_user import Tally, read_events
 from stack import nats_auth
 from tests.helpers import AccountsStack, accounts_stack, logged_in, no_rate_limits, wait_until
@@ -77,6 +78,12 @@ async def test_a_client_without_the_right_login_is_refused_at_connect(
     options = {} if user is None else {"user": user, "password": "not-the-password"}
     with pytest.raises(nats.errors.Error, match="Authorization"):
         await nats.connect(address(stack), allow_reconnect=False, connect_timeout=5, **options)
+
+
+async def test_a_service_with_a_wrong_password_stops_with_the_reason(stack: AccountsStack) -> None:
+    """chatq's own connect() does not wait forever on a login the server refuses."""
+    with pytest.raises(ConfigError, match=r"refused the login \(chatq-api\): check NATS_USER"):
+        await asyncio.wait_for(connect(address(stack), "test", NatsLogin("chatq-api", "wrong")), 10)
 
 
 async def _refused(stack: AccountsStack, service: str, action: str, subject: str) -> bool:
