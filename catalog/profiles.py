@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from chatq.errors import ConfigError
-from chatq.settings import Settings
+from chatq.settings import Role, Settings
 
 DEFAULT_PROFILES_FILE = Path(__file__).resolve().parent / "profiles.toml"
 
@@ -98,6 +98,15 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     memory: MemorySpec
     # A Jinja chat template (inline, or a path to a file) for models that have none.
     chat_template: str | None = None
+    # The operator's system prompt: the first message of every chat request to this model.
+    system_prompt: Annotated[str, msgspec.Meta(min_length=1, max_length=20_000)] | None = None
+    # Who may not send a system prompt of their own: true (every caller) or a list of roles.
+    system_prompt_locked: bool | list[Role] = False
+
+    def locks_system_prompt(self, role: Role) -> bool:
+        """Whether a caller of this role may not send a system prompt of their own."""
+        locked = self.system_prompt_locked
+        return locked if isinstance(locked, bool) else role in locked
 
     @property
     def names(self) -> list[str]:
