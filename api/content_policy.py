@@ -39,7 +39,7 @@ class PolicySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
 
     words: list[Annotated[str, msgspec.Meta(min_length=1, max_length=200)]] = []
     patterns: list[Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]] = []
-    applies_to: Annotated[list[Direction], msgspec.Meta(min_length=1)] = ["input"]
+    applies_to: Annotated[tuple[Direction, ...], msgspec.Meta(min_length=1)] = ("input",)
 
 
 class Policy(msgspec.Struct, frozen=True):
