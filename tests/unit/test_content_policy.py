@@ -35,7 +35,8 @@ def policies() -> ContentPolicies:
 
 def refused_by(policies: ContentPolicies, *texts: str) -> str | None:
     """The name of the input policy that refuses these texts, or None."""
-    refusal = policies.first_match(policies.input, ((f"messages.{i}.content", t) for i, t in enumerate(texts)))
+    where = ((f"messages.{i}.content", t) for i, t in enumerate(texts))
+    refusal = policies.first_match(policies.input, where)
     return None if refusal is None else refusal.policy
 
 
@@ -131,7 +132,7 @@ def test_a_mistake_stops_the_start_naming_policy_and_pattern(
 
 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="CONTENT_POLICY_FILE .*missing.toml: cannot be read"):
+    with pytest.raises(ConfigError, match=r"CONTENT_POLICY_FILE .*missing\.toml: cannot be read"):
         load_policies(tmp_path / "missing.toml")
 
 
