@@ -10,6 +10,13 @@ so a request costs one `search` per policy and text and allocates no pattern.
 A match refuses the request with 400 `content_policy` naming the policy and where it
 matched, never the matched text (nor is it logged). The check runs before admission, so
 a refused request charges no limit and no job is ever queued for it.
+
+A policy that applies to output is matched against the answer as it streams (OutputWatch,
+from api/relay.py): the job asks the worker for each chunk's plain text, and a match ends
+the answer with the same error (an `error` event, or the 400 of a non-streaming request)
+and cancels the job. Each chunk is searched with the last TAIL characters before it, so a
+match spanning chunks is found (if no longer than TAIL) without rescanning the answer; the
+chunk that completes a match is not sent, the ones before it were.
 """
 
 from __future__ import annotations
@@ -124,6 +131,31 @@ class ContentPolicies:
             raise refused(refusal, "input")
 
 
+class OutputWatch:
+    """One answer's text as it arrives, matched against the output policies."""
+
+    TAIL = 256  # characters of earlier chunks searched again with each new one
+    _CONTEXT = 8  # characters before the tail, seen only by a word's (?<!\w) lookbehind
+
+    def __init__(self, policies: tuple[Policy, ...]) -> None:
+        self._policies = policies
+        self._tail = ""
+
+    def check(self, text: str, *, last: bool) -> None:
+        """Raise ContentRefused when an output policy matches the answer so far.
+
+        A match that ends where the text so far ends waits for the next chunk (unless this
+        is the `last`): "ssn" may yet become "ssns", which a whole-word policy allows.
+        """
+        window = self._tail + text
+        start = max(0, len(self._tail) - self.TAIL)
+        for policy in self._policies:
+            match = policy.regex.search(window, start)
+            if match is not None and (last or match.end() < len(window)):
+                raise refused(Refusal(policy.name, "output", match.end() - match.start()), "output")
+        self._tail = window[-(self.TAIL + self._CONTEXT) :]
+
+
 def refused(refusal: Refusal, direction: Direction) -> ContentRefused:
     """Count and log a refusal (never the matched text) and make its client error."""
     metrics.POLICY_REFUSALS.labels(policy=refusal.policy, direction=direction).inc()
@@ -135,7 +167,10 @@ def refused(refusal: Refusal, direction: Direction) -> ContentRefused:
         refusal.length,
         extra={"policy": refusal.policy, "where": refusal.where},
     )
-    return ContentRefused(f"refused by {direction} policy {refusal.policy!r}", param=refusal.where)
+    return ContentRefused(
+        f"refused by {direction} policy {refusal.policy!r}",
+        param=refusal.where if direction == "input" else None,
+    )
 
 
 def parse_policies(data: Mapping[str, Any], source: str) -> ContentPolicies:

@@ -2,10 +2,12 @@
 Redis, persistence, a synthetic worker): text an input policy bans is refused with a 400
 naming the policy, on /v1 (the OpenAI SDK raises BadRequestError) and /api/chat, and no job
 of it reaches the queue; other text is answered; a profile's operator system prompt is the
-first thing the model reads, and where it is locked a user's own system prompt is refused."""
+first thing the model reads, and where it is locked a user's own system prompt is refused;
+an answer an output policy bans ends with the same error and is recorded as failed."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +21,7 @@ from tests.helpers import (
     accounts_stack,
     auth,
     create_account,
+    find_event,
     jobs_published,
     log_lines,
     logged_in,
@@ -44,6 +47,10 @@ POLICIES = r"""
 [policy.pii]
 words = ["social security number"]
 patterns = ['\b\d{3}-\d{2}-\d{4}\b']
+
+[policy.leak]
+words = ["launch code"]
+applies_to = ["output"]
 """
 
 
@@ -61,6 +68,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
         SYNTH_TOKENS_PER_S="2000",
         SYNTH_TTFT_MS="1",
         TITLE_JOBS="false",  # so that every job on the queue is one a test sent
+        CHUNK_MAX_TOKENS="1",  # a word a chunk: an output match spans chunks
         **no_rate_limits("user", "admin"),
     ) as s:
         yield s
@@ -208,3 +216,44 @@ def test_the_input_policy_also_reads_a_stored_system_prompt(stack: AccountsStack
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "content_policy"
     assert response.json()["error"]["param"] == "system_prompt"
+
+
+BANNED_ANSWER = "!say the launch code is 0000 and more words follow"
+
+
+def test_an_answer_an_output_policy_bans_ends_with_the_error_and_is_recorded_failed(
+    stack: AccountsStack, user: dict[str, str]
+) -> None:
+    """The synthetic engine says what `!say` tells it, a word a chunk: the stream stops at
+    the chunk that completes the phrase, so the phrase never reaches the client whole."""
+    received = ""
+    stream = sdk(stack, user).chat.completions.create(
+        model=MODEL, max_tokens=20, stream=True, messages=[{"role": "user", "content": BANNED_ANSWER}]
+    )
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            received += chunk.choices[0].delta.content or "" if chunk.choices else ""
+    assert "refused by output policy 'leak'" in caught.value.message
+    assert received.startswith("the launch") and "code" not in received, received
+    failed = asyncio.run(find_event(stack.nats_url, stream.response.headers["x-request-id"], "failed"))
+    assert failed.code == "content_policy"
+    # Not streamed: the standard error body instead of the answer.
+    with pytest.raises(openai.BadRequestError, match="refused by output policy 'leak'") as refused:
+        sdk(stack, user).chat.completions.create(
+            model=MODEL, max_tokens=20, messages=[{"role": "user", "content": BANNED_ANSWER}]
+        )
+    assert refused.value.code == "content_policy"
+    response = chat(stack, user, message=BANNED_ANSWER, max_tokens=20)
+    events = list(sse_events(response.text.splitlines()))
+    assert events[-1].event == "error", events[-1]
+    assert events[-1].json()["error"]["message"] == "refused by output policy 'leak'"
+    metrics = httpx.get(stack.url + "/metrics", timeout=10).text
+    assert 'chatq_policy_refusals_total{direction="output",policy="leak"} 3.0' in metrics
+
+
+def test_an_answer_without_the_banned_phrase_streams_whole(
+    stack: AccountsStack, user: dict[str, str]
+) -> None:
+    said = "the launch is at noon, code review after"
+    text, _ = answer_of(chat(stack, user, message="!say " + said, max_tokens=20))
+    assert text == said

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from api import metrics
-from api.content_policy import ContentPolicies, load_policies, parse_policies
+from api.content_policy import ContentPolicies, OutputWatch, load_policies, parse_policies
 from catalog.profiles import Profile
 from chatq.errors import ConfigError, ContentRefused
 
@@ -149,3 +149,34 @@ def test_a_profile_locks_the_system_prompt_for_everyone_or_for_roles() -> None:
     assert users.locks_system_prompt("user") and not users.locks_system_prompt("admin")
     with pytest.raises(msgspec.ValidationError):
         _profile(system_prompt_locked=["guest"])
+
+
+def watch(policies: ContentPolicies, *chunks: str) -> int | None:
+    """The index of the chunk at which the output policies stop the answer, or None."""
+    watcher = OutputWatch(policies.output)
+    for i, chunk in enumerate(chunks):
+        try:
+            watcher.check(chunk, last=i == len(chunks) - 1)
+        except ContentRefused as exc:
+            assert (exc.code, exc.param) == ("content_policy", None)
+            assert exc.message in ("refused by output policy 'lang'", "refused by output policy 'answers'")
+            return i
+    return None
+
+
+def test_an_output_policy_finds_a_phrase_split_across_chunks(policies: ContentPolicies) -> None:
+    assert watch(policies, "here is the forb", "idden ans", "wer you wanted", ".") == 2
+    assert watch(policies, "no such ", "thing here") is None
+
+
+def test_an_output_word_at_a_chunks_end_waits_for_the_next_chunk(policies: ContentPolicies) -> None:
+    assert watch(policies, "we frobnicate", "d it") is None  # "frobnicated" is another word
+    assert watch(policies, "we frobnicate", " it") == 1
+    assert watch(policies, "we frobnicate") == 0  # the last chunk: nothing more can follow
+
+
+def test_an_output_watch_searches_only_the_recent_tail(policies: ContentPolicies) -> None:
+    """Each chunk is searched with at most TAIL (plus a few) characters before it, so the
+    cost per chunk does not grow with the answer, and a word cut by the tail is not found."""
+    assert watch(policies, "c", "++" + " x" * OutputWatch.TAIL, "done") == 1  # found when it completed
+    assert watch(policies, "xfrobnicate " + "y" * (OutputWatch.TAIL - 4), "more") is None
