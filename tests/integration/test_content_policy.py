@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import openai
+import psycopg
 import pytest
 
 from tests.helpers import (
@@ -28,6 +29,7 @@ from tests.helpers import (
     login,
     no_rate_limits,
     sse_events,
+    wait_until,
 )
 from workers.inference.synthetic import prompt_seed, synthetic_token
 
@@ -224,8 +226,8 @@ BANNED_ANSWER = "!say the launch code is 0000 and more words follow"
 def test_an_answer_an_output_policy_bans_ends_with_the_error_and_is_recorded_failed(
     stack: AccountsStack, user: dict[str, str]
 ) -> None:
-    """The synthetic engine says what `!say` tells it, a word a chunk: the stream stops at
-    the chunk that completes the phrase, so the phrase never reaches the client whole."""
+    """The synthetic engine says what `!say` tells it, mostly a word a chunk: the stream
+    stops at the chunk that completes the phrase, so the phrase never reaches the client."""
     received = ""
     stream = sdk(stack, user).chat.completions.create(
         model=MODEL, max_tokens=20, stream=True, messages=[{"role": "user", "content": BANNED_ANSWER}]
@@ -234,7 +236,8 @@ def test_an_answer_an_output_policy_bans_ends_with_the_error_and_is_recorded_fai
         for chunk in stream:
             received += chunk.choices[0].delta.content or "" if chunk.choices else ""
     assert "refused by output policy 'leak'" in caught.value.message
-    assert received.startswith("the launch") and "code" not in received, received
+    # What went out before the refusal: a beginning of the answer, never the whole phrase.
+    assert "the launch code".startswith(received) and "code" not in received, received
     failed = asyncio.run(find_event(stack.nats_url, stream.response.headers["x-request-id"], "failed"))
     assert failed.code == "content_policy"
     # Not streamed: the standard error body instead of the answer.
@@ -247,6 +250,20 @@ def test_an_answer_an_output_policy_bans_ends_with_the_error_and_is_recorded_fai
     events = list(sse_events(response.text.splitlines()))
     assert events[-1].event == "error", events[-1]
     assert events[-1].json()["error"]["message"] == "refused by output policy 'leak'"
+    # Stored as failed, without the refused answer, whichever of the API's Failed and the
+    # worker's own last event the persistence worker writes first.
+    request_id = events[0].json()["request_id"]
+    with psycopg.connect(stack.dsn, autocommit=True) as conn:
+
+        def settled() -> bool:
+            row = conn.execute(
+                "SELECT status, completion_tokens FROM requests WHERE request_id = %s", (request_id,)
+            ).fetchone()
+            return row is not None and row[0] == "failed" and row[1] is not None
+
+        wait_until("both events of the refused turn stored", settled, timeout=20)
+        roles = conn.execute("SELECT role FROM messages WHERE request_id = %s", (request_id,)).fetchall()
+    assert roles == [("user",)], roles
     metrics = httpx.get(stack.url + "/metrics", timeout=10).text
     assert 'chatq_policy_refusals_total{direction="output",policy="leak"} 3.0' in metrics
 
