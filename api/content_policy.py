@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,6 +30,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from api import metrics
+from chatq.config_file import read_toml
 from chatq.errors import ConfigError, ContentRefused
 
 log = logging.getLogger("chatq.api")
@@ -198,10 +198,4 @@ def load_policies(path: Path | None) -> ContentPolicies:
     """Read and compile CONTENT_POLICY_FILE (none: no policies); raises ConfigError."""
     if path is None:
         return ContentPolicies()
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"CONTENT_POLICY_FILE {path}: cannot be read ({exc.strerror or exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_policies(data, str(path))
+    return parse_policies(read_toml(path, "CONTENT_POLICY_FILE"), str(path))

@@ -11,13 +11,13 @@ its clients use.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from chatq.config_file import read_toml
 from chatq.errors import ConfigError
 from chatq.settings import Role, Settings
 
@@ -208,13 +208,7 @@ def parse_profiles(data: Mapping[str, Any], source: str) -> ProfileSet:
 def load_profiles(path: str | Path | None = None) -> ProfileSet:
     """Read and check a profiles file (the bundled one by default); raises ConfigError."""
     file = Path(path) if path else DEFAULT_PROFILES_FILE
-    try:
-        data = tomllib.loads(file.read_text())
-    except OSError as exc:
-        raise ConfigError(f"PROFILES_FILE {file}: cannot be read ({exc.strerror or exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
-    profiles = parse_profiles(data, str(file))
+    profiles = parse_profiles(read_toml(file, "PROFILES_FILE"), str(file))
     # A chat template given as a relative file path is relative to the profiles file.
     fixed = [
         msgspec.structs.replace(p, chat_template=str(file.parent / p.chat_template))
