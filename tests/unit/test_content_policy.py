@@ -3,6 +3,7 @@ name the file, policy and pattern, the refusal a client sees, and a profile's sy
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import msgspec
@@ -12,6 +13,7 @@ from api import metrics
 from api.content_policy import ContentPolicies, OutputWatch, load_policies, parse_policies
 from catalog.profiles import Profile
 from chatq.errors import ConfigError, ContentRefused
+from tests.helpers import run_python
 
 POLICIES = r"""
 [policy.pii]
@@ -180,3 +182,24 @@ def test_an_output_watch_searches_only_the_recent_tail(policies: ContentPolicies
     cost per chunk does not grow with the answer, and a word cut by the tail is not found."""
     assert watch(policies, "c", "++" + " x" * OutputWatch.TAIL, "done") == 1  # found when it completed
     assert watch(policies, "xfrobnicate " + "y" * (OutputWatch.TAIL - 4), "more") is None
+
+
+@pytest.mark.parametrize("command", [["-m", "stack.cli", "start"], ["-m", "api"]])
+def test_start_stops_on_a_bad_pattern_with_one_line(tmp_path: Path, command: list[str]) -> None:
+    """What `./start` and the API say: the file, the policy and the pattern, no traceback;
+    nothing is started."""
+    policies = tmp_path / "policies.toml"
+    policies.write_text("[policy.pii]\npatterns = ['\\\\d{3', '(x']\n")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "CHATQ_", "LOG_"))}
+    environ |= {
+        "CHATQ_HOME": str(tmp_path / "home"),
+        "CONTENT_POLICY_FILE": str(policies),
+        "DEVELOPMENT_MODE": "true",
+    }
+    done = run_python(*command, env=environ, timeout=60)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if "policies.toml" in line]
+    assert len(lines) == 1, output
+    assert "policy 'pii': pattern '(x' is not a valid regular expression" in lines[0]
