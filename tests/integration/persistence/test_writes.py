@@ -88,3 +88,37 @@ def test_the_worker_log_is_plain(env: Env) -> None:
     ), text
     # FastStream's two lines per message are not shown at INFO.
     assert "Received" not in text and "Processed" not in text
+
+
+def _refused(rid: str) -> schemas.Failed:
+    """The API's Failed for an answer an output policy refused."""
+    return schemas.Failed(
+        request_id=rid,
+        model="m",
+        time=time.time(),
+        code="content_policy",
+        message="refused by output policy 'leak'",
+    )
+
+
+async def test_an_answer_refused_by_an_output_policy_is_not_kept_in_either_order(
+    env: Env, js: nats.js.JetStreamContext
+) -> None:
+    """The worker's Completed (with the text) and the API's Failed content_policy come from two
+    processes: whichever is written first, the request ends failed and its answer is not stored."""
+    await publish(js, accepted("r-refused-late"))
+    await publish(js, completed("r-refused-late"))
+    await asyncio.to_thread(wait_rows, env.dsn, BILLED, "r-refused-late")
+    await publish(js, _refused("r-refused-late"))
+    await publish(js, accepted("r-refused-early"))
+    await publish(js, _refused("r-refused-early"))
+    await publish(js, completed("r-refused-early"))
+    await wait_settled(js)
+    for rid in ("r-refused-late", "r-refused-early"):
+        assert rows(env.dsn, "SELECT status, error_code FROM requests WHERE request_id = %s", rid) == [
+            ("failed", "content_policy")
+        ], rid
+        assert rows(env.dsn, "SELECT role FROM messages WHERE request_id = %s ORDER BY position", rid) == [
+            ("system",),
+            ("user",),
+        ], rid
