@@ -9,7 +9,17 @@ import time
 import nats
 
 import schemas
-from tests.persistence import BILLED, Env, accepted, completed, publish, rows, wait_rows, wait_settled
+from tests.persistence import (
+    BILLED,
+    Env,
+    accepted,
+    completed,
+    publish,
+    refused_output,
+    rows,
+    wait_rows,
+    wait_settled,
+)
 
 
 async def test_events_are_written_once_even_when_delivered_twice(
@@ -90,17 +100,6 @@ def test_the_worker_log_is_plain(env: Env) -> None:
     assert "Received" not in text and "Processed" not in text
 
 
-def _refused(rid: str) -> schemas.Failed:
-    """The API's Failed for an answer an output policy refused."""
-    return schemas.Failed(
-        request_id=rid,
-        model="m",
-        time=time.time(),
-        code="content_policy",
-        message="refused by output policy 'leak'",
-    )
-
-
 async def test_an_answer_refused_by_an_output_policy_is_not_kept_in_either_order(
     env: Env, js: nats.js.JetStreamContext
 ) -> None:
@@ -109,9 +108,9 @@ async def test_an_answer_refused_by_an_output_policy_is_not_kept_in_either_order
     await publish(js, accepted("r-refused-late"))
     await publish(js, completed("r-refused-late"))
     await asyncio.to_thread(wait_rows, env.dsn, BILLED, "r-refused-late")
-    await publish(js, _refused("r-refused-late"))
+    await publish(js, refused_output("r-refused-late"))
     await publish(js, accepted("r-refused-early"))
-    await publish(js, _refused("r-refused-early"))
+    await publish(js, refused_output("r-refused-early"))
     await publish(js, completed("r-refused-early"))
     await wait_settled(js)
     for rid in ("r-refused-late", "r-refused-early"):
