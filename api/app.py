@@ -26,6 +26,7 @@ from api import web as web_routes
 from api.admission import QueueMonitor
 from api.auth import Authenticator, authenticated
 from api.chat_turn import simple_chat
+from api.content_policy import load_policies
 from api.generation import new_request_id
 from api.openai_relay import chat_completions, completions
 from api.ratelimit import RateLimiter
@@ -195,6 +196,7 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
     check_settings(settings)
     profiles = load_profiles(settings.profiles_file)
     settings = settle_model_profile(settings, profiles)
+    policies = load_policies(settings.content_policy_file)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -226,6 +228,7 @@ def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> 
             spawn=spawn,
             pool=pool,
             profiles=profiles,
+            policies=policies,
         )
         freeze_startup_objects("api")
         try:

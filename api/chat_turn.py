@@ -26,6 +26,7 @@ from api.auth import principal_of
 from api.generation import SSE_HEADERS, ChatCall, abandon, begin, close_reason, logged, sse_error
 from api.relay import Relay
 from api.services import Services
+from api.system_prompt import SYSTEM_ROLES, operator_prompt
 from chatq.errors import ApiError, Forbidden, InvalidRequest
 from schemas.openai_wire import InMessage, MaxTokens, Temperature
 
@@ -82,6 +83,14 @@ async def _simple_chat(request: Request, services: Services) -> Response[bytes] 
         new = [schemas.ChatMessage(role="user", content=body.message)]
     else:
         raise InvalidRequest("send the new turn as `message` (or `messages`)", param="message")
+    if services.policies.input:
+        texts = [
+            ("message" if body.messages is None else f"messages.{i}.content", m.content)
+            for i, m in enumerate(new)
+        ]
+        if body.system_prompt:
+            texts.append(("system_prompt", body.system_prompt))
+        services.policies.check_input(texts)
     if principal.user_id is None:
         if body.conversation_id is not None:
             raise Forbidden(
@@ -114,13 +123,17 @@ async def _chat_turn(
         or prefs.model
         or services.known_models()[0]
     )
+    operator = operator_prompt(services, model, call.principal)
+    if operator.locked and body.system_prompt:
+        raise operator.refuse("system_prompt")
+    operator.check_roles(m.role for m in new)
     params = prefs.params
     temperature = body.temperature if body.temperature is not None else params.temperature
     max_tokens = body.max_tokens or params.max_tokens
     top_p = body.top_p if body.top_p is not None else params.top_p
-    messages, meta = new, None
-    if user_id is None and body.system_prompt:
-        messages = [schemas.ChatMessage(role="system", content=body.system_prompt), *new]
+    sent = [schemas.ChatMessage(role="system", content=body.system_prompt)] if body.system_prompt else []
+    # Without an account the turn is all there is; with one, replaced below by the history's.
+    messages, meta = [*operator.first(), *sent, *new], None
     previous: str | None = None
     conversation_id: str | None = None
     if body.replace_last and conversation is None:
@@ -130,13 +143,15 @@ async def _chat_turn(
         )
     if user_id is not None:
         if conversation is None:
-            system_prompt = body.system_prompt or prefs.system_prompt
+            # Locked: the caller's stored defaults are not used (a sent prompt was refused).
+            system_prompt = None if operator.locked else body.system_prompt or prefs.system_prompt
             if new[0].role == "system":
                 system_prompt, new = new[0].content, new[1:]
                 if not new:
                     raise InvalidRequest(
                         "the new turn has no message besides the system prompt", param="messages"
                     )
+            _check_stored_prompt(services, system_prompt, body)
             async with services.db() as conn:
                 created = await conversations.create(
                     conn, user_id, title=None, system_prompt=system_prompt, model=model
@@ -150,13 +165,19 @@ async def _chat_turn(
             await conversations.wait_for_turn(services, previous)
             stored_prompt = conversation["system_prompt"]
             system_prompt = body.system_prompt or (stored_prompt if isinstance(stored_prompt, str) else None)
+            if operator.locked:
+                system_prompt = None
+            _check_stored_prompt(services, system_prompt, body)
             history, position = await conversations.history(
                 services, conversation_id, without=previous if body.replace_last else None
             )
+            if operator.locked:
+                history = [m for m in history if m.role not in SYSTEM_ROLES]
     try:
         if user_id is not None and conversation_id is not None:
             await conversations.claim(services, user_id, conversation_id, previous, call.request_id)
-            system = [schemas.ChatMessage(role="system", content=system_prompt)] if system_prompt else []
+            own = [schemas.ChatMessage(role="system", content=system_prompt)] if system_prompt else []
+            system = [*operator.first(), *own]
             budget = _context_len(call, model) - (max_tokens or settings.default_max_tokens)
             messages = conversations.fit_history(system, history, new, budget)
             meta = schemas.RequestMeta(
@@ -206,6 +227,12 @@ async def _chat_turn(
                     services, conversation_id, previous, call.request_id, created=conversation is None
                 )
         raise
+
+
+def _check_stored_prompt(services: Services, system_prompt: str | None, body: SimpleChatRequest) -> None:
+    """The input policies on a system prompt the caller stored earlier (settings, conversation)."""
+    if system_prompt and system_prompt != body.system_prompt:
+        services.policies.check_input([("system_prompt", system_prompt)])
 
 
 def _context_len(call: ChatCall, model: str) -> int:

@@ -27,7 +27,14 @@ from api.ratelimit import RateLimited, Ticket, estimate_prompt_tokens
 from api.relay import Relay
 from api.services import Services
 from chatq import logs
-from chatq.errors import ApiError, DeadlineExceeded, InvalidRequest, StreamFailed, error_body
+from chatq.errors import (
+    ApiError,
+    ContentRefused,
+    DeadlineExceeded,
+    InvalidRequest,
+    StreamFailed,
+    error_body,
+)
 from schemas.messages import CancelReason, Endpoint, Priority
 
 log = logging.getLogger("chatq.api")
@@ -193,6 +200,7 @@ class ChatCall:
             or schemas.RequestMeta(
                 user_id=self.principal.user_id, key_id=self.principal.key_id, priority=priority
             ),
+            output_text=bool(self.services.policies.output),
         )
 
     async def open(self, job: schemas.Job) -> Relay:
@@ -218,6 +226,7 @@ class ChatCall:
             watchdog_s=services.settings.watchdog_s,
             spawn=services.spawn,
             buffer_bytes=services.settings.stream_buffer_bytes,
+            output=services.policies.output,
         )
         try:
             await relay.open(services.monitor)
@@ -287,7 +296,8 @@ class ChatCall:
 
 
 def close_reason(exc: ApiError) -> CloseReason:
-    if isinstance(exc, StreamFailed):
+    # An output policy's refusal stops the job as a broken stream does (a Failed event).
+    if isinstance(exc, StreamFailed | ContentRefused):
         return "stream_failed"
     if isinstance(exc, DeadlineExceeded):
         return "deadline"

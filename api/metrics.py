@@ -24,6 +24,9 @@ E2E = Histogram("chatq_e2e_seconds", "Request accepted to last token sent", ["mo
 QUEUE_DEPTH = Gauge("chatq_queue_depth", "Jobs waiting for a worker", ["model"])
 REJECTED = Counter("chatq_rejected_total", "Requests refused with 429, by reason", ["model", "reason"])
 CANCELLED = Counter("chatq_cancellations_total", "Streams cancelled, by reason", ["model", "reason"])
+POLICY_REFUSALS = Counter(
+    "chatq_policy_refusals_total", "Requests refused by a content policy", ["policy", "direction"]
+)
 ACTIVE_STREAMS = Gauge("chatq_active_streams", "Streams being relayed now")
 
 

@@ -9,6 +9,8 @@ followed by an error event (/api/chat, api/chat_turn.py, is the exception).
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 from litestar import Request, post
 from litestar.background_tasks import BackgroundTask
@@ -28,18 +30,37 @@ from api.generation import (
     unless_gone,
 )
 from api.services import Services
-from chatq.errors import ApiError, InvalidRequest
+from api.system_prompt import operator_prompt
+from chatq.errors import ApiError, ContentRefused, InvalidRequest
 from schemas.messages import Endpoint, Priority
 from schemas.openai_wire import ChatRequestHead, CompletionRequestHead, InMessage
 
 _json = msgspec.json.Encoder()
 
 
-def _without_priority(body: bytes) -> bytes:
-    """The body less chatq's own `priority` (vLLM's field of that name is an integer)."""
+def _as_queued(body: bytes, *, ours: bool, system_prompt: str | None) -> bytes:
+    """The body less chatq's own `priority` (vLLM's field of that name is an integer) and
+    with the operator's system prompt first; as sent when neither applies."""
+    if not ours and system_prompt is None:
+        return body
     raw = msgspec.json.decode(body)
-    raw.pop("priority", None)
+    if ours:
+        raw.pop("priority", None)
+    if system_prompt is not None:
+        raw["messages"] = [{"role": "system", "content": system_prompt}, *raw["messages"]]
     return _json.encode(raw)
+
+
+def _prompt_texts(prompt: str | list[Any]) -> list[tuple[str, str]]:
+    """A completion prompt's texts for the input policies; token ids cannot be checked."""
+    if isinstance(prompt, str):
+        return [("prompt", prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [(f"prompt.{i}", p) for i, p in enumerate(prompt)]
+    raise ContentRefused(
+        "this server checks prompts against its input policies: send the prompt as text, not token ids",
+        param="prompt",
+    )
 
 
 async def _answer(request: Request, call: ChatCall, job: schemas.Job) -> Response[bytes] | Stream:  # type: ignore[type-arg]
@@ -84,28 +105,40 @@ def _queue_priority(priority: object) -> tuple[Priority, bool]:
 async def _openai(request: Request, services: Services, endpoint: Endpoint) -> Response[bytes] | Stream:  # type: ignore[type-arg]
     """An OpenAI request: read what chatq acts on, queue the body as sent, answer."""
     head: ChatRequestHead | CompletionRequestHead
+    principal = principal_of(request)
+    policies = services.policies
     if endpoint == "chat":
         line, raw, chat = await begin(request, ChatRequestHead)
         if chat.messages is None:
             raise InvalidRequest("`messages` is required", param="messages")
         head, messages = chat, chat.messages
         max_tokens = chat.max_completion_tokens or chat.max_tokens
+        if policies.input:
+            policies.check_input((f"messages.{i}.content", m.text) for i, m in enumerate(messages))
     else:
         line, raw, text = await begin(request, CompletionRequestHead)
         if text.prompt is None:
             raise InvalidRequest("`prompt` is required", param="prompt")
+        if policies.input:
+            policies.check_input(_prompt_texts(text.prompt))
         prompt = text.prompt if isinstance(text.prompt, str) else _json.encode(text.prompt).decode()
         head, messages = text, [InMessage(role="user", content=prompt)]
         max_tokens = text.max_tokens
-    call = ChatCall(services, line, principal_of(request))
+    call = ChatCall(services, line, principal)
     model = call.model(head.model)
+    operator = operator_prompt(services, model, principal)
+    if endpoint == "chat":
+        operator.check_roles(m.role for m in messages)
+    elif operator.locked:
+        # A raw prompt is the whole text the model sees: no system prompt could be kept first.
+        raise operator.refuse("prompt")
     priority, ours = _queue_priority(head.priority)
     job = call.job(
         model=model,
         endpoint=endpoint,
-        body=_without_priority(raw) if ours else raw,
+        body=_as_queued(raw, ours=ours, system_prompt=operator.prompt if endpoint == "chat" else None),
         stream=bool(head.stream),
-        messages=[m.to_chat() for m in messages],
+        messages=[*(operator.first() if endpoint == "chat" else []), *(m.to_chat() for m in messages)],
         max_tokens=max_tokens,
         user=head.user,
         priority=priority,

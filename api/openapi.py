@@ -31,7 +31,10 @@ _json = msgspec.json.Encoder()
 
 # What each error status means on this API (chatq/errors.py holds the codes).
 _ERRORS = {
-    "400": "The request cannot be served as sent: a field, a parameter or the JSON (`param` names it)",
+    "400": (
+        "The request cannot be served as sent: a field, a parameter or the JSON (`param` names it), "
+        "or the operator's rules (`content_policy`, `system_prompt_locked`)"
+    ),
     "401": "No credentials, or a login token or API key that is not (or no longer) valid",
     "403": "The caller's role may not do this",
     "404": "No such thing, or one that belongs to someone else",

@@ -12,6 +12,7 @@ import anyio
 import schemas
 from api import metrics
 from api.admission import QueueMonitor
+from api.content_policy import OutputWatch, Policy
 from broker.bus import (
     DEFAULT_STREAM_BUFFER_BYTES,
     Bus,
@@ -22,6 +23,7 @@ from broker.bus import (
 )
 from chatq.errors import (
     ApiError,
+    ContentRefused,
     DeadlineExceeded,
     InvalidRequest,
     ModelNotFound,
@@ -82,6 +84,7 @@ class Relay:
         watchdog_s: float,
         spawn: TaskSet,
         buffer_bytes: int = DEFAULT_STREAM_BUFFER_BYTES,
+        output: tuple[Policy, ...] = (),
     ) -> None:
         self.bus = bus
         self.job = job
@@ -95,8 +98,9 @@ class Relay:
         self.next_seq = 0
         self.finished = False
         self._closed = False
-        # Why the stream failed, for the Failed event (StreamFailed errors only).
-        self.failure: StreamFailed | None = None
+        # Why the stream failed, for the Failed event (a StreamFailed, or an output policy's).
+        self.failure: StreamFailed | ContentRefused | None = None
+        self._watch = OutputWatch(output) if output and job.output_text else None
         self.started_at = time.monotonic()
         self.first_token_at: float | None = None
         # Labelled children resolved once, not per chunk.
@@ -190,6 +194,11 @@ class Relay:
                 elif msg.tokens:
                     self._itl.observe((now - last_at) / msg.tokens)
                 last_at = now
+                if self._watch is not None:
+                    try:
+                        self._watch.check(msg.text, last=msg.finish_reason is not None)
+                    except ContentRefused as exc:
+                        raise self._failed(exc) from None
                 if msg.finish_reason is not None:
                     self.finished = True
                     self._e2e.observe(now - self.started_at)
@@ -227,7 +236,7 @@ class Relay:
 
     def _failed(self, exc: ApiError) -> ApiError:
         """Remember why the stream failed (for the Failed event), then raise it."""
-        if isinstance(exc, StreamFailed) and self.failure is None:
+        if isinstance(exc, StreamFailed | ContentRefused) and self.failure is None:
             self.failure = exc
         return exc
 

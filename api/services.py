@@ -12,6 +12,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from api.admission import QueueMonitor
 from api.auth import Authenticator
+from api.content_policy import ContentPolicies
 from api.ratelimit import RateLimiter
 from broker.bus import Bus
 from broker.workers import WorkerRegistry
@@ -35,6 +36,7 @@ class Services:
     spawn: TaskSet
     pool: AsyncConnectionPool[Any] | None = None
     profiles: ProfileSet = field(default_factory=ProfileSet.empty)
+    policies: ContentPolicies = field(default_factory=ContentPolicies)
 
     def known_models(self) -> list[str]:
         """Configured models first, then the profiles, then any other model a live worker serves."""

@@ -11,15 +11,15 @@ its clients use.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from chatq.config_file import read_toml
 from chatq.errors import ConfigError
-from chatq.settings import Settings
+from chatq.settings import Role, Settings
 
 DEFAULT_PROFILES_FILE = Path(__file__).resolve().parent / "profiles.toml"
 
@@ -98,6 +98,15 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     memory: MemorySpec
     # A Jinja chat template (inline, or a path to a file) for models that have none.
     chat_template: str | None = None
+    # The operator's system prompt: the first message of every chat request to this model.
+    system_prompt: Annotated[str, msgspec.Meta(min_length=1, max_length=20_000)] | None = None
+    # Who may not send a system prompt of their own: true (every caller) or a list of roles.
+    system_prompt_locked: bool | list[Role] = False
+
+    def locks_system_prompt(self, role: Role) -> bool:
+        """Whether a caller of this role may not send a system prompt of their own."""
+        locked = self.system_prompt_locked
+        return locked if isinstance(locked, bool) else role in locked
 
     @property
     def names(self) -> list[str]:
@@ -199,13 +208,7 @@ def parse_profiles(data: Mapping[str, Any], source: str) -> ProfileSet:
 def load_profiles(path: str | Path | None = None) -> ProfileSet:
     """Read and check a profiles file (the bundled one by default); raises ConfigError."""
     file = Path(path) if path else DEFAULT_PROFILES_FILE
-    try:
-        data = tomllib.loads(file.read_text())
-    except OSError as exc:
-        raise ConfigError(f"PROFILES_FILE {file}: cannot be read ({exc.strerror or exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
-    profiles = parse_profiles(data, str(file))
+    profiles = parse_profiles(read_toml(file, "PROFILES_FILE"), str(file))
     # A chat template given as a relative file path is relative to the profiles file.
     fixed = [
         msgspec.structs.replace(p, chat_template=str(file.parent / p.chat_template))

@@ -9,6 +9,7 @@ ChatqError
 ├── LaunchError            a process chatq started exited, or was not ready in time
 └── ClientError            the request cannot be served as sent (4xx)
     ├── InvalidRequest       400 invalid_request_error
+    │   └── ContentRefused     400 content_policy / system_prompt_locked (the operator's rules)
     ├── Unauthorized         401 authentication_error
     ├── Forbidden            403 permission_error (a role may not do this)
     ├── NotFound             404 not_found (also another user's thing: never its content)
@@ -80,6 +81,12 @@ class ClientError(ApiError):
 
 class InvalidRequest(ClientError):
     pass
+
+
+class ContentRefused(InvalidRequest):
+    """The operator's rules refuse the request's text: a content policy, a locked system prompt."""
+
+    default_code = "content_policy"
 
 
 class Unauthorized(ClientError):

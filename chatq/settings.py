@@ -91,6 +91,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Model profiles (docs/models.md)
     model_profile: str | None
     profiles_file: Path | None
+    # CONTENT_POLICY_FILE: named banned words and patterns (api/content_policy.py)
+    content_policy_file: Path | None = None
     require_gpu: bool
     unserved_model: Literal["wait", "reject"]
     switch_grace_s: float
@@ -197,6 +199,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     if unserved_model not in ("wait", "reject"):
         raise ConfigError(f"UNSERVED_MODEL must be 'wait' or 'reject', got {unserved_model!r}")
     profiles_file = env.optional("PROFILES_FILE")
+    content_policy_file = env.optional("CONTENT_POLICY_FILE")
     # MODEL_PROFILE may be an alias; catalog.profiles.settle_model_profile names its id.
     model_name = model_profile or env.text("MODEL_NAME", served_name(model_id))
     engine = env.text("INFERENCE_ENGINE", "vllm")
@@ -278,6 +281,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         model_name=model_name,
         model_profile=model_profile,
         profiles_file=None if profiles_file is None else Path(profiles_file).expanduser().resolve(),
+        content_policy_file=(
+            None if content_policy_file is None else Path(content_policy_file).expanduser().resolve()
+        ),
         require_gpu=env.flag("REQUIRE_GPU", False),
         unserved_model=unserved_model,  # type: ignore[arg-type]
         switch_grace_s=env.number("SWITCH_GRACE_S", 30.0),

@@ -82,6 +82,9 @@ class Job(msgspec.Struct, frozen=True, tag="job", tag_field="t", omit_defaults=T
     body: bytes = b""
     stream: bool = True
     meta: RequestMeta = RequestMeta()
+    # The API matches the answer against output policies: each Chunk carries its plain
+    # `text` besides `data` (otherwise text stays empty, as it costs bytes on every chunk).
+    output_text: bool = False
 
 
 # --- chat.stream.<request id> (core NATS) ----------------------------------------------

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from api.content_policy import load_policies
 from catalog.profiles import settle_model_profile
 from chatq.settings import Settings, load
 from stack import state
@@ -28,6 +29,7 @@ def cmd_start(s: Settings, detach: bool) -> int:
     if ensure_jwt_secret(s) or new_key is not None:
         s = load()  # re-read: the key and secret files are part of the settings
     settle_model_profile(s)  # a MODEL_PROFILE naming no profile stops here, before anything starts
+    load_policies(s.content_policy_file)  # so does a bad CONTENT_POLICY_FILE
     from stack.web import ensure_built
 
     ensure_built()  # the web interface, when its sources changed (a failure only warns)

@@ -235,6 +235,26 @@ async def jobs_in_queue(nats_url: str, model: str, priority: Priority = "interac
         await nc.close()
 
 
+async def _last_job_seq(nats_url: str) -> int:
+    import nats
+
+    from broker import names
+
+    nc = await nats.connect(nats_url)
+    try:
+        info = await nc.jetstream().stream_info(names.JOBS_STREAM)
+        return int(info.state.last_seq)
+    finally:
+        await nc.close()
+
+
+def jobs_published(nats_url: str) -> int:
+    """How many jobs were ever published to the JOBS stream (its last sequence number)."""
+    import asyncio
+
+    return asyncio.run(_last_job_seq(nats_url))
+
+
 def wait_for_model(base_url: str, model: str, timeout: float, procs: list[Proc] | None = None) -> None:
     """Wait until /health counts a ready worker for `model`."""
     deadline = time.monotonic() + timeout

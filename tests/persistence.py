@@ -168,6 +168,16 @@ def completed(rid: str, tokens: int = 7) -> schemas.Completed:
     )
 
 
+def refused_output(rid: str) -> schemas.Failed:
+    """The API's Failed for an answer an output policy refused."""
+    return schemas.Failed.for_job(
+        schemas.Job(rid, "m", [], schemas.Sampling(max_tokens=8), time.time(), time.time() + 60),
+        code="content_policy",
+        message="refused by output policy 'leak'",
+        worker_id=None,
+    )
+
+
 # --- conversations and title jobs -----------------------------------------------------
 
 

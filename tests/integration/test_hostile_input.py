@@ -5,7 +5,6 @@ does not grow with them, and the service answers the next ordinary request as be
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 from collections.abc import Callable, Iterator
@@ -13,12 +12,10 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import httpx
-import nats
 import psutil
 import pytest
 
-from broker import names
-from tests.helpers import AccountsStack, accounts_stack, logged_in, no_rate_limits
+from tests.helpers import AccountsStack, accounts_stack, jobs_published, logged_in, no_rate_limits
 
 MODEL = "hostile-model"
 ROUNDS = 20  # each family this many times, for the memory bound
@@ -158,18 +155,6 @@ FAMILIES = [
 ]
 
 
-def _jobs_published(stack: AccountsStack) -> int:
-    async def read() -> int:
-        nc = await nats.connect(stack.nats_url)
-        try:
-            info = await nc.jetstream().stream_info(names.JOBS_STREAM)
-            return int(info.state.last_seq)
-        finally:
-            await nc.close()
-
-    return asyncio.run(read())
-
-
 def _send(stack: AccountsStack, session: dict[str, str], family: Family) -> httpx.Response:
     headers = {**session, "Content-Type": "application/json"}
     return httpx.post(stack.url + family.path, content=family.body(), headers=headers, timeout=60)
@@ -179,7 +164,7 @@ def _send(stack: AccountsStack, session: dict[str, str], family: Family) -> http
 def test_each_family_is_refused_clearly_and_queues_nothing(
     stack: AccountsStack, session: dict[str, str], family: Family
 ) -> None:
-    before = _jobs_published(stack)
+    before = jobs_published(stack.nats_url)
     response = _send(stack, session, family)
     assert response.status_code == family.status, response.text[:500]
     if family.status >= 400:
@@ -188,7 +173,7 @@ def test_each_family_is_refused_clearly_and_queues_nothing(
         assert error["message"], error
         if family.code is not None:
             assert error["code"] == family.code, error
-        assert _jobs_published(stack) == before, "a refused request reached the job queue"
+        assert jobs_published(stack.nats_url) == before, "a refused request reached the job queue"
     else:
         assert response.json()["choices"][0]["message"]["content"]
 

@@ -35,6 +35,7 @@ class ChunkStream:
         "_pending",
         "_publish",
         "_scheduled",
+        "_text",
         "_timer",
         "last_sent",
         "seq",
@@ -47,6 +48,7 @@ class ChunkStream:
         self._max_tokens = max_tokens
         self._max_delay = max_delay
         self._parts: list[str] = []
+        self._text: list[str] = []  # plain text, for a job that asks for it (Job.output_text)
         self._pending = 0
         self._timer: asyncio.TimerHandle | None = None
         self._scheduled = False
@@ -62,11 +64,14 @@ class ChunkStream:
         """True once the first chunk is out."""
         return self.seq > 0
 
-    def add(self, data: str, tokens: int) -> None:
-        """Take new output (wire text and the tokens it holds); send it soon or arm the timer."""
+    def add(self, data: str, tokens: int, text: str = "") -> None:
+        """Take new output (wire text, the tokens it holds and, when the job asks, its plain
+        text); send it soon or arm the timer."""
         if self._finished or not data:
             return
         self._parts.append(data)
+        if text:
+            self._text.append(text)
         self._pending += tokens
         if self._scheduled:
             return
@@ -89,7 +94,7 @@ class ChunkStream:
             self._timer = None
         chunk = Chunk(
             seq=self.seq,
-            text="",
+            text="".join(self._text),
             data="".join(self._parts).encode(),
             tokens=self._pending,
             worker_id=self.worker_id,
@@ -98,6 +103,7 @@ class ChunkStream:
         )
         self.seq += 1
         self._parts.clear()
+        self._text.clear()
         self._pending = 0
         self.last_sent = self._loop.time()
         return chunk
@@ -115,12 +121,14 @@ class ChunkStream:
             except Exception as exc:  # noqa: BLE001 - the relay sees the gap and says so
                 log.warning("chunk %d of %s not published: %r", chunk.seq, self.worker_id, exc)
 
-    async def finish(self, finish_reason: FinishReason, usage: Usage, data: str = "") -> None:
+    async def finish(self, finish_reason: FinishReason, usage: Usage, data: str = "", text: str = "") -> None:
         """Send what is left with the finish reason and usage: the stream's last chunk."""
         if self._finished:
             return
         if data:
             self._parts.append(data)
+        if text:
+            self._text.append(text)
         self._finished = True
         self._queue(self._take(finish_reason, usage))
         await self.flushed()

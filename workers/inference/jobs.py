@@ -240,6 +240,7 @@ class JobRunner:
         request = OpenAIRequest(request_id=rid, endpoint=job.endpoint, body=job.body, stream=job.stream)
         answer: Answer | None = None
         last = ""
+        told = 0  # the progress's text parts already given to chunks (Job.output_text)
         try:
             if active.cancel_reason is None:  # cancelled before it ever reached the engine
                 active.in_engine = True
@@ -254,7 +255,10 @@ class JobRunner:
                     if data.startswith(_DONE):
                         last = data
                         continue
-                    chunks.add(data, progress.completion_tokens - sent)
+                    text = ""
+                    if job.output_text:
+                        text, told = "".join(progress.text_parts[told:]), len(progress.text_parts)
+                    chunks.add(data, progress.completion_tokens - sent, text)
                     sent = progress.completion_tokens
         except asyncio.CancelledError:
             if active.cancel_reason is None:
@@ -305,7 +309,8 @@ class JobRunner:
             await self._fail(active, "engine_error", "the engine aborted this request")
             return "failed"
         reason: FinishReason = "length" if progress.finish_reason == "length" else "stop"
-        await chunks.finish(reason, usage, last)
+        rest = "".join(progress.text_parts[told:]) if job.output_text else ""
+        await chunks.finish(reason, usage, last, rest)
         metrics.CHUNKS.labels(**self.labels).inc(chunks.seq)
         await self.bus.publish_event(
             schemas.Completed.for_job(

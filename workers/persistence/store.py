@@ -17,10 +17,12 @@ from psycopg.conninfo import conninfo_to_dict
 
 import database.schema
 import schemas
+from chatq.errors import ContentRefused
 from schemas import ANSWER_POSITION
 from workers.persistence.titles import TitleSource, clean_title, title_request_id
 
-# A terminal status is never replaced by 'accepted', whatever order events arrive in. The
+# A terminal status is never replaced by 'accepted', whatever order events arrive in, nor an
+# answer an output policy refused (the API's Failed) by the worker's Completed or Cancelled. The
 # account, key and conversation are looked up, not trusted: one deleted since the request
 # was made leaves NULL (the request and its cost are kept) instead of a foreign-key error
 # that no retry could fix.
@@ -38,7 +40,8 @@ VALUES (%(request_id)s, %(model)s, %(client_user)s, %(status)s, %(created_at)s, 
 ON CONFLICT (request_id) DO UPDATE SET
     client_user       = COALESCE(requests.client_user, EXCLUDED.client_user),
     created_at        = COALESCE(requests.created_at, EXCLUDED.created_at),
-    status            = CASE WHEN EXCLUDED.status = 'accepted' THEN requests.status
+    status            = CASE WHEN EXCLUDED.status = 'accepted'
+                               OR requests.error_code = %(refused_code)s THEN requests.status
                              ELSE EXCLUDED.status END,
     finished_at       = COALESCE(EXCLUDED.finished_at, requests.finished_at),
     worker_id         = COALESCE(EXCLUDED.worker_id, requests.worker_id),
@@ -61,6 +64,16 @@ INSERT INTO messages (request_id, position, role, content, conversation_id, toke
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (request_id, position) DO NOTHING
 """
+# The answer of a request, unless an output policy refused it (its Failed came first)...
+_ANSWER = """
+INSERT INTO messages (request_id, position, role, content, conversation_id, token_in, token_out,
+                      created_at)
+SELECT %s, %s::integer, 'assistant', %s, %s::uuid, %s::integer, %s::integer, %s::timestamptz
+ WHERE NOT EXISTS (SELECT 1 FROM requests WHERE request_id = %s AND error_code = %s)
+ON CONFLICT (request_id, position) DO NOTHING
+"""
+# ... or removed when its refusal comes after it: the refused text is not kept to be shown.
+_REFUSED_ANSWER = "DELETE FROM messages WHERE request_id = %s AND role = 'assistant'"
 _REPLACED = "DELETE FROM messages WHERE request_id = %s AND conversation_id = %s::uuid"
 # Whether the conversation is still there (a deleted one took its messages with it).
 # The event's own time, not now(): the same event applied twice leaves the same value.
@@ -81,6 +94,10 @@ SELECT (SELECT content FROM messages
    AND EXISTS (SELECT 1 FROM requests WHERE request_id = %(request_id)s AND status = 'completed')
    AND NOT EXISTS (SELECT 1 FROM requests WHERE request_id = %(title_request_id)s)
 """
+
+
+# The code of the Failed event the API publishes for an answer an output policy refused.
+REFUSED_OUTPUT = ContentRefused.default_code
 
 
 def _text(value: str | None) -> str | None:
@@ -113,6 +130,7 @@ def _row(event: schemas.Event) -> dict[str, object]:
         "purpose": meta.purpose,
         "prompt_tokens": None,
         "completion_tokens": None,
+        "refused_code": REFUSED_OUTPUT,
     }
     match event:
         case schemas.Accepted():
@@ -293,18 +311,21 @@ class Store:
                 )
         elif isinstance(event, schemas.Completed | schemas.Cancelled) and event.text:
             await conn.execute(
-                _MESSAGE,
+                _ANSWER,
                 (
                     event.request_id,
                     meta.answer_position if conversation is not None else ANSWER_POSITION,
-                    "assistant",
                     _text(event.text),
                     conversation,
                     event.usage.prompt_tokens,
                     event.usage.completion_tokens,
                     _ts(event.time),
+                    event.request_id,
+                    REFUSED_OUTPUT,
                 ),
             )
+        elif isinstance(event, schemas.Failed) and event.code == REFUSED_OUTPUT:
+            await conn.execute(_REFUSED_ANSWER, (event.request_id,))
         return True
 
     @staticmethod

@@ -9,7 +9,17 @@ import time
 import nats
 
 import schemas
-from tests.persistence import BILLED, Env, accepted, completed, publish, rows, wait_rows, wait_settled
+from tests.persistence import (
+    BILLED,
+    Env,
+    accepted,
+    completed,
+    publish,
+    refused_output,
+    rows,
+    wait_rows,
+    wait_settled,
+)
 
 
 async def test_events_are_written_once_even_when_delivered_twice(
@@ -88,3 +98,26 @@ def test_the_worker_log_is_plain(env: Env) -> None:
     ), text
     # FastStream's two lines per message are not shown at INFO.
     assert "Received" not in text and "Processed" not in text
+
+
+async def test_an_answer_refused_by_an_output_policy_is_not_kept_in_either_order(
+    env: Env, js: nats.js.JetStreamContext
+) -> None:
+    """The worker's Completed (with the text) and the API's Failed content_policy come from two
+    processes: whichever is written first, the request ends failed and its answer is not stored."""
+    await publish(js, accepted("r-refused-late"))
+    await publish(js, completed("r-refused-late"))
+    await asyncio.to_thread(wait_rows, env.dsn, BILLED, "r-refused-late")
+    await publish(js, refused_output("r-refused-late"))
+    await publish(js, accepted("r-refused-early"))
+    await publish(js, refused_output("r-refused-early"))
+    await publish(js, completed("r-refused-early"))
+    await wait_settled(js)
+    for rid in ("r-refused-late", "r-refused-early"):
+        assert rows(env.dsn, "SELECT status, error_code FROM requests WHERE request_id = %s", rid) == [
+            ("failed", "content_policy")
+        ], rid
+        assert rows(env.dsn, "SELECT role FROM messages WHERE request_id = %s ORDER BY position", rid) == [
+            ("system",),
+            ("user",),
+        ], rid
