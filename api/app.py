@@ -31,9 +31,10 @@ from api.generation import new_request_id
 from api.openai_relay import chat_completions, completions
 from api.ratelimit import RateLimiter
 from api.services import Services
-from broker import bus as bus_module
+from broker import connect as nats_connect
 from broker import topology
-from broker.bus import Bus, NatsLogin
+from broker.bus import Bus
+from broker.connect import NatsLogin
 from broker.workers import WorkerRegistry
 from catalog.profiles import load_profiles, settle_model_profile
 from chatq.errors import (
@@ -191,7 +192,7 @@ async def _open_database(settings: Settings) -> AsyncConnectionPool[Any] | None:
     return pool
 
 
-def create_app(settings: Settings, *, connect: Connect = bus_module.connect) -> Litestar:
+def create_app(settings: Settings, *, connect: Connect = nats_connect.connect) -> Litestar:
     """Build the API; `connect` is the NATS connector, swappable in tests."""
     check_settings(settings)
     profiles = load_profiles(settings.profiles_file)

@@ -40,7 +40,7 @@ from nats.js.errors import NotFoundError
 
 import schemas
 from broker import names
-from broker.bus import NatsLogin, connect
+from broker.connect import NatsLogin, connect
 
 log = logging.getLogger("tokens_per_user")
 

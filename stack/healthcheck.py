@@ -31,7 +31,8 @@ def _answers(url: str) -> bool:
 
 async def _consumer_alive(settings: Settings) -> bool:
     from broker import names
-    from broker.bus import Bus, connect
+    from broker.bus import Bus
+    from broker.connect import connect
     from workers.persistence.app import DURABLE
 
     bus = Bus(await connect(settings.nats_url, "chatq-healthcheck"))

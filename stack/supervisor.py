@@ -244,7 +244,7 @@ class Supervisor:
         import nats
 
         from broker import topology
-        from broker.bus import NatsLogin
+        from broker.connect import NatsLogin
 
         if self.nats is not None and self.nats.login is not None:
             login = NatsLogin(*self.nats.login)

@@ -14,7 +14,8 @@ from nats.js import JetStreamContext
 import schemas
 from api.admission import QueueMonitor
 from broker import names, topology
-from broker.bus import Bus, connect
+from broker.bus import Bus
+from broker.connect import connect
 from chatq.errors import Overloaded
 from stack.servers import NatsServer
 

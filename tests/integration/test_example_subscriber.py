@@ -15,7 +15,8 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 import schemas
 from broker import names, topology
-from broker.bus import Bus, connect
+from broker.bus import Bus
+from broker.connect import connect
 from examples.tokens_per_user import Row, Tally, read_events, start_at
 from stack.servers import NatsServer
 from tests.helpers import ROOT

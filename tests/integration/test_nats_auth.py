@@ -20,7 +20,7 @@ import nats.errors
 import pytest
 
 from broker import names, permissions
-from broker.bus import NatsLogin, connect
+from broker.connect import NatsLogin, connect
 from chatq.errors import ConfigError
 from examples.tokens_per_user import Tally, read_events
 from stack import nats_auth

@@ -11,7 +11,7 @@ import nats.errors
 import pytest
 
 from broker import names, permissions
-from broker.bus import NatsLogin, connect
+from broker.connect import NatsLogin, connect
 from stack.servers import NatsServer
 from tests.helpers import ROOT
 

@@ -10,7 +10,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import schemas
 from broker import names, topology
-from broker.bus import Bus, connect
+from broker.bus import Bus
+from broker.connect import connect
 from broker.workers import WorkerRegistry
 from stack.servers import NatsServer
 from tests.metrics import metric_value

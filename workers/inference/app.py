@@ -15,7 +15,8 @@ from nats.aio.subscription import Subscription
 
 import schemas
 from broker import names, topology
-from broker.bus import Bus, NatsLogin
+from broker.bus import Bus
+from broker.connect import NatsLogin
 from catalog import hardware
 from catalog.profiles import Profile, ProfileSet, load_profiles, settle_model_profile
 from chatq.errors import ConfigError, EngineError

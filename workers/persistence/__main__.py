@@ -22,7 +22,7 @@ def main() -> int:
     if not dsn:
         print("chatq persistence: DATABASE_URL is not set", file=sys.stderr)
         return 2
-    from broker.bus import NatsLogin
+    from broker.connect import NatsLogin
     from workers.persistence.app import build_app
     from workers.persistence.store import Store
 

@@ -26,7 +26,8 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 
 import schemas
 from broker import names, topology
-from broker.bus import NO_LOGIN, Bus, NatsLogin, RequestContext
+from broker.bus import Bus, RequestContext
+from broker.connect import NO_LOGIN, NatsLogin
 from chatq.logs import url_for_log
 from workers.persistence.store import Store, is_transient
 from workers.persistence.titles import TitleSource, title_job

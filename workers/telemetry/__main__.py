@@ -9,7 +9,8 @@ import sys
 from nats.js.kv import KeyValue
 from prometheus_client import REGISTRY, start_http_server
 
-from broker.bus import Bus, NatsLogin, connect
+from broker.bus import Bus
+from broker.connect import NatsLogin, connect
 from broker.status import SNAPSHOT_KEY, status_kv
 from broker.workers import WorkerRegistry
 from catalog.profiles import load_profiles
