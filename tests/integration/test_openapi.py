@@ -129,7 +129,7 @@ def test_every_route_of_the_app_is_in_the_document(document: dict[str, Any]) -> 
 # (schemathesis's from_fixture fails under this pytest; the document is the app's own.)
 fuzzed = schemathesis.openapi.from_dict(_built_document())
 # Logging out ends the fuzzing session's token; changing a user could demote the admin.
-# Both have tests of their own (test_accounts.py), and are fuzzed anonymously here.
+# Both have tests of their own (tests/integration/accounts/), and are fuzzed anonymously here.
 as_someone = fuzzed.exclude(path="/api/auth/logout").exclude(method="PATCH", path_regex="^/api/users/")
 # Whether a schema-valid request is accepted depends on the server's state as well as on
 # the document (the model must be one served now, a username free, a conversation the
