@@ -132,10 +132,17 @@ class NatsLogin:
 NO_LOGIN = NatsLogin()
 
 
+def server_urls(url: str) -> list[str]:
+    """The servers of NATS_URL, a comma-separated list (a cluster's members), as the
+    clients take them: nats-py and FastStream read one string as one URL."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 async def connect(url: str, name: str, login: NatsLogin = NO_LOGIN) -> Client:
-    """Connect to NATS, retrying forever on reconnect so a NATS restart is survived."""
+    """Connect to NATS, retrying forever on reconnect so a NATS restart is survived; on a
+    cluster, to another of its servers when the one connected to goes."""
     return await nats.connect(
-        url.split(","),
+        server_urls(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
