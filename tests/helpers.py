@@ -314,19 +314,33 @@ class AccountsStack:
 
 
 @contextmanager
-def accounts_stack(root: Path, model: str, *, apis: int = 1, **env: str) -> Iterator[AccountsStack]:
+def accounts_stack(
+    root: Path, model: str, *, apis: int = 1, nats_url: str | None = None, **env: str
+) -> Iterator[AccountsStack]:
     """The launcher's stack with `apis` API processes, a synthetic worker and persistence;
-    processes a test adds to `procs` are stopped with it."""
-    full = base_env(_nats_url(), root / "home", INFERENCE_ENGINE="synthetic", MODEL_NAME=model, **env)
+    processes a test adds to `procs` are stopped with it. With `nats_url` it uses those
+    NATS servers (a cluster's) instead of starting its own."""
+    outside = {} if nats_url is None else {"CHATQ_EMBEDDED_NATS": "0"}
+    full = base_env(
+        nats_url or _nats_url(), root / "home", INFERENCE_ENGINE="synthetic", MODEL_NAME=model, **outside, **env
+    )
     specs = [_api_spec(f"api{i}") for i in range(apis)]
     specs += [_worker_spec(), process_table.PERSISTENCE]
     logdir = root / "logs"
     with launched(root / "home", full, specs, ready=workers_ready(1), logdir=logdir, cwd=ROOT) as sup:
-        assert sup.database_url and sup.redis_url and sup.redis and sup.postgres and sup.nats
+        assert sup.database_url and sup.redis_url and sup.redis and sup.postgres
+        assert sup.nats or nats_url
         full = {**full, "DATABASE_URL": sup.database_url, "REDIS_URL": sup.redis_url}
         started = [sup.process(spec.name) for spec in specs]
         stack = AccountsStack(
-            sup.api_urls, sup.database_url, sup.nats.url, sup.redis, sup.postgres, full, logdir, list(started)
+            sup.api_urls,
+            sup.database_url,
+            sup.nats.url if sup.nats else full["NATS_URL"],
+            sup.redis,
+            sup.postgres,
+            full,
+            logdir,
+            list(started),
         )
         try:
             yield stack
