@@ -322,7 +322,12 @@ def accounts_stack(
     NATS servers (a cluster's) instead of starting its own."""
     outside = {} if nats_url is None else {"CHATQ_EMBEDDED_NATS": "0"}
     full = base_env(
-        nats_url or _nats_url(), root / "home", INFERENCE_ENGINE="synthetic", MODEL_NAME=model, **outside, **env
+        nats_url or _nats_url(),
+        root / "home",
+        INFERENCE_ENGINE="synthetic",
+        MODEL_NAME=model,
+        **outside,
+        **env,
     )
     specs = [_api_spec(f"api{i}") for i in range(apis)]
     specs += [_worker_spec(), process_table.PERSISTENCE]

@@ -60,7 +60,10 @@ async def test_the_setting_raises_a_stream_made_with_fewer_replicas() -> None:
         }
     )
     await topology.ensure_streams(js, jobs_max_msgs=50, replicas=3)
-    assert [(c.name, c.num_replicas) for c in js.updated] == [(names.JOBS_STREAM, 3), (names.EVENTS_STREAM, 5)]
+    assert [(c.name, c.num_replicas) for c in js.updated] == [
+        (names.JOBS_STREAM, 3),
+        (names.EVENTS_STREAM, 5),
+    ]
     assert [(c.name, c.num_replicas) for c in js.added] == [(names.DEADLETTER_STREAM, 3)]
     assert [(c.bucket, c.replicas) for c in js.buckets] == [(names.WORKERS_BUCKET, 3)]
 
