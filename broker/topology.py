@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -16,10 +18,11 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from broker import names
+from chatq.errors import ConfigError
 from schemas.messages import Priority
 
 log = logging.getLogger(__name__)
@@ -91,12 +94,28 @@ def jobs_consumer_config(model: str, priority: Priority, ack_wait_s: float) -> C
     )
 
 
+@contextmanager
+def _replicas_allowed(replicas: int) -> Iterator[None]:
+    """A single server's refusal of replicas, as what to change (not `ServerError()`)."""
+    try:
+        yield
+    except APIError as exc:
+        # 10074: replicas > 1 not supported in non-clustered mode
+        if exc.err_code == 10074:
+            raise ConfigError(
+                f"NATS_STREAM_REPLICAS is {replicas} but the NATS server is not in a cluster: "
+                "set it to 1, or point NATS_URL at a cluster"
+            ) from None
+        raise
+
+
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     assert config.name is not None
     try:
         info = await js.stream_info(config.name)
     except NotFoundError:
-        await js.add_stream(config)
+        with _replicas_allowed(config.num_replicas or 1):
+            await js.add_stream(config)
         log.info("created stream %s", config.name)
         return
     # The larger replica count wins: NATS_STREAM_REPLICAS raises a stream, and one an
@@ -106,7 +125,8 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     replicas = max(config.num_replicas or 1, info.config.num_replicas or 1)
     if replicas != (info.config.num_replicas or 1):
         log.info("stream %s: %s replicas, now %d", config.name, info.config.num_replicas or 1, replicas)
-    await js.update_stream(dataclasses.replace(config, num_replicas=replicas))
+    with _replicas_allowed(replicas):
+        await js.update_stream(dataclasses.replace(config, num_replicas=replicas))
 
 
 async def ensure_streams(js: JetStreamContext, *, jobs_max_msgs: int, replicas: int = 1) -> None:
@@ -158,6 +178,7 @@ async def workers_kv(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
         return await js.key_value(names.WORKERS_BUCKET)
     except (BucketNotFoundError, NotFoundError):
         # Only a missing bucket is created here: a timeout or a lost connection is raised.
-        return await js.create_key_value(
-            KeyValueConfig(bucket=names.WORKERS_BUCKET, ttl=WORKER_TTL_S, history=1, replicas=replicas)
-        )
+        with _replicas_allowed(replicas):
+            return await js.create_key_value(
+                KeyValueConfig(bucket=names.WORKERS_BUCKET, ttl=WORKER_TTL_S, history=1, replicas=replicas)
+            )

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from broker import permissions
-from chatq.errors import ChatqError
+from chatq.errors import ChatqError, ConfigError
 from chatq.logs import url_for_log
 from chatq.settings import Settings, load
 from stack import nats_auth, state
@@ -264,6 +264,8 @@ class Supervisor:
 
         try:
             asyncio.run(declare())
+        except ConfigError:
+            raise  # NATS_STREAM_REPLICAS above what the server takes: says what to change
         except Exception as exc:  # noqa: BLE001 - nats-py raises several kinds; all mean the same here
             where = url_for_log(self.s.nats_url)
             raise ChatqError(f"cannot declare the streams on {where}: {type(exc).__name__}") from None

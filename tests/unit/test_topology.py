@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from nats.js.api import KeyValueConfig, StreamConfig, StreamInfo, StreamState
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 
 from broker import names, topology
 from broker.bus import server_urls
+from chatq.errors import ConfigError
 
 
 class FakeJS:
@@ -75,3 +77,22 @@ def test_nats_url_names_each_server_of_a_cluster() -> None:
         "nats://c:4224",
     ]
     assert server_urls("nats://127.0.0.1:4222") == ["nats://127.0.0.1:4222"]
+
+
+class SingleServerJS(FakeJS):
+    """JetStream on one server: it refuses more than one replica (err_code 10074)."""
+
+    async def create_key_value(self, config: KeyValueConfig) -> Any:
+        if (config.replicas or 1) > 1:
+            raise APIError(
+                code=500, err_code=10074, description="replicas > 1 not supported in non-clustered mode"
+            )
+        return await super().create_key_value(config)
+
+
+async def test_replicas_on_a_single_server_are_refused_with_the_setting_to_change() -> None:
+    js: Any = SingleServerJS({})
+    with pytest.raises(
+        ConfigError, match="NATS_STREAM_REPLICAS is 3 but the NATS server is not in a cluster"
+    ):
+        await topology.ensure_streams(js, jobs_max_msgs=50, replicas=3)
