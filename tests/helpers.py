@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import httpx
 import nats
 
+import schemas
 from broker import permissions, topology
 from chatq.sse import SseEvent as SseEvent
 from chatq.sse import sse_events as sse_events
@@ -117,6 +119,19 @@ def run_python(
         cwd=ROOT,
         timeout=timeout,
         check=False,
+    )
+
+
+def one_line_job(model: str) -> schemas.Job:
+    """A job of one short user message for `model`, a new request id, a minute to run."""
+    now = time.time()
+    return schemas.Job(
+        request_id=uuid.uuid4().hex,
+        model=model,
+        messages=[schemas.ChatMessage(role="user", content="x")],
+        sampling=schemas.Sampling(),
+        created=now,
+        deadline=now + 60,
     )
 
 

@@ -4,7 +4,6 @@ hold a place in the queue: the requests after it are not refused as if the queue
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 import nats.errors
@@ -16,6 +15,7 @@ from api.relay import Relay
 from broker.bus import ConsumerDepth, StreamSubscription
 from chatq.errors import UpstreamUnavailable
 from chatq.tasks import TaskSet
+from tests.helpers import one_line_job
 
 MODEL = "no-leader"
 BOUND = 3
@@ -34,24 +34,12 @@ class LeaderlessBus:
         raise nats.errors.TimeoutError
 
 
-def job() -> schemas.Job:
-    now = time.time()
-    return schemas.Job(
-        request_id=uuid.uuid4().hex,
-        model=MODEL,
-        messages=[schemas.ChatMessage(role="user", content="x")],
-        sampling=schemas.Sampling(),
-        created=now,
-        deadline=now + 60,
-    )
-
-
 async def test_failed_publishes_answer_503_and_never_fill_the_queue() -> None:
     bus: Any = LeaderlessBus()
     # A cached reading for longer than the test: only this process's admissions count.
     monitor = QueueMonitor(bus, bound=BOUND, cache_s=60)
     for _ in range(3 * BOUND):
         await monitor.admit(MODEL)  # never Overloaded
-        relay = Relay(bus, job(), watchdog_s=5, spawn=TaskSet())
+        relay = Relay(bus, one_line_job(MODEL), watchdog_s=5, spawn=TaskSet())
         with pytest.raises(UpstreamUnavailable, match="the job queue is unreachable: TimeoutError"):
             await relay.open(monitor)
