@@ -184,7 +184,7 @@ def build_app(
         tally.titles += 1
         log.debug("queued the title job of conversation %s", source.conversation_id)
         try:
-            await bus.publish_event(schemas.Accepted.for_job(job, []), attempts=2)
+            await bus.publish_event(schemas.Accepted.for_job(job, []), within_s=1.0)
         except Exception as exc:  # noqa: BLE001 - its Completed event still writes the row
             log.warning("could not record the title job %s: %s", job.request_id, _reason(exc))
 
