@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,24 @@ async def replicas_current(js: JetStreamContext, stream: str) -> bool:
     return bool(
         cluster and cluster.leader and len(peers) == 2 and all(p.current and not p.offline for p in peers)
     )
+
+
+async def lead(nc: nats.NATS, stream: str, server: str) -> None:
+    """Make `server` the stream's leader (a stepdown that names the preferred one)."""
+    js = nc.jetstream(timeout=2)
+
+    async def leads() -> bool:
+        try:
+            cluster = (await js.stream_info(stream)).cluster
+            if cluster is not None and cluster.leader == server:
+                return True
+            request = json.dumps({"placement": {"preferred": server}}).encode()
+            await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", request, timeout=2)
+        except Exception:  # noqa: BLE001 - mid-election: ask again
+            pass
+        return False
+
+    await eventually(f"{server} leading {stream}", leads, 20, interval=0.5)
 
 
 async def terminal_events(js: JetStreamContext) -> dict[str, set[str]]:
@@ -234,6 +253,8 @@ async def load_through_a_leader_loss(
             assert cluster is not None and cluster.leader
             leader = cluster.leader
             victim = next(s for s in servers if s.name == leader)
+            # The EVENTS stream's leader on the same server: both streams lose theirs.
+            await lead(nc, names.EVENTS_STREAM, leader)
             assert victim.proc is not None
             victim.proc.kill()
             times["killed"] = time.monotonic()
