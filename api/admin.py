@@ -89,7 +89,7 @@ async def read_snapshot(services: Services) -> tuple[Snapshot | None, str | None
         return None, "NATS is unreachable from the API"
     try:
         async with asyncio.timeout(SNAPSHOT_READ_TIMEOUT_S):
-            kv = await status_kv(services.bus.js)
+            kv = await status_kv(services.bus.js, replicas=services.settings.nats_stream_replicas)
             entry = await kv.get(SNAPSHOT_KEY)
     except TimeoutError:
         return None, "reading the telemetry snapshot from NATS timed out"

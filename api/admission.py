@@ -166,11 +166,22 @@ class QueueMonitor:
             )
         queue.unseen.append(time.monotonic())
 
-    def refused(self, model: str, priority: Priority = "interactive") -> Overloaded:
-        """The error for a publish the full JOBS stream refused (after admit() let it in)."""
+    def not_queued(self, model: str, priority: Priority = "interactive") -> None:
+        """An admitted job whose publish failed no longer counts as waiting.
+
+        Without this, while the JOBS stream has no leader (a NATS cluster electing one)
+        every failed publish would hold a place for UNSEEN_TTL_S, and the queue would
+        soon read as full: clients would get 429 queue_full instead of 503, for up to
+        UNSEEN_TTL_S after the stream is back. A publish that timed out may yet have
+        landed; then the next reading counts it in `pending`.
+        """
         queue = self._queues.get((model, priority))
         if queue is not None and queue.unseen:
-            queue.unseen.pop()  # that job will never land
+            queue.unseen.pop()
+
+    def refused(self, model: str, priority: Priority = "interactive") -> Overloaded:
+        """The error for a publish the full JOBS stream refused (after admit() let it in)."""
+        self.not_queued(model, priority)  # that job will never land
         metrics.REJECTED.labels(model=model, reason="stream_full").inc()
         return Overloaded(
             f"the queue for model {model!r} is at its hard limit; retry later",

@@ -209,7 +209,9 @@ def create_app(settings: Settings, *, connect: Connect = nats_connect.connect) -
         pool = await _open_database(settings)
         nc = await connect(settings.nats_url, "chatq-api", NatsLogin.of(settings))
         bus = Bus(nc)
-        await topology.ensure_streams(bus.js, jobs_max_msgs=settings.jobs_max_msgs)
+        await topology.ensure_streams(
+            bus.js, jobs_max_msgs=settings.jobs_max_msgs, replicas=settings.nats_stream_replicas
+        )
         for model in dict.fromkeys([*settings.models, *(p.id for p in profiles)]):
             await topology.ensure_model(bus.js, model, ack_wait_s=settings.ack_wait_s)
         registry = WorkerRegistry(bus)

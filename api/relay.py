@@ -120,12 +120,14 @@ class Relay:
             raise monitor.refused(self.job.model, self.job.priority) from None
         except JobTooLarge as exc:
             await self._sub.close()
+            monitor.not_queued(self.job.model, self.job.priority)
             raise RequestTooLarge(
                 f"the request is too large to queue: a job may be at most {exc.limit} bytes once "
                 f"encoded (the message bus's max_payload less headers), this one is {exc.size}"
             ) from None
         except Exception as exc:
             await self._sub.close()
+            monitor.not_queued(self.job.model, self.job.priority)
             raise UpstreamUnavailable(f"the job queue is unreachable: {type(exc).__name__}") from exc
         self._spawn(self.bus.publish_event(schemas.Accepted.for_job(self.job, _stored_messages(self.job))))
 

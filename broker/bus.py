@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,12 @@ REQUEST_ID_HEADER = "Chatq-Request-Id"
 ERROR_HEADER = "Chatq-Error"
 SUBJECT_HEADER = "Chatq-Subject"
 DELIVERIES_HEADER = "Chatq-Deliveries"
+
+# How long an event is retried before it counts as lost: longer than a NATS cluster takes
+# to elect a stream's new leader after losing a server (5 to 8 s measured in
+# tests/integration/test_nats_cluster.py), during which every publish fails at once.
+EVENT_PUBLISH_WITHIN_S = 15.0
+EVENT_RETRY_MAX_S = 1.0
 
 # Unread token stream kept per request before its reader counts as too slow (4 MiB).
 DEFAULT_STREAM_BUFFER_BYTES = 4 << 20
@@ -245,10 +252,12 @@ class Bus:
             log.warning("withdrawing job %d from %s timed out", seq, names.JOBS_STREAM)
             return False
 
-    async def publish_event(self, event: schemas.Event, *, attempts: int = 3) -> None:
-        """Store an event in the EVENTS stream, de-duplicated by request id and kind."""
+    async def publish_event(self, event: schemas.Event, *, within_s: float = EVENT_PUBLISH_WITHIN_S) -> None:
+        """Store an event in the EVENTS stream, de-duplicated by request id and kind;
+        retried for `within_s` seconds, then raised."""
         kind = type(event).__struct_config__.tag
-        for attempt in range(attempts):
+        deadline = time.monotonic() + within_s
+        for attempt in itertools.count():
             try:
                 await self.js.publish(
                     names.event_subject(str(kind)),
@@ -261,10 +270,11 @@ class Bus:
                 )
                 return
             except Exception:
-                if attempt == attempts - 1:
+                pause = min(EVENT_RETRY_MAX_S, 0.2 * 2**attempt)
+                if time.monotonic() + pause > deadline:
                     log.exception("event %s for %s lost", kind, event.request_id)
                     raise
-                await asyncio.sleep(0.2 * (attempt + 1))
+                await asyncio.sleep(pause)
 
     async def dead_letter_event(
         self, data: bytes, *, request_id: str, subject: str, stream_seq: int, deliveries: int, reason: str

@@ -67,8 +67,15 @@ class NatsLogin:
 NO_LOGIN = NatsLogin()
 
 
+def server_urls(url: str) -> list[str]:
+    """The servers of NATS_URL, a comma-separated list (a cluster's members), as the
+    clients take them: nats-py and FastStream read one string as one URL."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 async def connect(url: str, name: str, login: NatsLogin = NO_LOGIN) -> Client:
-    """Connect to NATS, retrying forever on reconnect so a NATS restart is survived.
+    """Connect to NATS, retrying forever on reconnect so a NATS restart is survived; on a
+    cluster, to another of its servers when the one connected to goes.
 
     A server that refuses the login at the first connect is a setting to fix, not a server
     to wait for: ConfigError at once (nats-py would try again forever). Once connected,
@@ -87,7 +94,7 @@ async def connect(url: str, name: str, login: NatsLogin = NO_LOGIN) -> Client:
         log.error("NATS: %s", exc)
 
     nc = await nats.connect(
-        url.split(","),
+        server_urls(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,

@@ -71,6 +71,8 @@ RANGES: dict[str, Range] = {
     "CHATQ_DEFAULT_MAX_TOKENS": _whole(1),
     "CHATQ_QUEUE_DEPTH_CACHE_S": Range(0, 60),
     "JOBS_MAX_MSGS": _whole(1),
+    # JetStream keeps a stream on at most 5 servers.
+    "NATS_STREAM_REPLICAS": _whole(1, 5),
     "JOBS_ACK_WAIT_S": Range(0.5, 3600),
     "SWITCH_GRACE_S": Range(0, _DAY_S),
     "DRAIN_GRACE_S": Range(0, _DAY_S),

@@ -43,6 +43,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Who this process is on NATS (the embedded server's users are made by ./start).
     nats_user: str | None = None
     nats_password: str | None = None
+    # How many servers of a NATS cluster keep each stream and the workers bucket (1: one
+    # server; 3 on a cluster of 3). A stream already kept on more is not lowered.
+    nats_stream_replicas: int = 1
     database_url: str | None
     # Persistence worker
     database_connect_timeout_s: int
@@ -242,6 +245,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         embedded_nats=env.flag("CHATQ_EMBEDDED_NATS", True),
         nats_user=nats_user,
         nats_password=nats_password,
+        nats_stream_replicas=env.integer("NATS_STREAM_REPLICAS", 1),
         database_url=env.optional("DATABASE_URL"),
         database_connect_timeout_s=env.integer("DATABASE_CONNECT_TIMEOUT_S", 5),
         database_statement_timeout_ms=env.integer("DATABASE_STATEMENT_TIMEOUT_MS", 10_000),

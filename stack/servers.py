@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -77,8 +79,24 @@ class _ServerProcess:
             self._log = None
 
 
+@dataclass(frozen=True, slots=True)
+class NatsCluster:
+    """One server's place in a NATS cluster: the cluster's name, the port this server
+    takes routes on, and the route URLs of the others (`nats://host:port`)."""
+
+    name: str
+    port: int
+    routes: tuple[str, ...] = ()
+
+    def flags(self, host: str) -> list[str]:
+        """nats-server's cluster flags."""
+        routes = ["--routes", ",".join(self.routes)] if self.routes else []
+        return ["--cluster_name", self.name, "--cluster", f"nats://{host}:{self.port}", *routes]
+
+
 class NatsServer(_ServerProcess):
-    """A nats-server child process with JetStream, storing under store_dir."""
+    """A nats-server child process with JetStream, storing under store_dir; with `cluster`
+    (and a `name`, which JetStream needs in a cluster) one member of a cluster."""
 
     def __init__(
         self,
@@ -89,7 +107,11 @@ class NatsServer(_ServerProcess):
         host: str = "127.0.0.1",
         config: Path | None = None,
         login: tuple[str, str] | None = None,
+        name: str | None = None,
+        cluster: NatsCluster | None = None,
     ) -> None:
+        if cluster is not None and name is None:
+            raise ValueError("a clustered JetStream server needs a name")
         self.store_dir = store_dir
         self.host = host
         self.port = port or free_port()
@@ -97,6 +119,8 @@ class NatsServer(_ServerProcess):
         # A config file (its users and permissions), and the user `url` logs in as.
         self.config = config
         self.login = login
+        self.name = name
+        self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -130,6 +154,8 @@ class NatsServer(_ServerProcess):
                 str(self.port),
                 "-m",
                 str(self.monitor_port),
+                *(["--name", self.name] if self.name else []),
+                *(self.cluster.flags(self.host) if self.cluster else []),
                 *(["-c", str(self.config)] if self.config else []),
             ],
             stdout=log or subprocess.DEVNULL,
@@ -137,6 +163,33 @@ class NatsServer(_ServerProcess):
         )
         wait_for_port(self.host, self.port, timeout, self.proc)
         return self
+
+
+def nats_cluster(
+    root: Path, size: int = 3, *, name: str = "chatq", host: str = "127.0.0.1", config: Path | None = None
+) -> list[NatsServer]:
+    """`size` JetStream servers on free ports of one host, each storing under root/<its
+    name> and routed to every other: a cluster once started (not started here)."""
+    cluster_ports = [free_port() for _ in range(size)]
+    servers = []
+    for i, port in enumerate(cluster_ports):
+        routes = tuple(f"nats://{host}:{p}" for p in cluster_ports if p != port)
+        member = f"{name}-{i}"
+        servers.append(
+            NatsServer(
+                root / member,
+                host=host,
+                config=config,
+                name=member,
+                cluster=NatsCluster(name, port, routes),
+            )
+        )
+    return servers
+
+
+def cluster_url(servers: Sequence[NatsServer]) -> str:
+    """NATS_URL naming every server of a cluster."""
+    return ",".join(server.url for server in servers)
 
 
 class EmbeddedPostgres:

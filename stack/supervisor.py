@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from broker import permissions
-from chatq.errors import ChatqError
+from chatq.errors import ChatqError, ConfigError
 from chatq.logs import url_for_log
 from chatq.settings import Settings, load
 from stack import nats_auth, state
@@ -211,7 +211,8 @@ class Supervisor:
         """NATS (when embedded), its streams where `needs` names them, and PostgreSQL and
         Redis where it names them and no URL names an outside one."""
         s = self.s
-        url = urlparse(s.nats_url)
+        # The embedded server is one, at the first URL (NATS_URL may list a cluster's).
+        url = urlparse(s.nats_url.split(",")[0])
         if s.embedded_nats:
             self.nats_passwords = nats_auth.ensure_passwords(s.home)
             fd = self._log("nats")
@@ -244,7 +245,7 @@ class Supervisor:
         import nats
 
         from broker import topology
-        from broker.connect import NatsLogin
+        from broker.connect import NatsLogin, server_urls
 
         if self.nats is not None and self.nats.login is not None:
             login = NatsLogin(*self.nats.login)
@@ -253,21 +254,25 @@ class Supervisor:
 
         async def declare() -> None:
             url = self.s.nats_url
-            nc = await nats.connect(url.split(","), name="chatq-start", **login.client_options(url))
+            nc = await nats.connect(server_urls(url), name="chatq-start", **login.client_options(url))
             try:
-                await topology.ensure_streams(nc.jetstream(), jobs_max_msgs=self.s.jobs_max_msgs)
+                await topology.ensure_streams(
+                    nc.jetstream(), jobs_max_msgs=self.s.jobs_max_msgs, replicas=self.s.nats_stream_replicas
+                )
             finally:
                 await nc.close()
 
         try:
             asyncio.run(declare())
+        except ConfigError:
+            raise  # NATS_STREAM_REPLICAS above what the server takes: says what to change
         except Exception as exc:  # noqa: BLE001 - nats-py raises several kinds; all mean the same here
             where = url_for_log(self.s.nats_url)
             raise ChatqError(f"cannot declare the streams on {where}: {type(exc).__name__}") from None
 
     def start(self, processes: Sequence[ProcessSpec] = PROCESS_TABLE) -> None:
         """The servers the table needs, then its processes in order."""
-        url = urlparse(self.s.nats_url)
+        url = urlparse(self.s.nats_url.split(",")[0])
         self._check_ports(processes, url.hostname or "127.0.0.1", url.port or 4222)
         state.children_file(self.s).unlink(missing_ok=True)  # a previous run's
         self.start_servers({need for spec in processes for need in spec.needs})

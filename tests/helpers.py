@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import httpx
 import nats
 
+import schemas
 from broker import permissions, topology
 from chatq.sse import SseEvent as SseEvent
 from chatq.sse import sse_events as sse_events
@@ -117,6 +119,19 @@ def run_python(
         cwd=ROOT,
         timeout=timeout,
         check=False,
+    )
+
+
+def one_line_job(model: str) -> schemas.Job:
+    """A job of one short user message for `model`, a new request id, a minute to run."""
+    now = time.time()
+    return schemas.Job(
+        request_id=uuid.uuid4().hex,
+        model=model,
+        messages=[schemas.ChatMessage(role="user", content="x")],
+        sampling=schemas.Sampling(),
+        created=now,
+        deadline=now + 60,
     )
 
 
@@ -334,19 +349,38 @@ class AccountsStack:
 
 
 @contextmanager
-def accounts_stack(root: Path, model: str, *, apis: int = 1, **env: str) -> Iterator[AccountsStack]:
+def accounts_stack(
+    root: Path, model: str, *, apis: int = 1, nats_url: str | None = None, **env: str
+) -> Iterator[AccountsStack]:
     """The launcher's stack with `apis` API processes, a synthetic worker and persistence;
-    processes a test adds to `procs` are stopped with it."""
-    full = base_env(_nats_url(), root / "home", INFERENCE_ENGINE="synthetic", MODEL_NAME=model, **env)
+    processes a test adds to `procs` are stopped with it. With `nats_url` it uses those
+    NATS servers (a cluster's) instead of starting its own."""
+    outside = {} if nats_url is None else {"CHATQ_EMBEDDED_NATS": "0"}
+    full = base_env(
+        nats_url or _nats_url(),
+        root / "home",
+        INFERENCE_ENGINE="synthetic",
+        MODEL_NAME=model,
+        **outside,
+        **env,
+    )
     specs = [_api_spec(f"api{i}") for i in range(apis)]
     specs += [_worker_spec(), process_table.PERSISTENCE]
     logdir = root / "logs"
     with launched(root / "home", full, specs, ready=workers_ready(1), logdir=logdir, cwd=ROOT) as sup:
-        assert sup.database_url and sup.redis_url and sup.redis and sup.postgres and sup.nats
+        assert sup.database_url and sup.redis_url and sup.redis and sup.postgres
+        assert sup.nats or nats_url
         full = {**full, "DATABASE_URL": sup.database_url, "REDIS_URL": sup.redis_url}
         started = [sup.process(spec.name) for spec in specs]
         stack = AccountsStack(
-            sup.api_urls, sup.database_url, sup.nats.url, sup.redis, sup.postgres, full, logdir, list(started)
+            sup.api_urls,
+            sup.database_url,
+            sup.nats.url if sup.nats else full["NATS_URL"],
+            sup.redis,
+            sup.postgres,
+            full,
+            logdir,
+            list(started),
         )
         try:
             yield stack

@@ -4,8 +4,6 @@ refusal when the queue is below its bound, no overshoot of the bound by a burst.
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -18,6 +16,7 @@ from broker.bus import Bus
 from broker.connect import connect
 from chatq.errors import Overloaded
 from stack.servers import NatsServer
+from tests.helpers import one_line_job
 
 MODEL = "admission-model"
 # JetStream's own per-subject limit, far above the bounds tested: every refusal below
@@ -28,15 +27,7 @@ CACHE_S = 5.0
 
 
 def job() -> schemas.Job:
-    now = time.time()
-    return schemas.Job(
-        request_id=uuid.uuid4().hex,
-        model=MODEL,
-        messages=[schemas.ChatMessage(role="user", content="x")],
-        sampling=schemas.Sampling(),
-        created=now,
-        deadline=now + 60,
-    )
+    return one_line_job(MODEL)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from nats.aio.subscription import Subscription
 import schemas
 from broker import names, topology
 from broker.bus import Bus
-from broker.connect import NatsLogin
+from broker.connect import NatsLogin, server_urls
 from catalog import hardware
 from catalog.profiles import Profile, ProfileSet, load_profiles, settle_model_profile
 from chatq.errors import ConfigError, EngineError
@@ -113,7 +113,7 @@ def build_app(
         if refusal is not None:
             raise EngineError(f"not loading {profile.id}: {refusal}")
     broker = NatsBroker(
-        settings.nats_url,
+        server_urls(settings.nats_url),
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         name=f"chatq-worker-{settings.worker_id}",

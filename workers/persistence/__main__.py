@@ -37,6 +37,7 @@ def main() -> int:
         login=NatsLogin.of(settings),
         max_deliver=settings.persistence_max_deliver,
         title_jobs=settings.title_jobs,
+        stream_replicas=settings.nats_stream_replicas,
     )
     # FastStream's "app starting / started" lines at DEBUG: the worker logs its own start line.
     asyncio.run(app.run(log_level=logging.DEBUG))

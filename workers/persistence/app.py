@@ -27,7 +27,7 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 import schemas
 from broker import names, topology
 from broker.bus import Bus, RequestContext
-from broker.connect import NO_LOGIN, NatsLogin
+from broker.connect import NO_LOGIN, NatsLogin, server_urls
 from chatq.logs import url_for_log
 from workers.persistence.store import Store, is_transient
 from workers.persistence.titles import TitleSource, title_job
@@ -89,10 +89,12 @@ def build_app(
     summary_interval_s: float = SUMMARY_INTERVAL_S,
     title_jobs: bool = True,
     login: NatsLogin = NO_LOGIN,
+    stream_replicas: int = 1,
 ) -> tuple[FastStream, NatsBroker]:
     """The persistence worker as a FastStream app; tests pass their own Store.
 
-    `title_jobs` (TITLE_JOBS): queue a title job for each new conversation.
+    `title_jobs` (TITLE_JOBS): queue a title job for each new conversation;
+    `stream_replicas` (NATS_STREAM_REPLICAS): the DEADLETTER stream's.
     """
     # FastStream's own lines go through our logging (one format, no colours); its two
     # lines per message ("Received", "Processed") at DEBUG, and its other chatter below
@@ -101,7 +103,7 @@ def build_app(
     if not faststream_log.isEnabledFor(logging.DEBUG):
         faststream_log.setLevel(logging.WARNING)
     broker = NatsBroker(
-        nats_url,
+        server_urls(nats_url),
         max_reconnect_attempts=-1,
         name="chatq-persistence",
         logger=faststream_log,
@@ -183,7 +185,7 @@ def build_app(
         tally.titles += 1
         log.debug("queued the title job of conversation %s", source.conversation_id)
         try:
-            await bus.publish_event(schemas.Accepted.for_job(job, []), attempts=2)
+            await bus.publish_event(schemas.Accepted.for_job(job, []), within_s=1.0)
         except Exception as exc:  # noqa: BLE001 - its Completed event still writes the row
             log.warning("could not record the title job %s: %s", job.request_id, _reason(exc))
 
@@ -242,7 +244,7 @@ def build_app(
 
     @app.after_startup
     async def started() -> None:
-        await topology.ensure_deadletter(broker.connection.jetstream())
+        await topology.ensure_deadletter(broker.connection.jetstream(), replicas=stream_replicas)
         tasks.append(asyncio.create_task(summaries()))
         log.info(
             "persistence worker started: NATS %s, PostgreSQL %s; events that fail %d times for "

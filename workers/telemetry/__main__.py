@@ -46,7 +46,7 @@ async def run(settings: Settings) -> None:
                 interval_s=settings.telemetry_interval_s,
             )
             if kv is None:
-                kv = await status_kv(js)
+                kv = await status_kv(js, replicas=settings.nats_stream_replicas)
             await kv.put(SNAPSHOT_KEY, encode_snapshot(snapshot))
         except Exception as exc:  # noqa: BLE001 - NATS restarting: try again next round
             log.warning("collect failed: %r", exc)
