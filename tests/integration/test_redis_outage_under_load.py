@@ -50,6 +50,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountsStack]:
 @dataclass
 class Result:
     api: str  # "open" or "closed"
+    client: int
     started: float
     ended: float
     status: int | None = None
@@ -58,14 +59,14 @@ class Result:
     failure: str | None = None  # an exception (timeout, connection reset)
 
 
-def one_request(url: str, headers: dict[str, str], api: str) -> Result:
+def one_request(url: str, headers: dict[str, str], api: str, client: int) -> Result:
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "load"}],
         "max_tokens": TOKENS,
         "stream": True,
     }
-    result = Result(api, time.monotonic(), 0.0)
+    result = Result(api, client, time.monotonic(), 0.0)
     try:
         with httpx.stream(
             "POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=HANG_S
@@ -120,7 +121,7 @@ def outage(stack: AccountsStack) -> Iterator[Outage]:
 
     def client(api: str, i: int) -> None:
         while not stop.is_set():
-            r = one_request(apis[api], users[api, i], api)
+            r = one_request(apis[api], users[api, i], api, i)
             with lock:
                 results.append(r)
             if r.status == 503:
@@ -164,6 +165,13 @@ def test_no_request_hangs_or_breaks_and_no_process_dies(stack: AccountsStack, ou
     for key, n in sorted(table.items(), key=str):
         print(f"  {key}: {n}")
     print(f"slowest request: {slowest:.2f} s")
+    for r in outage.results:
+        if not r.complete:
+            print(
+                f"  {r.api} client {r.client}: {r.status} {r.code} {r.failure or ''} from "
+                f"{r.started - outage.down:+.2f} to {r.ended - outage.down:+.2f} s after Redis stopped "
+                f"(it was back at {outage.up - outage.down:+.2f} s)"
+            )
     assert [r.failure for r in outage.results if r.failure] == []
     assert slowest < HANG_S
     for proc in stack.procs:
