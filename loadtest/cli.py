@@ -347,11 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = (args.out / stamp).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     if args.scenario == "soak":  # the whole stack with the synthetic engine; no model, no targets
         from loadtest import soak
 
         return soak.main(args, out_dir.with_name(f"{stamp}-soak"))
+    out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = args.model_dir.resolve() if args.model_dir else default_model_dir()
     cfg = build_config(args, out_dir, model_dir)
 

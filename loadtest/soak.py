@@ -47,24 +47,29 @@ class Sent:
     seconds: float
 
 
-def process_rss() -> dict[str, int]:
-    """RSS in bytes of every process under this one (the stack), by a readable name."""
+def process_rss(home: Path) -> dict[str, int]:
+    """RSS in bytes of every process of the stack (under this one, or with its state folder on
+    its command line: NATS, PostgreSQL and its backends), summed by a readable name."""
+    procs = {p.pid: p for p in psutil.Process(os.getpid()).children(recursive=True)}
+    for p in psutil.process_iter():
+        try:
+            if str(home) in " ".join(p.cmdline()):
+                procs.setdefault(p.pid, p)
+        except psutil.Error:
+            continue
     found: dict[str, int] = {}
-    for child in psutil.Process(os.getpid()).children(recursive=True):
+    for child in procs.values():
         try:
             cmd = child.cmdline()
             rss = child.memory_info().rss
+            name = child.name()
         except psutil.Error:
             continue
         if "-m" in cmd and cmd.index("-m") + 1 < len(cmd):
             name = cmd[cmd.index("-m") + 1]
-        else:
-            name = Path(cmd[0]).name if cmd else child.name()
-        key, n = name, 1
-        while key in found:
-            n += 1
-            key = f"{name}#{n}"
-        found[key] = rss
+        elif "python" in name or "multiprocessing" in " ".join(cmd):
+            name = "python (other)"
+        found[name] = found.get(name, 0) + rss
     return found
 
 
@@ -160,7 +165,7 @@ def run(minutes: float, sessions: int, max_tokens: int, tokens_per_s: float, out
                     )
                 )
                 sent.extend(warm)  # sent too: they must be stored like the rest
-                samples.append({"t": 0.0, "rss": process_rss()})
+                samples.append({"t": 0.0, "rss": process_rss(home)})
                 print(
                     f"soak: warm ({len(warm)} requests); {sessions} sessions for {minutes:g} min", flush=True
                 )
@@ -172,7 +177,7 @@ def run(minutes: float, sessions: int, max_tokens: int, tokens_per_s: float, out
                 ]
                 while not all(t.done() for t in tasks):
                     await asyncio.wait(tasks, timeout=SAMPLE_EVERY_S)
-                    samples.append({"t": round(time.monotonic() - t0, 1), "rss": process_rss()})
+                    samples.append({"t": round(time.monotonic() - t0, 1), "rss": process_rss(home)})
                     errors = sum(not s.ok for s in sent)
                     print(
                         f"soak: {samples[-1]['t']:.0f} s, {len(sent)} requests, {errors} errors", flush=True
@@ -188,7 +193,7 @@ def run(minutes: float, sessions: int, max_tokens: int, tokens_per_s: float, out
         while (rows < len(sent) or answers < len(sent)) and time.monotonic() < deadline:
             time.sleep(1.0)
             rows, answers = stored(sup.database_url, ids)
-        end_rss = process_rss()
+        end_rss = process_rss(home)
         alive = {
             name: child.process is not None and child.process.alive() for name, child in sup.children.items()
         }
