@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import tempfile
 import time
 from collections import Counter
@@ -26,8 +25,7 @@ from typing import Any
 import httpx
 import psutil
 
-from loadtest.config import API_KEY
-from loadtest.targets import REPO_ROOT, _user_key
+from loadtest.targets import REPO_ROOT, _user_key, stack_env
 from stack import process_table
 from stack.servers import free_port
 from stack.supervisor import launched, workers_ready
@@ -122,22 +120,16 @@ def stored(dsn: str, ids: list[str]) -> tuple[int, int]:
 
 def run(minutes: float, sessions: int, max_tokens: int, tokens_per_s: float, out: Path) -> int:
     home = Path(tempfile.mkdtemp(prefix="loadtest-soak-")) / "home"
-    env = {
-        "NATS_URL": f"nats://127.0.0.1:{free_port()}",
-        "CHATQ_EMBEDDED_NATS": "1",
-        "CHATQ_API_KEYS": API_KEY,
-        "JWT_SECRET": secrets.token_urlsafe(48),
-        "CHATQ_DEV": "0",
-        "LOG_LEVEL": "INFO",
-        "INFERENCE_ENGINE": "synthetic",
-        "MODEL_NAME": MODEL,
-        "SYNTH_TOKENS_PER_S": f"{tokens_per_s:g}",
-        "SYNTH_TTFT_MS": "20",
+    env = stack_env(
+        INFERENCE_ENGINE="synthetic",
+        MODEL_NAME=MODEL,
+        SYNTH_TOKENS_PER_S=f"{tokens_per_s:g}",
+        SYNTH_TTFT_MS="20",
         # Limits far above the load, but on: every request runs every check.
-        "RATE_LIMIT_USER_RPM": "100000000",
-        "RATE_LIMIT_USER_TPM": "1000000000",
-        "RATE_LIMIT_USER_CONCURRENCY": "100000",
-    }
+        RATE_LIMIT_USER_RPM="100000000",
+        RATE_LIMIT_USER_TPM="1000000000",
+        RATE_LIMIT_USER_CONCURRENCY="100000",
+    )
     specs = [
         process_table.INFERENCE_WORKER.with_env(WORKER_METRICS_PORT=str(free_port()), WORKER_ID="soak"),
         process_table.API.with_env(CHATQ_PORT=str(free_port())),

@@ -61,6 +61,26 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+class RssPeak:
+    """The highest RSS of a process, sampled every 50 ms in a thread from now until stop()."""
+
+    def __init__(self, pid: int, baseline: int) -> None:
+        self.pid, self.peak = pid, baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def chat_body(content: str, max_tokens: int) -> dict[str, Any]:
     return {
         "model": MODEL,
@@ -189,17 +209,7 @@ def test_a_stalled_reader_is_cut_off_and_its_job_cancelled(stack: Stack) -> None
         thread = threading.Thread(target=normal_client)
         thread.start()
 
-        peak = baseline
-        stop_sampling = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not stop_sampling.is_set():
-                peak = max(peak, rss_bytes(pid))
-                time.sleep(0.05)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
+        sampler = RssPeak(pid, baseline)
         try:
             try:
                 cancelled = asyncio.run(find_event(stack.nats.url, request_id, "cancelled", timeout=60))
@@ -210,8 +220,7 @@ def test_a_stalled_reader_is_cut_off_and_its_job_cancelled(stack: Stack) -> None
             # Keep sampling a while: nothing may grow after the cancel either.
             time.sleep(1.0)
         finally:
-            stop_sampling.set()
-            sampler.join()
+            peak = sampler.stop()
 
         assert not thread.is_alive()
         assert "error" not in normal, normal.get("error")
@@ -385,17 +394,7 @@ def test_many_stalled_and_slow_readers_neither_grow_the_api_nor_slow_other_strea
     started, started_wall = time.monotonic(), time.time()
     stalled = [StalledClient(stack.url, chat_body(f"stalled {i}", SLOW_MAX_TOKENS)) for i in range(STALLED)]
     slow = [SlowClient(stack.url, chat_body(f"slow {i}", SLOW_MAX_TOKENS)) for i in range(SLOW)]
-    peak = baseline
-    stop_sampling = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop_sampling.is_set():
-            peak = max(peak, rss_bytes(pid))
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
+    sampler = RssPeak(pid, baseline)
     try:
         assert all(c.status == 200 for c in stalled + slow)
         for c in slow:
@@ -422,8 +421,7 @@ def test_many_stalled_and_slow_readers_neither_grow_the_api_nor_slow_other_strea
         time.sleep(1.0)
         after = rss_bytes(pid)
     finally:
-        stop_sampling.set()
-        sampler.join()
+        peak = sampler.stop()
         for c in stalled + slow:
             c.close()
 

@@ -260,7 +260,7 @@ class JobRunner:
                             continue
                         chunks.add(data, progress.completion_tokens - sent)
                         sent = progress.completion_tokens
-                except Exception as exc:  # noqa: BLE001 - an engine that breaks off mid-stream
+                except Exception as exc:  # an engine that breaks off mid-stream
                     log.exception("the engine failed on %s mid-stream", rid)
                     progress.error = repr(exc)
         except asyncio.CancelledError:
@@ -299,7 +299,11 @@ class JobRunner:
             # Cancelled event), and the request ends as failed with the standard error.
             await self.bus.publish_event(
                 schemas.Cancelled.for_job(
-                    job, worker_id=self.config.worker_id, reason="engine_error", text=progress.text, usage=usage
+                    job,
+                    worker_id=self.config.worker_id,
+                    reason="engine_error",
+                    text=progress.text,
+                    usage=usage,
                 )
             )
             await self._fail(active, "engine_error", "the engine failed on this request")

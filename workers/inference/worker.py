@@ -153,7 +153,7 @@ class InferenceWorker:
                 if self._engine_dead:
                     # Its streams end with engine_error as the engine fails each of them.
                     await self.jobs.wait_idle(self.config.cancel_wait_s)
-                    raise EngineError(f"the {self.engine.name} engine of {self.model} died; restart the worker")
+                    raise EngineError(f"the {self.engine.name} engine of {self.model} died; restarting")
                 target, self._switch_target = self._switch_target, None
                 if target is None or self._shutting_down:
                     return
