@@ -63,11 +63,10 @@ def process_rss(home: Path) -> dict[str, int]:
             name = child.name()
         except psutil.Error:
             continue
-        if name.isdigit() and cmd:  # a process that renamed itself (its title)
-            name = f"{Path(cmd[0]).name} (pid-named {name})"
-        if "-m" in cmd and cmd.index("-m") + 1 < len(cmd):
+        python = "python" in name or "python" in Path(cmd[0] if cmd else "").name
+        if python and "-m" in cmd and cmd.index("-m") + 1 < len(cmd):
             name = cmd[cmd.index("-m") + 1]
-        elif "python" in name or "multiprocessing" in " ".join(cmd):
+        elif python:
             name = "python (other)"
         found[name] = found.get(name, 0) + rss
     return found
