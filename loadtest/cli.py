@@ -104,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
         "--gpu-memory-utilization", type=float, default=EngineConfig.gpu_memory_utilization,
         help="vLLM gpu_memory_utilization of both vLLM targets (CPU build: share of host memory)",
     )  # fmt: skip
+    p.add_argument("--minutes", type=float, default=30.0, help="soak: how long the steady load lasts")
+    p.add_argument("--sessions", type=int, default=10, help="soak: concurrent closed-loop streaming sessions")
     p.add_argument("--progress-seconds", type=float, default=10.0, help="a progress line on stderr so often")
     return p
 
@@ -345,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = (args.out / stamp).resolve()
+    if args.scenario == "soak":  # the whole stack with the synthetic engine; no model, no targets
+        from loadtest import soak
+
+        return soak.main(args, out_dir.with_name(f"{stamp}-soak"))
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = args.model_dir.resolve() if args.model_dir else default_model_dir()
     cfg = build_config(args, out_dir, model_dir)

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Scenario = Literal["steps", "rate", "overload", "streams", "kpi"]
+Scenario = Literal["steps", "rate", "overload", "streams", "kpi", "soak"]
 Arrival = Literal["poisson", "uniform"]
 
-SCENARIOS: tuple[Scenario, ...] = ("steps", "rate", "overload", "streams", "kpi")
+SCENARIOS: tuple[Scenario, ...] = ("steps", "rate", "overload", "streams", "kpi", "soak")
 # chatq and synthetic-accounts run with accounts on (PostgreSQL, Redis) and are called with a
 # user's API key under non-zero rate limits, so auth and the limit checks run on every
 # request; synthetic is the pipeline alone (a service key, no limits).

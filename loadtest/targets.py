@@ -104,16 +104,7 @@ class ChatqTarget(Target):
 
     def start(self) -> None:
         self._tmp = Path(tempfile.mkdtemp(prefix=f"loadtest-{self.name}-"))
-        env = {
-            "NATS_URL": f"nats://127.0.0.1:{free_port()}",
-            "CHATQ_EMBEDDED_NATS": "1",
-            "CHATQ_API_KEYS": API_KEY,
-            "JWT_SECRET": secrets.token_urlsafe(48),
-            "CHATQ_DEV": "0",
-            "LOG_LEVEL": "INFO",
-            "HF_HUB_OFFLINE": "1",
-            **self.env_extra,
-        }
+        env = stack_env(**self.env_extra)
         if self.accounts:
             env.update(
                 # Limits far above the load, but on: every request runs every check.
@@ -158,6 +149,20 @@ class ChatqTarget(Target):
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+def stack_env(**extra: str) -> dict[str, str]:
+    """The settings of a launcher's stack for a load test: its own NATS port, secrets and keys."""
+    return {
+        "NATS_URL": f"nats://127.0.0.1:{free_port()}",
+        "CHATQ_EMBEDDED_NATS": "1",
+        "CHATQ_API_KEYS": API_KEY,
+        "JWT_SECRET": secrets.token_urlsafe(48),
+        "CHATQ_DEV": "0",
+        "LOG_LEVEL": "INFO",
+        "HF_HUB_OFFLINE": "1",
+        **extra,
+    }
 
 
 def _user_key(dsn: str) -> str:

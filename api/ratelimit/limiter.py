@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from prometheus_client import Counter
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.ratelimit.breaker import BACKOFF_S, TIMEOUT_S, RedisBreaker, RedisUnavailable
 from api.ratelimit.login import LoginThrottle
@@ -57,6 +58,8 @@ from chatq.errors import ClientError, UpstreamUnavailable
 from chatq.settings import RoleLimits
 
 log = logging.getLogger("chatq.api.ratelimit")
+# At most this many missed releases wait for Redis to come back (each a few hundred bytes).
+MAX_UNRELEASED = 10_000
 
 LimitKind = Literal["rpm", "tpm", "concurrency"]
 
@@ -141,6 +144,10 @@ class RateLimiter:
         self.logins = LoginThrottle(self.redis, prefix)
         self._admit = self.redis.script("admit.lua")
         self._pending: set[asyncio.Future[None]] = set()
+        # Releases Redis missed (down, or skipped by the breaker), sent again once it
+        # answers: else each stream that ended during an outage would hold its concurrency
+        # slot for `hold_s` (the request timeout) and lock its user out meanwhile.
+        self._unreleased: dict[str, tuple[Ticket, int]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -182,6 +189,7 @@ class RateLimiter:
             )
         except RedisUnavailable as exc:
             return self._unavailable(ticket, exc.error)
+        self._release_missed()
         if int(result[0]) != 1:
             scope = unique[int(result[1]) - 1]
             kind: LimitKind = result[2].decode()
@@ -211,17 +219,38 @@ class RateLimiter:
         task.add_done_callback(self._pending.discard)
         await asyncio.shield(task)
 
-    async def _release(self, ticket: Ticket, tokens: int) -> None:
+    async def _release(self, ticket: Ticket, tokens: int, *, again: bool = True) -> None:
         assert ticket.limits is not None
         try:
             await self._run(ticket.scopes, ticket.limits, "r", ticket.request_id, 0, tokens)
         except RedisUnavailable as exc:
-            if exc.error is None:
-                self.redis.warn(f"dropped the release of request {ticket.request_id}")
+            if len(self._unreleased) < MAX_UNRELEASED:
+                # Not asked or not reached: the script did not run. A timeout may have run
+                # it: then only the slot is freed again (idempotent), its tokens not twice.
+                unsent = exc.error is None or isinstance(exc.error, ConnectionError | RedisConnectionError)
+                self._unreleased[ticket.request_id] = (ticket, tokens if unsent else 0)
+                self.redis.warn(f"could not release request {ticket.request_id} (again once Redis answers)")
             else:
-                self.redis.warn(f"could not release request {ticket.request_id}")
+                self.redis.warn(f"dropped the release of request {ticket.request_id}")
         except Exception:
             log.exception("rate limiter: releasing %s failed", ticket.request_id)
+        else:
+            if again:
+                self._release_missed()
+
+    def _release_missed(self) -> None:
+        """Redis answers: send the releases it missed (in a task of their own)."""
+        if not self._unreleased:
+            return
+        missed, self._unreleased = self._unreleased, {}
+
+        async def send() -> None:
+            for ticket, tokens in missed.values():
+                await self._release(ticket, tokens, again=False)
+
+        task = asyncio.ensure_future(send())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _run(
         self, scopes: tuple[str, ...], limits: RoleLimits, op: str, request_id: str, hold_ms: int, tokens: int

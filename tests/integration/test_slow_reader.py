@@ -61,6 +61,26 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+class RssPeak:
+    """The highest RSS of a process, sampled every 50 ms in a thread from now until stop()."""
+
+    def __init__(self, pid: int, baseline: int) -> None:
+        self.pid, self.peak = pid, baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def chat_body(content: str, max_tokens: int) -> dict[str, Any]:
     return {
         "model": MODEL,
@@ -189,17 +209,7 @@ def test_a_stalled_reader_is_cut_off_and_its_job_cancelled(stack: Stack) -> None
         thread = threading.Thread(target=normal_client)
         thread.start()
 
-        peak = baseline
-        stop_sampling = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not stop_sampling.is_set():
-                peak = max(peak, rss_bytes(pid))
-                time.sleep(0.05)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
+        sampler = RssPeak(pid, baseline)
         try:
             try:
                 cancelled = asyncio.run(find_event(stack.nats.url, request_id, "cancelled", timeout=60))
@@ -210,8 +220,7 @@ def test_a_stalled_reader_is_cut_off_and_its_job_cancelled(stack: Stack) -> None
             # Keep sampling a while: nothing may grow after the cancel either.
             time.sleep(1.0)
         finally:
-            stop_sampling.set()
-            sampler.join()
+            peak = sampler.stop()
 
         assert not thread.is_alive()
         assert "error" not in normal, normal.get("error")
@@ -312,3 +321,131 @@ async def test_a_waiting_reader_is_woken_by_the_overflow() -> None:
     assert sub.overflowed
     with pytest.raises(StreamOverflow):
         await asyncio.wait_for(reader, 1)
+
+
+STALLED = 8  # clients that stop reading for good
+SLOW = 2  # clients that keep reading, far slower than the stream comes
+SLOW_READ = (512, 0.05)  # bytes per read, seconds between reads: ~10 KB/s
+
+
+def chunk_gaps(url: str, content: str, tokens: int) -> list[float]:
+    """A normal client's answer: the seconds between its consecutive chunks (it must be whole)."""
+    gaps: list[float] = []
+    text = ""
+    last: float | None = None
+    with httpx.stream(
+        "POST", url + "/v1/chat/completions", json=chat_body(content, tokens), headers=auth(), timeout=60
+    ) as resp:
+        assert resp.status_code == 200, resp.read()
+        for event in sse_events(resp.iter_lines()):
+            assert event.event != "error", event.data
+            if event.data == "[DONE]":
+                break
+            now = time.monotonic()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+            for choice in event.json()["choices"]:
+                text += choice["delta"].get("content") or ""
+    assert text == expected_text(content, tokens)
+    return gaps
+
+
+def figures(gaps: list[float]) -> str:
+    ordered = sorted(gaps)
+    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+    return f"{len(gaps)} gaps, p50 {at(0.5):.1f} ms, p99 {at(0.99):.1f} ms, max {ordered[-1] * 1000:.1f} ms"
+
+
+class SlowClient(StalledClient):
+    """Reads on, SLOW_READ at a time, in a thread of its own until the response ends."""
+
+    def start(self) -> None:
+        self.data = b""
+        self.ended_at: float | None = None
+        # Once set, it reads what is left at full speed: the kernel's buffers alone hold
+        # minutes of reading at SLOW_READ.
+        self.hurry = threading.Event()
+        self.thread = threading.Thread(target=self._read)
+        self.thread.start()
+
+    def _read(self) -> None:
+        size, pause = SLOW_READ
+        self.sock.settimeout(60)
+        try:
+            while not self.data.endswith(b"\r\n0\r\n\r\n"):
+                part = self.sock.recv(1 << 16 if self.hurry.is_set() else size)
+                if not part:
+                    break
+                self.data += part
+                if not self.hurry.is_set():
+                    time.sleep(pause)
+        except OSError:
+            pass
+        self.ended_at = time.monotonic()
+
+
+def test_many_stalled_and_slow_readers_neither_grow_the_api_nor_slow_other_streams(stack: Stack) -> None:
+    pid = stack.api.proc.pid
+    stream_text(stack.url, "warm up", 2000)
+    alone = chunk_gaps(stack.url, "a reader alone", NORMAL_TOKENS)
+    baseline = rss_bytes(pid)
+
+    started, started_wall = time.monotonic(), time.time()
+    stalled = [StalledClient(stack.url, chat_body(f"stalled {i}", SLOW_MAX_TOKENS)) for i in range(STALLED)]
+    slow = [SlowClient(stack.url, chat_body(f"slow {i}", SLOW_MAX_TOKENS)) for i in range(SLOW)]
+    sampler = RssPeak(pid, baseline)
+    try:
+        assert all(c.status == 200 for c in stalled + slow)
+        for c in slow:
+            c.start()
+        # While they fall behind (each has its own generation running at full speed).
+        crowded = chunk_gaps(stack.url, "a reader among stalled ones", NORMAL_TOKENS)
+
+        async def outcomes() -> list[tuple[Any, Any]]:
+            return [
+                (
+                    await find_event(stack.nats.url, c.headers["x-request-id"], "cancelled", timeout=60),
+                    await find_event(stack.nats.url, c.headers["x-request-id"], "failed", timeout=60),
+                )
+                for c in stalled + slow
+            ]
+
+        ended = asyncio.run(outcomes())
+        all_cut = time.monotonic()
+        for c in slow:
+            c.hurry.set()
+            c.thread.join(60)
+        # Read what each stalled client had coming: its stream ends with the error event.
+        rests = [c.read_until(b"\r\n0\r\n\r\n", timeout=20) for c in stalled]
+        time.sleep(1.0)
+        after = rss_bytes(pid)
+    finally:
+        peak = sampler.stop()
+        for c in stalled + slow:
+            c.close()
+
+    tokens = sorted(cancelled.usage.completion_tokens for cancelled, _ in ended)
+    cut_after = sorted(cancelled.time - started_wall for cancelled, _ in ended)
+    print(
+        f"\n{STALLED} stalled and {SLOW} slow readers: all cut off within {all_cut - started:.2f} s "
+        f"(each after {cut_after[0]:.2f}–{cut_after[-1]:.2f} s, {tokens[0]}–{tokens[-1]} of "
+        f"{SLOW_MAX_TOKENS} tokens); API RSS {baseline / 2**20:.1f} MiB before, peak {peak / 2**20:.1f} MiB, "
+        f"{after / 2**20:.1f} MiB after\n"
+        f"a normal reader alone: {figures(alone)}\n"
+        f"the same among them:   {figures(crowded)}"
+    )
+    for cancelled, failed in ended:
+        assert cancelled.reason == "stream_failed"
+        assert failed.code == "client_too_slow"
+        assert cancelled.usage.completion_tokens < SLOW_MAX_TOKENS // 2
+    for rest in rests:
+        assert rest.endswith(b"\r\n0\r\n\r\n"), rest[-300:]
+        assert b'"code":"client_too_slow"' in rest[rest.rindex(b"event: error") :]
+    for c in slow:
+        assert c.ended_at is not None and c.data.endswith(b"\r\n0\r\n\r\n"), c.data[-300:]
+        assert b'"code":"client_too_slow"' in c.data[c.data.rindex(b"event: error") :]
+    # Generous: ten cut-off clients may not cost the API more than 40 MiB, even at the peak.
+    assert peak - baseline < 40 * 2**20
+    assert stack.api.proc.poll() is None
+    assert httpx.get(stack.url + "/health", timeout=5).status_code == 200

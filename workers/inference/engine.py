@@ -43,6 +43,9 @@ class Progress:
     completion_tokens: int = 0
     finish_reason: str | None = None
     text_parts: list[str] = field(default_factory=list)
+    # Set when generation broke off inside the engine (vLLM's serving layer then turns
+    # the exception into an error data event, which must not pass for an answer).
+    error: str | None = None
 
     def add(self, text: str, tokens: int) -> None:
         if tokens and not self.completion_tokens and self.on_first_token is not None:
@@ -66,6 +69,11 @@ class Engine(Protocol):
     @property
     def slots(self) -> int:
         """How many requests the engine runs at once; the worker fetches no more jobs."""
+        ...
+
+    @property
+    def dead(self) -> bool:
+        """Whether the engine can serve nothing more (vLLM's engine core died): restart the worker."""
         ...
 
     async def start(self) -> None: ...

@@ -14,6 +14,7 @@ import schemas
 from broker import topology
 from broker.bus import REQUEST_ID_HEADER, Bus
 from chatq import logs
+from chatq.errors import EngineError
 from chatq.tasks import TaskSet
 from schemas.messages import FinishReason
 from workers.inference import metrics
@@ -251,15 +252,21 @@ class JobRunner:
                 last = answer
             elif answer is not None:
                 sent = 0
-                async for data in answer:
-                    if data.startswith(_DONE):
-                        last = data
-                        continue
-                    text = ""
-                    if job.output_text:
-                        text, told = "".join(progress.text_parts[told:]), len(progress.text_parts)
-                    chunks.add(data, progress.completion_tokens - sent, text)
-                    sent = progress.completion_tokens
+                try:
+                    async for data in answer:
+                        if progress.error is not None:
+                            continue  # the engine's own error event: the client gets chatq's
+                        if data.startswith(_DONE):
+                            last = data
+                            continue
+                        text = ""
+                        if job.output_text:
+                            text, told = "".join(progress.text_parts[told:]), len(progress.text_parts)
+                        chunks.add(data, progress.completion_tokens - sent, text)
+                        sent = progress.completion_tokens
+                except Exception as exc:  # an engine that breaks off mid-stream
+                    log.exception("the engine failed on %s mid-stream", rid)
+                    progress.error = repr(exc)
         except asyncio.CancelledError:
             if active.cancel_reason is None:
                 raise
@@ -286,6 +293,25 @@ class JobRunner:
         usage = schemas.Usage(
             prompt_tokens=progress.prompt_tokens, completion_tokens=progress.completion_tokens
         )
+        if progress.error is not None and active.cancel_reason is None:
+            if not active.acked and active.first_token_at is None:
+                # No token reached the client: the job goes back to JetStream (_run_job).
+                raise EngineError(f"the engine failed before the first token: {progress.error}")
+            metrics.TOKENS.labels(**self.labels).inc(progress.completion_tokens)
+            metrics.PROMPT_TOKENS.labels(**self.labels).inc(progress.prompt_tokens)
+            # The tokens generated so far are billed and the partial text stored (the
+            # Cancelled event), and the request ends as failed with the standard error.
+            await self.bus.publish_event(
+                schemas.Cancelled.for_job(
+                    job,
+                    worker_id=self.config.worker_id,
+                    reason="engine_error",
+                    text=progress.text,
+                    usage=usage,
+                )
+            )
+            await self._fail(active, "engine_error", "the engine failed on this request")
+            return "failed"
         metrics.TOKENS.labels(**self.labels).inc(progress.completion_tokens)
         metrics.PROMPT_TOKENS.labels(**self.labels).inc(progress.prompt_tokens)
         await self._ack(active)

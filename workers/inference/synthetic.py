@@ -61,6 +61,7 @@ class SyntheticEngine:
 
     name = "synthetic"
     version = "synthetic"
+    dead = False  # it has no engine core to lose
 
     def __init__(
         self,

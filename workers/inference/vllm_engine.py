@@ -172,6 +172,11 @@ class _ObservedEngineClient:
                             progress.finish_reason = _FINISH.get(o.finish_reason or "", "stop")
                 progress.add(text, tokens)
                 yield out
+        except Exception as exc:
+            # vLLM's serving layer turns this into an error data event and a [DONE]; the
+            # worker must end the stream as failed (EngineDeadError: the engine core died).
+            progress.error = repr(exc)
+            raise
         finally:
             await stream.aclose()
 
@@ -196,6 +201,11 @@ class VllmEngine:
     @property
     def slots(self) -> int:
         return self._slots
+
+    @property
+    def dead(self) -> bool:
+        """The engine core died (or its output loop ended): AsyncLLM serves nothing more."""
+        return self._llm is not None and bool(self._llm.errored)
 
     async def start(self) -> None:
         """Load the model and start the engine; raises EngineError, never falls back."""

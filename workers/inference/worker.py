@@ -17,6 +17,7 @@ from broker import names, topology
 from broker.bus import Bus
 from catalog.profiles import Profile, ProfileSet
 from chatq import gcfreeze
+from chatq.errors import EngineError
 from chatq.tasks import TaskSet
 from schemas.messages import Priority, SwitchReply
 from workers.inference import heartbeat, metrics
@@ -28,6 +29,8 @@ from workers.inference.pull import pull_loop
 __all__ = ["EngineFactory", "FitCheck", "InferenceWorker", "WorkerConfig"]
 
 log = logging.getLogger(__name__)
+# How often the worker asks its engine whether it is still alive.
+ENGINE_WATCH_S = 0.2
 _HOST = socket.gethostname()
 
 # Builds an engine for a profile (None: the worker's MODEL_ID model), and the hardware
@@ -68,6 +71,7 @@ class InferenceWorker:
         self._switch_to: str | None = None
         self._progress = "loading"
         self._shutting_down = False
+        self._engine_dead = False
         self._stopping = asyncio.Event()
         # Acks, naks, heartbeats, announcements, and each job's own task.
         self.spawn = TaskSet("worker task")
@@ -140,11 +144,16 @@ class InferenceWorker:
         # Without heartbeats every stream would fail its watchdog: a worker whose
         # housekeeping died stops, to be restarted, rather than limp on.
         housekeeping.add_done_callback(lambda _: self.stop_fetching())
+        watch = asyncio.create_task(self._watch_engine())
         try:
             while True:
                 await self._serve_model()
                 if housekeeping.done() and not housekeeping.cancelled():
                     raise RuntimeError(f"the housekeeping task died: {housekeeping.exception()!r}")
+                if self._engine_dead:
+                    # Its streams end with engine_error as the engine fails each of them.
+                    await self.jobs.wait_idle(self.config.cancel_wait_s)
+                    raise EngineError(f"the {self.engine.name} engine of {self.model} died; restarting")
                 target, self._switch_target = self._switch_target, None
                 if target is None or self._shutting_down:
                     return
@@ -154,6 +163,18 @@ class InferenceWorker:
                 self._stopping.clear()
         finally:
             housekeeping.cancel()
+            watch.cancel()
+
+    async def _watch_engine(self) -> None:
+        """Leave the queue as soon as the engine is dead (vLLM's engine core gone)."""
+        while not self._engine_dead:
+            await asyncio.sleep(ENGINE_WATCH_S)
+            if self._switch_to is None and self.engine.dead:
+                log.error("the %s engine of %s is dead: no more jobs; exiting", self.engine.name, self.model)
+                self._engine_dead = True
+                self._progress = "failed: the engine died"
+                self.stop_fetching()
+                await self.announce("draining")
 
     async def _serve_model(self) -> None:
         """Bind this model's queues and pull from them until fetching stops."""
