@@ -111,3 +111,7 @@ class WorkerRegistry:
 
     def ready(self) -> list[schemas.WorkerStatus]:
         return [w for w in self.workers.values() if w.state == "ready"]
+
+    def free_slots(self, model: str) -> int:
+        """Free slots the ready workers serving `model` announced last (admission's F)."""
+        return sum(w.free_slots for w in self.ready() if w.model == model)
