@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from chatq.errors import ChatqError, LaunchError
-from loadtest.config import API_KEY, EngineConfig, RunConfig, SynthConfig
+from loadtest.config import ADMISSION_TARGETS, API_KEY, EngineConfig, RunConfig, SynthConfig
 from stack import process_table
 from stack.processes import Process, spawn, wait_http
 from stack.servers import free_port
