@@ -28,8 +28,9 @@ Once the jobs have landed, every process sees them and refuses.
 The bound itself depends on the policy (ADMISSION_POLICY). `depth`: the fixed
 CHATQ_QUEUE_MAX. `latency` (the default): as many jobs as the workers can start within
 the wait target T (ADMISSION_WAIT_TARGET_S), from their measured capacity μ (jobs
-started per second while a backlog waited, api/drain.py) and the free slots the live
-workers announce (F, the workers KV bucket):
+started per second while a backlog waited, api/drain.py) and the free slots F: what the
+live workers announced last (the workers KV bucket, every couple of seconds) less the
+jobs the consumer shows started since, since each took one of those slots:
 
     bound = min(CHATQ_QUEUE_MAX, max(1, F + floor(μ · T)))
 
@@ -84,9 +85,14 @@ class _ModelQueue:
     unseen: deque[float] = field(default_factory=deque)
     drain: DrainEstimator = field(default_factory=DrainEstimator)
 
+    # The announcement of free slots last seen (its time) and the consumer's `started`
+    # at the first reading after it: jobs started since took slots it counted as free.
+    announced: float | None = None
+    started_then: int = 0
 
-def _no_free_slots(model: str) -> int:
-    return 0
+
+def _no_free_slots(model: str) -> tuple[int, float]:
+    return 0, 0.0
 
 
 class QueueMonitor:
@@ -100,7 +106,7 @@ class QueueMonitor:
         cache_s: float,
         policy: AdmissionPolicy = "depth",
         wait_target_s: float = 2.0,
-        free_slots: Callable[[str], int] = _no_free_slots,
+        free_slots: Callable[[str], tuple[int, float]] = _no_free_slots,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._bus = bus
@@ -177,8 +183,22 @@ class QueueMonitor:
         capacity = self.capacity(model, priority)
         if capacity is None:
             return self._bound
-        startable = self._free_slots(model) + math.floor(capacity * self._wait_target_s)
+        startable = self._free(model, self._queue(model, priority)) + math.floor(
+            capacity * self._wait_target_s
+        )
         return min(self._bound, max(1, startable))
+
+    def _free(self, model: str, queue: _ModelQueue) -> int:
+        """Free slots now: the workers' last announcement less the jobs started since.
+
+        Workers announce every couple of seconds; under load a slot that was free at the
+        announcement has long been taken, and counting it would admit past the target.
+        """
+        free, announced = self._free_slots(model)
+        assert queue.depth is not None
+        if announced != queue.announced:
+            queue.announced, queue.started_then = announced, queue.depth.started
+        return max(0, free - (queue.depth.started - queue.started_then))
 
     def retry_after(self, model: str, excess: int, priority: Priority = "interactive") -> int:
         """Seconds until `excess` queued jobs have drained at the observed rate."""

@@ -75,7 +75,9 @@ def parser() -> argparse.ArgumentParser:
         "--admission-wait-target-s", type=float,
         help="admission: ADMISSION_WAIT_TARGET_S of the latency policy (default: chatq's)",
     )  # fmt: skip
-    p.add_argument("--retry-every", type=int, default=4, help="admission: retry every n-th 429 after Retry-After")
+    p.add_argument(
+        "--retry-every", type=int, default=4, help="admission: retry every n-th 429 after Retry-After"
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results go to OUT/<timestamp>/")
     p.add_argument("--url", help="measure this already running server instead of starting targets")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="with --url")
@@ -131,7 +133,9 @@ def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> Ru
     else:
         targets = DEFAULT_TARGETS[scenario]
     if scenario == "admission" and (args.url or any(not t.startswith("synthetic") for t in targets)):
-        raise SystemExit("--scenario admission measures synthetic targets only (synthetic-depth, synthetic-latency)")
+        raise SystemExit(
+            "--scenario admission measures synthetic targets only (synthetic-depth, synthetic-latency)"
+        )
     if scenario == "streams" and not args.url and targets != ("synthetic",):
         raise SystemExit("--scenario streams measures the synthetic target only (--targets synthetic)")
     rates: tuple[float, ...] = ()

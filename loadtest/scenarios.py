@@ -391,7 +391,11 @@ class _OpenLoop(_Workload):
 
             async def request(index: int, prompt: str) -> RequestResult:
                 result = await client.chat(index, prompt)
-                if cfg.scenario != "admission" or result.error != "http_429" or next(refusals) % cfg.retry_every:
+                if (
+                    cfg.scenario != "admission"
+                    or result.error != "http_429"
+                    or next(refusals) % cfg.retry_every
+                ):
                     return result
                 # Is the Retry-After honest? Retry once after it, while the load still runs.
                 wait = float(result.retry_after or 0)

@@ -79,7 +79,9 @@ def test_admission_refuses_the_excess_and_never_a_single_client(stack: Stack) ->
 
     async def burst() -> list[int]:
         async with httpx.AsyncClient() as http:
-            return [r.status_code for r in await asyncio.gather(*(ask(http, stack.url) for _ in range(SLOTS)))]
+            return [
+                r.status_code for r in await asyncio.gather(*(ask(http, stack.url) for _ in range(SLOTS)))
+            ]
 
     assert asyncio.run(burst()) == [200] * SLOTS
 

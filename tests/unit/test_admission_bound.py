@@ -94,7 +94,10 @@ class FakeBus:
     async def consumer_depth(self, model: str, priority: str = "interactive") -> ConsumerDepth:
         self.readings.append(self.clock.now)
         return ConsumerDepth(
-            pending=self.pending, in_flight=0, started=self.started, at=self.clock.now,
+            pending=self.pending,
+            in_flight=0,
+            started=self.started,
+            at=self.clock.now,
             arrived=self.pending + self.started,
         )
 
@@ -107,7 +110,7 @@ def monitor(fake: FakeBus, *, policy: str = "latency", free: int = 0, bound: int
         cache_s=0.0,
         policy=policy,  # type: ignore[arg-type]
         wait_target_s=1.0,
-        free_slots=lambda model: free,
+        free_slots=lambda model: (free, 1.0),
         clock=fake.clock,
     )
 
@@ -168,6 +171,17 @@ async def test_free_slots_are_admitted_at_once() -> None:
     assert mon.bound(MODEL) == 16
 
 
+async def test_slots_announced_free_are_taken_by_the_jobs_started_since() -> None:
+    """A stale announcement of 4 free slots: 3 jobs started after it, so 1 is left."""
+    fake = FakeBus(Clock())
+    mon = monitor(fake, free=4)
+    await backlog(fake, mon, rate=0, seconds=4, pending=3)
+    assert mon.bound(MODEL) == 4
+    fake.started += 3
+    await mon.depth(MODEL)
+    assert mon.bound(MODEL) == 1
+
+
 async def test_an_empty_queue_always_admits() -> None:
     """Never a false 429 for a single client: with nothing waiting the bound is at least 1."""
     fake = FakeBus(Clock())
@@ -184,7 +198,11 @@ async def test_refusal_takes_a_fresh_reading() -> None:
     fake = FakeBus(Clock())
     mon = QueueMonitor(
         fake,  # type: ignore[arg-type]
-        bound=64, cache_s=5.0, policy="latency", wait_target_s=1.0, clock=fake.clock,
+        bound=64,
+        cache_s=5.0,
+        policy="latency",
+        wait_target_s=1.0,
+        clock=fake.clock,
     )
     await backlog(fake, mon, rate=3, seconds=4, pending=10)  # readings 5 s apart: each fresh
     fake.pending = 10
