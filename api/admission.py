@@ -30,7 +30,8 @@ CHATQ_QUEUE_MAX. `latency` (the default): as many jobs as the workers can start 
 the wait target T (ADMISSION_WAIT_TARGET_S), from their measured capacity μ (jobs
 started per second while a backlog waited, api/drain.py) and the free slots F: what the
 live workers announced last (the workers KV bucket, every couple of seconds) less the
-jobs the consumer shows started since, since each took one of those slots:
+jobs the consumer shows delivered since (started or still in prefill), since each took
+one of those slots:
 
     bound = min(CHATQ_QUEUE_MAX, max(1, F + floor(μ · T)))
 
@@ -85,10 +86,17 @@ class _ModelQueue:
     unseen: deque[float] = field(default_factory=deque)
     drain: DrainEstimator = field(default_factory=DrainEstimator)
 
-    # The announcement of free slots last seen (its time) and the consumer's `started`
-    # at the first reading after it: jobs started since took slots it counted as free.
+    # The announcement of free slots last seen (its time) and the jobs delivered to
+    # workers at the reading before the one that first saw it (so, before it was made, or
+    # a little after): every job delivered since took a slot it counted as free.
     announced: float | None = None
-    started_then: int = 0
+    delivered_then: int = 0
+    delivered_before: int = 0  # at the reading before the current one
+
+
+def _delivered(depth: ConsumerDepth) -> int:
+    """Jobs workers have taken: started, and in prefill (delivered, not yet acked)."""
+    return depth.started + depth.in_flight
 
 
 def _no_free_slots(model: str) -> tuple[int, float]:
@@ -153,6 +161,8 @@ class QueueMonitor:
             # landed (another process's jobs may be taken for ours; they are in `pending`).
             for _ in range(min(max(0, fresh.arrived - queue.depth.arrived), len(queue.unseen))):
                 queue.unseen.popleft()
+        if queue.depth is not None:
+            queue.delivered_before = _delivered(queue.depth)
         queue.depth, queue.reading = fresh, number
         queue.drain.observe(fresh.at, fresh.started, fresh.pending)
         if priority == "interactive":
@@ -189,7 +199,7 @@ class QueueMonitor:
         return min(self._bound, max(1, startable))
 
     def _free(self, model: str, queue: _ModelQueue) -> int:
-        """Free slots now: the workers' last announcement less the jobs started since.
+        """Free slots now: the workers' last announcement less the jobs delivered since.
 
         Workers announce every couple of seconds; under load a slot that was free at the
         announcement has long been taken, and counting it would admit past the target.
@@ -197,8 +207,8 @@ class QueueMonitor:
         free, announced = self._free_slots(model)
         assert queue.depth is not None
         if announced != queue.announced:
-            queue.announced, queue.started_then = announced, queue.depth.started
-        return max(0, free - (queue.depth.started - queue.started_then))
+            queue.announced, queue.delivered_then = announced, queue.delivered_before
+        return max(0, free - (_delivered(queue.depth) - queue.delivered_then))
 
     def retry_after(self, model: str, excess: int, priority: Priority = "interactive") -> int:
         """Seconds until `excess` queued jobs have drained at the observed rate."""

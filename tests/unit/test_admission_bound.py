@@ -89,13 +89,14 @@ class FakeBus:
     clock: Clock
     pending: int = 0
     started: int = 0
+    in_flight: int = 0
     readings: list[float] = field(default_factory=list)
 
     async def consumer_depth(self, model: str, priority: str = "interactive") -> ConsumerDepth:
         self.readings.append(self.clock.now)
         return ConsumerDepth(
             pending=self.pending,
-            in_flight=0,
+            in_flight=self.in_flight,
             started=self.started,
             at=self.clock.now,
             arrived=self.pending + self.started,
@@ -172,12 +173,13 @@ async def test_free_slots_are_admitted_at_once() -> None:
 
 
 async def test_slots_announced_free_are_taken_by_the_jobs_started_since() -> None:
-    """A stale announcement of 4 free slots: 3 jobs started after it, so 1 is left."""
+    """A stale announcement of 4 free slots: 3 jobs taken after it, so 1 is left."""
     fake = FakeBus(Clock())
     mon = monitor(fake, free=4)
     await backlog(fake, mon, rate=0, seconds=4, pending=3)
     assert mon.bound(MODEL) == 4
-    fake.started += 3
+    fake.in_flight = 1  # taken, in prefill
+    fake.started += 2
     await mon.depth(MODEL)
     assert mon.bound(MODEL) == 1
 
