@@ -24,6 +24,26 @@ they have landed. Two processes whose readings both come before the other's burs
 can each admit up to the bound, so with N processes the queue can briefly hold up to N
 times the bound (the JetStream per-subject limit, JOBS_MAX_MSGS, is the exact hard cap).
 Once the jobs have landed, every process sees them and refuses.
+
+The bound itself depends on the policy (ADMISSION_POLICY). `depth`: the fixed
+CHATQ_QUEUE_MAX. `latency` (the default): as many jobs as the workers can start within
+the wait target T (ADMISSION_WAIT_TARGET_S), from their measured capacity μ (jobs
+started per second while a backlog waited, api/drain.py) and the free slots F: what the
+live workers announced last (the workers KV bucket, every couple of seconds) less the
+jobs the consumer shows delivered since (started or still in prefill), since each took
+one of those slots:
+
+    bound = min(CHATQ_QUEUE_MAX, max(1, F + floor(μ · T)))
+
+A job admitted with `waiting` jobs ahead of it gets a slot once the F free ones are
+taken and (waiting − F) more jobs have started, about (waiting − F + 1) / μ seconds on;
+admitting only below the bound keeps that within T. Its time to the first token is
+then the engine's own TTFT plus at most about T. Without a capacity measured yet (no
+backlog in the last CAPACITY_MEMORY_S) the bound is CHATQ_QUEUE_MAX, as with `depth`;
+and it is never below 1, so a request that finds nothing waiting is always admitted.
+μ and F are read from NATS, which every API process shares, so every process computes
+the same bound. Retry-After is the time for the excess to drain at μ (or, without μ,
+at the recent start rate).
 """
 
 from __future__ import annotations
@@ -32,19 +52,19 @@ import asyncio
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from api import metrics
+from api.drain import DrainEstimator
 from broker.bus import Bus, ConsumerDepth
 from chatq.errors import Overloaded, UpstreamUnavailable
 from schemas.messages import Priority
 
 MAX_RETRY_AFTER_S = 60
 DEFAULT_RETRY_AFTER_S = 5
-# The drain rate is measured over this window: long enough that the burst of jobs an
-# idle worker takes at once does not read as the steady rate.
-RATE_WINDOW_S = 10.0
-MIN_RATE_SPAN_S = 2.0
+AdmissionPolicy = Literal["depth", "latency"]
 # An admission that no reading has shown this long after it is taken as landed, so that
 # one whose job never lands (its publish failed), or whose landing the `arrived` count
 # missed (a job withdrawn from the queue before delivery offsets one arrival), cannot
@@ -64,23 +84,53 @@ class _ModelQueue:
     reading: int = 0
     # When each admission of this process that no reading has shown yet was made (monotonic).
     unseen: deque[float] = field(default_factory=deque)
-    started: deque[tuple[float, int]] = field(default_factory=deque)  # (at, jobs started)
+    drain: DrainEstimator = field(default_factory=DrainEstimator)
+
+    # The announcement of free slots last seen (its time) and the jobs delivered to
+    # workers at the reading before the one that first saw it (so, before it was made, or
+    # a little after): every job delivered since took a slot it counted as free.
+    announced: float | None = None
+    delivered_then: int = 0
+    delivered_before: int = 0  # at the reading before the current one
+
+
+def _delivered(depth: ConsumerDepth) -> int:
+    """Jobs workers have taken: started, and in prefill (delivered, not yet acked)."""
+    return depth.started + depth.in_flight
+
+
+def _no_free_slots(model: str) -> tuple[int, float]:
+    return 0, 0.0
 
 
 class QueueMonitor:
     """Reads each model's queue depth from its JetStream consumer, cached for a moment."""
 
-    def __init__(self, bus: Bus, *, bound: int, cache_s: float) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        bound: int,
+        cache_s: float,
+        policy: AdmissionPolicy = "depth",
+        wait_target_s: float = 2.0,
+        free_slots: Callable[[str], tuple[int, float]] = _no_free_slots,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._bus = bus
         self._bound = bound
         self._cache_s = cache_s
+        self._policy = policy
+        self._wait_target_s = wait_target_s
+        self._free_slots = free_slots
+        self._clock = clock  # the clock of ConsumerDepth.at (the bus's monotonic one)
         self._queues: dict[tuple[str, Priority], _ModelQueue] = {}
 
     def _queue(self, model: str, priority: Priority) -> _ModelQueue:
         return self._queues.setdefault((model, priority), _ModelQueue())
 
     def _fresh(self, queue: _ModelQueue) -> bool:
-        return queue.depth is not None and time.monotonic() - queue.depth.at < self._cache_s
+        return queue.depth is not None and self._clock() - queue.depth.at < self._cache_s
 
     async def depth(self, model: str, priority: Priority = "interactive") -> ConsumerDepth:
         """The queue depth of a model and priority, at most cache_s old."""
@@ -111,18 +161,17 @@ class QueueMonitor:
             # landed (another process's jobs may be taken for ours; they are in `pending`).
             for _ in range(min(max(0, fresh.arrived - queue.depth.arrived), len(queue.unseen))):
                 queue.unseen.popleft()
+        if queue.depth is not None:
+            queue.delivered_before = _delivered(queue.depth)
         queue.depth, queue.reading = fresh, number
-        queue.started.append((fresh.at, fresh.started))
-        # Samples older than the window go, even after an idle spell with no readings.
-        while len(queue.started) > 1 and fresh.at - queue.started[0][0] > RATE_WINDOW_S:
-            queue.started.popleft()
+        queue.drain.observe(fresh.at, fresh.started, fresh.pending)
         if priority == "interactive":
             metrics.QUEUE_DEPTH.labels(model=model).set(fresh.pending)
 
     def _waiting(self, queue: _ModelQueue) -> int:
         """Jobs waiting: the last reading's plus this process's admissions it does not show."""
         assert queue.depth is not None
-        expired = time.monotonic() - UNSEEN_TTL_S
+        expired = self._clock() - UNSEEN_TTL_S
         while queue.unseen and queue.unseen[0] < expired:
             queue.unseen.popleft()
         return queue.depth.pending + len(queue.unseen)
@@ -130,16 +179,40 @@ class QueueMonitor:
     def drain_rate(self, model: str, priority: Priority = "interactive") -> float | None:
         """Jobs per second that workers start (ack at the first token), over the window."""
         queue = self._queues.get((model, priority))
-        if queue is None or len(queue.started) < 2:
-            return None
-        (t0, n0), (t1, n1) = queue.started[0], queue.started[-1]
-        if t1 - t0 < MIN_RATE_SPAN_S:
-            return None
-        return max(0, n1 - n0) / (t1 - t0)
+        return None if queue is None else queue.drain.rate()
+
+    def capacity(self, model: str, priority: Priority = "interactive") -> float | None:
+        """Jobs per second the workers start while a backlog waits (api/drain.py), or None."""
+        queue = self._queues.get((model, priority))
+        return None if queue is None else queue.drain.capacity(self._clock())
+
+    def bound(self, model: str, priority: Priority = "interactive") -> int:
+        """How many jobs may wait: CHATQ_QUEUE_MAX, or what the workers start within the target."""
+        if self._policy == "depth":
+            return self._bound
+        capacity = self.capacity(model, priority)
+        if capacity is None:
+            return self._bound
+        startable = self._free(model, self._queue(model, priority)) + math.floor(
+            capacity * self._wait_target_s
+        )
+        return min(self._bound, max(1, startable))
+
+    def _free(self, model: str, queue: _ModelQueue) -> int:
+        """Free slots now: the workers' last announcement less the jobs delivered since.
+
+        Workers announce every couple of seconds; under load a slot that was free at the
+        announcement has long been taken, and counting it would admit past the target.
+        """
+        free, announced = self._free_slots(model)
+        assert queue.depth is not None
+        if announced != queue.announced:
+            queue.announced, queue.delivered_then = announced, queue.delivered_before
+        return max(0, free - (_delivered(queue.depth) - queue.delivered_then))
 
     def retry_after(self, model: str, excess: int, priority: Priority = "interactive") -> int:
         """Seconds until `excess` queued jobs have drained at the observed rate."""
-        rate = self.drain_rate(model, priority)
+        rate = self.capacity(model, priority) or self.drain_rate(model, priority)
         if not rate:
             return DEFAULT_RETRY_AFTER_S
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil(excess / rate)))
@@ -153,18 +226,24 @@ class QueueMonitor:
         seen = queue.readings
         await self.depth(model, priority)
         waiting = self._waiting(queue)
-        if waiting >= self._bound:
+        if waiting >= self.bound(model, priority):
             # Never refuse on a cached reading: it may predate workers taking jobs. The
             # requests that would be refused meanwhile share the next reading.
             await self._read_after(model, priority, queue, seen)
             waiting = self._waiting(queue)
-        if waiting >= self._bound:
-            metrics.REJECTED.labels(model=model, reason="queue_depth").inc()
-            raise Overloaded(
-                f"the queue for model {model!r} is full ({waiting} waiting); retry later",
-                retry_after=self.retry_after(model, waiting - self._bound + 1, priority),
-            )
-        queue.unseen.append(time.monotonic())
+        bound = self.bound(model, priority)
+        if waiting >= bound:
+            if bound < self._bound:
+                metrics.REJECTED.labels(model=model, reason="queue_wait").inc()
+                message = (
+                    f"the queue for model {model!r} is full: {waiting} waiting, more than its workers "
+                    f"start within {self._wait_target_s:g} s; retry later"
+                )
+            else:
+                metrics.REJECTED.labels(model=model, reason="queue_depth").inc()
+                message = f"the queue for model {model!r} is full ({waiting} waiting); retry later"
+            raise Overloaded(message, retry_after=self.retry_after(model, waiting - bound + 1, priority))
+        queue.unseen.append(self._clock())
 
     def not_queued(self, model: str, priority: Priority = "interactive") -> None:
         """An admitted job whose publish failed no longer counts as waiting.

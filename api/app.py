@@ -224,7 +224,14 @@ def create_app(settings: Settings, *, connect: Connect = nats_connect.connect) -
         app.state.services = Services(
             settings=settings,
             bus=bus,
-            monitor=QueueMonitor(bus, bound=settings.queue_max, cache_s=settings.queue_depth_cache_s),
+            monitor=QueueMonitor(
+                bus,
+                bound=settings.queue_max,
+                cache_s=settings.queue_depth_cache_s,
+                policy=settings.admission_policy,
+                wait_target_s=settings.admission_wait_target_s,
+                free_slots=registry.free_slots,
+            ),
             registry=registry,
             auth=Authenticator(settings, pool),
             limiter=limiter,

@@ -11,8 +11,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Coroutine
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request
@@ -146,16 +146,28 @@ class ChatCall:
         A request `refused` before it ran (too large to queue, the engine's 4xx) gives its
         prompt estimate back: only what ran counts against tokens per minute.
         """
+        release = self._release(usage, tokens, refused=refused)
+        if release is not None:
+            self.services.spawn(release)
+
+    async def settle(self, usage: schemas.Usage | None, tokens: int) -> None:
+        """finish(), waited for: before a whole answer's last bytes go out, so a client that
+        sends its next request the moment it has read this one finds its slot free."""
+        release = self._release(usage, tokens, refused=False)
+        if release is not None:
+            await release
+
+    def _release(
+        self, usage: schemas.Usage | None, tokens: int, *, refused: bool
+    ) -> Coroutine[Any, Any, None] | None:
         ticket, self._ticket = self._ticket, None
         if ticket is None:
-            return
+            return None
         prompt_tokens = 0 if refused else None if usage is None else usage.prompt_tokens
-        self.services.spawn(
-            self.services.limiter.release(
-                ticket,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=tokens if usage is None else usage.completion_tokens,
-            )
+        return self.services.limiter.release(
+            ticket,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=tokens if usage is None else usage.completion_tokens,
         )
 
     def model(self, model: str | None) -> str:
@@ -252,6 +264,8 @@ class ChatCall:
                     raise DeadlineExceeded("the request was stopped before it finished")
                 tokens, usage = tokens + chunk.tokens, chunk.usage or usage
                 parts.append(chunk.data)
+                if chunk.finish_reason is not None:
+                    await self.settle(usage, tokens)  # before the last chunk and [DONE]
                 if not relay.waiting():
                     yield b"".join(parts)
                     parts.clear()
@@ -283,6 +297,7 @@ class ChatCall:
                     raise DeadlineExceeded("the request was stopped before it finished")
                 tokens, usage = tokens + chunk.tokens, chunk.usage or usage
                 parts.append(chunk.data)
+            await self.settle(usage, tokens)  # before the answer goes out
             reason, outcome, status = None, "completed", 200
         except ApiError as exc:
             reason, outcome, status = close_reason(exc), exc.code, exc.status

@@ -319,13 +319,17 @@ class Bus:
     async def consumer_depth(self, model: str, priority: Priority = "interactive") -> ConsumerDepth:
         info = await self.js.consumer_info(names.JOBS_STREAM, names.jobs_consumer(model, priority))
         pending = int(info.num_pending or 0)
+        in_flight = int(info.num_ack_pending or 0)
+        delivered = int(info.delivered.consumer_seq or 0) if info.delivered else 0
         return ConsumerDepth(
             pending=pending,
-            in_flight=int(info.num_ack_pending or 0),
-            # Workers ack at the first token, so the ack floor counts jobs started.
-            started=int(info.ack_floor.consumer_seq or 0) if info.ack_floor else 0,
+            in_flight=in_flight,
+            # Workers ack at the first token, so deliveries no longer awaiting their ack
+            # are jobs started. (Not the ack floor: one slow prefill would hold it still
+            # while the jobs after it start.)
+            started=max(0, delivered - in_flight),
             at=time.monotonic(),
-            arrived=pending + (int(info.delivered.consumer_seq or 0) if info.delivered else 0),
+            arrived=pending + delivered,
             delivered_seq=int(info.delivered.stream_seq or 0) if info.delivered else 0,
         )
 

@@ -111,3 +111,9 @@ class WorkerRegistry:
 
     def ready(self) -> list[schemas.WorkerStatus]:
         return [w for w in self.workers.values() if w.state == "ready"]
+
+    def free_slots(self, model: str) -> tuple[int, float]:
+        """Free slots the ready workers serving `model` announced last, and when the newest
+        announcement was made (admission's F)."""
+        workers = [w for w in self.ready() if w.model == model]
+        return sum(w.free_slots for w in workers), max((w.updated for w in workers), default=0.0)

@@ -70,6 +70,7 @@ RANGES: dict[str, Range] = {
     "CHATQ_MAX_TOKENS": _whole(1),
     "CHATQ_DEFAULT_MAX_TOKENS": _whole(1),
     "CHATQ_QUEUE_DEPTH_CACHE_S": Range(0, 60),
+    "ADMISSION_WAIT_TARGET_S": Range(0.01, 3600),
     "JOBS_MAX_MSGS": _whole(1),
     # JetStream keeps a stream on at most 5 servers.
     "NATS_STREAM_REPLICAS": _whole(1, 5),

@@ -84,6 +84,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens_limit: int
     default_max_tokens: int
     queue_depth_cache_s: float
+    # api/admission.py: the bound is CHATQ_QUEUE_MAX (depth) or what the workers start
+    # within admission_wait_target_s (latency).
+    admission_policy: Literal["depth", "latency"]
+    admission_wait_target_s: float
     # Message plane
     jobs_max_msgs: int
     ack_wait_s: float
@@ -198,6 +202,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     }
     model_id = env.optional("MODEL_ID")
     model_profile = env.optional("MODEL_PROFILE")
+    admission_policy = env.text("ADMISSION_POLICY", "latency")
+    if admission_policy not in ("depth", "latency"):
+        raise ConfigError(f"ADMISSION_POLICY must be 'depth' or 'latency', got {admission_policy!r}")
     unserved_model = env.text("UNSERVED_MODEL", "wait")
     if unserved_model not in ("wait", "reject"):
         raise ConfigError(f"UNSERVED_MODEL must be 'wait' or 'reject', got {unserved_model!r}")
@@ -278,6 +285,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         max_tokens_limit=env.integer("CHATQ_MAX_TOKENS", 4096),
         default_max_tokens=env.integer("CHATQ_DEFAULT_MAX_TOKENS", 512),
         queue_depth_cache_s=env.number("CHATQ_QUEUE_DEPTH_CACHE_S", 0.25),
+        admission_policy=admission_policy,  # type: ignore[arg-type]
+        admission_wait_target_s=env.number("ADMISSION_WAIT_TARGET_S", 2.0),
         jobs_max_msgs=env.integer("JOBS_MAX_MSGS", 10_000),
         ack_wait_s=env.number("JOBS_ACK_WAIT_S", 30.0),
         engine=engine,  # type: ignore[arg-type]

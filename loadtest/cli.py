@@ -29,6 +29,7 @@ from loadtest.config import (
     Scenario,
     SynthConfig,
     parse_list,
+    synthetic_capacity,
 )
 from loadtest.targets import REPO_ROOT, Target, TargetError, external_target, make_target
 
@@ -65,6 +66,18 @@ def parser() -> argparse.ArgumentParser:
         "--rate", help="rate/overload: arrival rates in requests/s, comma-separated (default 2; overload 20)"
     )
     p.add_argument("--arrival", choices=("poisson", "uniform"), default="poisson")
+    p.add_argument(
+        "--load", default="1,3",
+        help="admission: arrival rates as multiples of the synthetic worker's capacity "
+        "(--slots / (TTFT + --max-tokens / pace))",
+    )  # fmt: skip
+    p.add_argument(
+        "--admission-wait-target-s", type=float,
+        help="admission: ADMISSION_WAIT_TARGET_S of the latency policy (default: chatq's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--retry-every", type=int, default=4, help="admission: retry every n-th 429 after Retry-After"
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results go to OUT/<timestamp>/")
     p.add_argument("--url", help="measure this already running server instead of starting targets")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="with --url")
@@ -121,6 +134,10 @@ def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> Ru
             raise SystemExit(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGET_KINDS)}")
     else:
         targets = DEFAULT_TARGETS[scenario]
+    if scenario == "admission" and (args.url or any(not t.startswith("synthetic") for t in targets)):
+        raise SystemExit(
+            "--scenario admission measures synthetic targets only (synthetic-depth, synthetic-latency)"
+        )
     if scenario == "streams" and not args.url and targets != ("synthetic",):
         raise SystemExit("--scenario streams measures the synthetic target only (--targets synthetic)")
     rates: tuple[float, ...] = ()
@@ -129,6 +146,11 @@ def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> Ru
     tokens_per_s = args.synth_tokens_per_s or (
         STREAMS_TOKENS_PER_S if scenario == "streams" else OTHER_TOKENS_PER_S
     )
+    synth = SynthConfig(tokens_per_s=tokens_per_s, ttft_ms=args.synth_ttft_ms, slots=args.synth_slots)
+    loads = parse_list(args.load, float)
+    if scenario == "admission":
+        capacity = synthetic_capacity(args.slots, synth, args.max_tokens)
+        rates = tuple(round(capacity * load, 3) for load in loads)
     if min(args.prompt_tokens, args.max_tokens, args.step_seconds, args.progress_seconds) <= 0:
         raise SystemExit("--prompt-tokens, --max-tokens, --step-seconds, --progress-seconds must be positive")
     room = EngineConfig.max_model_len
@@ -155,6 +177,9 @@ def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> Ru
         request_timeout_s=args.request_timeout,
         start_timeout_s=args.start_timeout,
         max_inflight=args.max_inflight,
+        loads=loads,
+        admission_wait_target_s=args.admission_wait_target_s,
+        retry_every=max(1, args.retry_every),
         kpi_context_tokens=args.kpi_context_tokens,
         progress_s=args.progress_seconds,
         model_dir=model_dir,
@@ -167,7 +192,7 @@ def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> Ru
         engine=EngineConfig(
             dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.slots
         ),
-        synth=SynthConfig(tokens_per_s=tokens_per_s, ttft_ms=args.synth_ttft_ms, slots=args.synth_slots),
+        synth=synth,
     )
 
 

@@ -64,6 +64,8 @@ class RequestResult:
     prompt_tokens: int | None = None
     finish_reason: str | None = None
     retry_after: str | None = None
+    # admission: a 429 retried once after its Retry-After: whether the retry got in
+    retry_ok: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -98,6 +100,7 @@ class RequestResult:
             "prompt_tokens": self.prompt_tokens,
             "finish_reason": self.finish_reason,
             "retry_after": self.retry_after,
+            "retry_ok": self.retry_ok,
             "chunk_times": [round(t, 6) for t in self.chunk_times],
             "chunk_chars": self.chunk_chars,
             "chunk_tokens": self.chunk_tokens or None,

@@ -7,14 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Scenario = Literal["steps", "rate", "overload", "streams", "kpi", "soak"]
+Scenario = Literal["steps", "rate", "overload", "admission", "streams", "kpi", "soak"]
 Arrival = Literal["poisson", "uniform"]
 
-SCENARIOS: tuple[Scenario, ...] = ("steps", "rate", "overload", "streams", "kpi", "soak")
+SCENARIOS: tuple[Scenario, ...] = ("steps", "rate", "overload", "admission", "streams", "kpi", "soak")
 # chatq and synthetic-accounts run with accounts on (PostgreSQL, Redis) and are called with a
 # user's API key under non-zero rate limits, so auth and the limit checks run on every
 # request; synthetic is the pipeline alone (a service key, no limits).
-TARGET_KINDS = ("chatq", "vllm-server", "synthetic", "synthetic-accounts")
+# synthetic-depth and synthetic-latency are the synthetic target with ADMISSION_POLICY
+# depth or latency (the admission scenario compares them).
+ADMISSION_TARGETS = {"synthetic-depth": "depth", "synthetic-latency": "latency"}
+TARGET_KINDS = ("chatq", "vllm-server", "synthetic", "synthetic-accounts", *ADMISSION_TARGETS)
 MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY = "loadtest-key-0123456789abcdef"
 
@@ -23,6 +26,7 @@ DEFAULT_TARGETS: dict[Scenario, tuple[str, ...]] = {
     "steps": ("chatq", "vllm-server", "synthetic"),
     "rate": ("chatq", "vllm-server", "synthetic"),
     "overload": ("chatq",),
+    "admission": tuple(ADMISSION_TARGETS),
     "streams": ("synthetic",),
     "kpi": ("chatq", "vllm-server"),
 }
@@ -53,6 +57,11 @@ class SynthConfig:
     slots: int = 2000
 
 
+def synthetic_capacity(slots: int, synth: SynthConfig, max_tokens: int) -> float:
+    """Requests per second a synthetic worker serves: each holds a slot for TTFT + tokens/pace."""
+    return slots / (synth.ttft_ms / 1000 + max_tokens / synth.tokens_per_s)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     scenario: Scenario
@@ -75,6 +84,12 @@ class RunConfig:
     request_timeout_s: float = 600.0
     start_timeout_s: float = 600.0
     max_inflight: int = 5000
+    # admission: the arrival rates as multiples of the synthetic worker's capacity, the
+    # ADMISSION_WAIT_TARGET_S of the latency policy (None: chatq's default), and which
+    # 429s are retried once after their Retry-After (every n-th)
+    loads: tuple[float, ...] = (1.0, 3.0)
+    admission_wait_target_s: float | None = None
+    retry_every: int = 4
     kpi_context_tokens: int = 2048  # kpi: the whole model input (template included) of the TTFT step
     progress_s: float = 10.0  # a progress line on stderr this often while a step runs
     model_dir: Path = Path()
@@ -96,6 +111,7 @@ class RunConfig:
         raw["targets"] = list(self.targets)
         raw["concurrency"] = list(self.concurrency)
         raw["rates"] = list(self.rates)
+        raw["loads"] = list(self.loads)
         return raw
 
 

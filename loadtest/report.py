@@ -177,6 +177,37 @@ def overload_table(rows: list[Row]) -> str:
     return render(headers, table)
 
 
+def admission_table(rows: list[Row]) -> str:
+    """Depth-only against latency-aware admission, step by step (the admission scenario)."""
+    headers = [
+        "target", "step", "load", "sent", "admitted %", "TTFT accepted ms p50/99", "429",
+        "429 ms p99", "Retry-After seen", "retry after RA ok", "5xx+conn",
+    ]  # fmt: skip
+    table = []
+    for r in rows:
+        s = r["summary"]
+        e = s["errors"]
+        retry = s.get("retry_after_values") or {}
+        again = s.get("retried_after_retry_after") or {}
+        sent = s["requests"]
+        table.append(
+            [
+                r["target"],
+                r["label"],
+                num(r["params"].get("load")),
+                str(sent),
+                f"{100 * s['ok'] / sent:.1f}" if sent else "-",
+                pcts(s["ttft_ms"], ("p50", "p99")),
+                str(e["http_429"]),
+                pcts(s.get("rejected_429_latency_ms"), ("p99",)),
+                ",".join(f"{k}s×{v}" for k, v in sorted(retry.items(), key=lambda kv: kv[0])) or "-",
+                f"{again.get('ok', 0)}/{again.get('retried', 0)}" if again.get("retried") else "-",
+                str(e["http_5xx"] + e["connection"] + e["timeout"]),
+            ]
+        )
+    return render(headers, table)
+
+
 def streams_table(rows: list[Row]) -> str:
     headers = [
         "target", "streams", "ok", "window s", "chunks/s", "gap ms p50/99", "+gap ms p50/99",
@@ -213,6 +244,8 @@ def tables(scenario: str, rows: list[Row]) -> list[tuple[str, str]]:
     out = [(f"{scenario}: latency and throughput", main_table(rows))]
     if scenario == "overload":
         out.append(("overload: admission control", overload_table(rows)))
+    if scenario == "admission":
+        out.append(("admission: depth-only vs latency-aware", admission_table(rows)))
     if scenario == "streams":
         out.append(("streams: held streams (steady window)", streams_table(rows)))
     synth = synthetic_table(rows)

@@ -110,6 +110,12 @@ class TargetRun:
                 await self.between_steps()
                 n = KPI_SESSIONS
                 await self.measure(probe_http, f"c={n}", n, self.closed_loop(n), progress)
+            elif cfg.scenario == "admission":
+                # Each rate is a multiple of the synthetic worker's capacity (cfg.loads).
+                for load, rate in zip(cfg.loads, cfg.rates, strict=True):
+                    label = f"{load:g}x={rate:g}/s"
+                    await self.measure(probe_http, label, rate, self.open_loop(rate, load), progress)
+                    await self.between_steps()
             elif cfg.scenario in ("rate", "overload"):
                 for rate in cfg.rates or DEFAULT_RATES[cfg.scenario]:
                     await self.measure(probe_http, f"r={rate:g}/s", rate, self.open_loop(rate), progress)
@@ -213,8 +219,8 @@ class TargetRun:
     def closed_loop(self, sessions: int, prompts: PromptSet | None = None) -> _Workload:
         return _ClosedLoop(self, sessions, prompts)
 
-    def open_loop(self, rate: float) -> _Workload:
-        return _OpenLoop(self, rate)
+    def open_loop(self, rate: float, load: float | None = None) -> _Workload:
+        return _OpenLoop(self, rate, load)
 
     async def streams(self, probe_http: httpx.AsyncClient, progress: Callable[[str], None]) -> StepResult:
         """Hold K streams at the synthetic engine's pace; measure over a steady window."""
@@ -340,14 +346,18 @@ class _ClosedLoop(_Workload):
 class _OpenLoop(_Workload):
     """Requests arrive at a fixed mean rate (Poisson or evenly spaced), whatever the answers."""
 
-    def __init__(self, run: TargetRun, rate: float) -> None:
+    def __init__(self, run: TargetRun, rate: float, load: float | None = None) -> None:
         self.runner = run
         self.rate = rate
+        self.load = load  # admission: the rate as a multiple of the worker's capacity
         self.results = []
 
     def params(self) -> dict[str, Any]:
         cfg = self.runner.cfg
-        return {"rate": self.rate, "arrival": cfg.arrival, "seconds": cfg.step_seconds}
+        out: dict[str, Any] = {"rate": self.rate, "arrival": cfg.arrival, "seconds": cfg.step_seconds}
+        if self.load is not None:
+            out["load"] = self.load
+        return out
 
     def arrivals(self) -> list[float]:
         cfg = self.runner.cfg
@@ -377,6 +387,24 @@ class _OpenLoop(_Workload):
         async with make_http_client(None, cfg.request_timeout_s, keepalive=OPEN_LOOP_KEEPALIVE) as http:
             client = self.runner.client(http)
             start = time.perf_counter()
+            refusals = itertools.count()
+
+            async def request(index: int, prompt: str) -> RequestResult:
+                result = await client.chat(index, prompt)
+                if (
+                    cfg.scenario != "admission"
+                    or result.error != "http_429"
+                    or next(refusals) % cfg.retry_every
+                ):
+                    return result
+                # Is the Retry-After honest? Retry once after it, while the load still runs.
+                wait = float(result.retry_after or 0)
+                if time.perf_counter() + wait > start + cfg.step_seconds:
+                    return result
+                await asyncio.sleep(wait)
+                result.retry_ok = (await client.chat(index, prompt)).ok
+                return result
+
             for at in arrivals:
                 delay = start + at - time.perf_counter()
                 if delay > 0:
@@ -386,7 +414,7 @@ class _OpenLoop(_Workload):
                     dropped += 1
                     continue
                 index, prompt = self.runner.next_prompt()
-                task = asyncio.create_task(client.chat(index, prompt))
+                task = asyncio.create_task(request(index, prompt))
                 inflight += 1
                 task.add_done_callback(finished)
                 tasks.append(task)

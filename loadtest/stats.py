@@ -109,9 +109,11 @@ def summarize(step: StepResult) -> dict[str, Any]:
         "probes": step.probes,
     }
     rejected = [r for r in results if r.error == "http_429"]
-    if rejected or step.scenario == "overload":
+    if rejected or step.scenario in ("overload", "admission"):
         summary["rejected_429_latency_ms"] = dist(r.e2e for r in rejected)
         summary["retry_after_values"] = dict(Counter(r.retry_after or "none" for r in rejected))
+        retried = [r.retry_ok for r in rejected if r.retry_ok is not None]
+        summary["retried_after_retry_after"] = {"retried": len(retried), "ok": sum(retried)}
     if step.synth is not None:
         summary["synthetic"] = synthetic_overhead(step, ok)
     if step.window is not None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from chatq.errors import ChatqError, LaunchError
-from loadtest.config import API_KEY, EngineConfig, RunConfig, SynthConfig
+from loadtest.config import ADMISSION_TARGETS, API_KEY, EngineConfig, RunConfig, SynthConfig
 from stack import process_table
 from stack.processes import Process, spawn, wait_http
 from stack.servers import free_port
@@ -307,9 +307,9 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
             "VLLM_ENFORCE_EAGER": "1" if e.enforce_eager else "0",
             "VLLM_MAX_MODEL_LEN": str(e.max_model_len),
         }
-    elif kind in ("synthetic", "synthetic-accounts"):
+    elif kind in ("synthetic", "synthetic-accounts", *ADMISSION_TARGETS):
         synth = cfg.synth
-        slots = e.max_num_seqs if cfg.scenario == "overload" else synth.slots
+        slots = e.max_num_seqs if cfg.scenario in ("overload", "admission") else synth.slots
         env = {
             **common,
             "INFERENCE_ENGINE": "synthetic",
@@ -317,11 +317,15 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
             "SYNTH_TOKENS_PER_S": f"{synth.tokens_per_s:g}",
             "SYNTH_TTFT_MS": f"{synth.ttft_ms:g}",
         }
+        if kind in ADMISSION_TARGETS:
+            env["ADMISSION_POLICY"] = ADMISSION_TARGETS[kind]
+            if cfg.admission_wait_target_s is not None:
+                env["ADMISSION_WAIT_TARGET_S"] = f"{cfg.admission_wait_target_s:g}"
     else:
         raise ValueError(f"unknown target {kind!r}; choose from chatq, vllm-server, synthetic")
     return ChatqTarget(
         name=kind,
-        kind="synthetic" if kind == "synthetic-accounts" else kind,
+        kind="synthetic" if kind.startswith("synthetic") else kind,
         # chatq as ./start runs it: accounts, a user's key, rate limits checked.
         accounts=kind in ("chatq", "synthetic-accounts"),
         model=cfg.model_name,
