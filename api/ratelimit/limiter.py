@@ -148,6 +148,7 @@ class RateLimiter:
         # answers: else each stream that ended during an outage would hold its concurrency
         # slot for `hold_s` (the request timeout) and lock its user out meanwhile.
         self._unreleased: dict[str, tuple[Ticket, int]] = {}
+        self._resending: asyncio.Future[None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -183,6 +184,11 @@ class RateLimiter:
             return ticket
         unique = tuple(dict.fromkeys(scopes))
         tokens = max(0, prompt_tokens)
+        resending = self._release_missed()
+        if resending is not None:
+            # Releases Redis missed go first: the caller's own last request may hold the
+            # slot it now asks for (a stream that ended while Redis was away).
+            await asyncio.shield(resending)
         try:
             result = await self._run(
                 unique, limits, "a", request_id, max(1, math.ceil(hold_s * 1000)), tokens
@@ -238,19 +244,26 @@ class RateLimiter:
             if again:
                 self._release_missed()
 
-    def _release_missed(self) -> None:
-        """Redis answers: send the releases it missed (in a task of their own)."""
+    def _release_missed(self) -> asyncio.Future[None] | None:
+        """Redis answers: send the releases it missed (in a task of their own); returns the
+        task sending them, while it runs."""
         if not self._unreleased:
-            return
+            return self._resending
         missed, self._unreleased = self._unreleased, {}
 
         async def send() -> None:
             for ticket, tokens in missed.values():
                 await self._release(ticket, tokens, again=False)
 
-        task = asyncio.ensure_future(send())
+        task = self._resending = asyncio.ensure_future(send())
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        task.add_done_callback(self._resent)
+        return task
+
+    def _resent(self, task: asyncio.Future[None]) -> None:
+        if self._resending is task:
+            self._resending = None
 
     async def _run(
         self, scopes: tuple[str, ...], limits: RoleLimits, op: str, request_id: str, hold_ms: int, tokens: int
