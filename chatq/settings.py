@@ -202,7 +202,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     }
     model_id = env.optional("MODEL_ID")
     model_profile = env.optional("MODEL_PROFILE")
-    admission_policy = env.text("ADMISSION_POLICY", "latency")
+    admission_policy = env.text("ADMISSION_POLICY", "depth")
     if admission_policy not in ("depth", "latency"):
         raise ConfigError(f"ADMISSION_POLICY must be 'depth' or 'latency', got {admission_policy!r}")
     unserved_model = env.text("UNSERVED_MODEL", "wait")
