@@ -32,10 +32,11 @@ def _answers(url: str) -> bool:
 async def _consumer_alive(settings: Settings) -> bool:
     from broker import names
     from broker.bus import Bus
-    from broker.connect import connect
+    from broker.connect import NatsLogin, connect
     from workers.persistence.app import DURABLE
 
-    bus = Bus(await connect(settings.nats_url, "chatq-healthcheck"))
+    # As the persistence worker's own NATS user (its container's NATS_USER/NATS_PASSWORD).
+    bus = Bus(await connect(settings.nats_url, "chatq-healthcheck", NatsLogin.of(settings)))
     try:
         return await bus.pulls_waiting(names.EVENTS_STREAM, DURABLE) > 0
     finally:

@@ -37,6 +37,7 @@ from tests.helpers import (
     auth,
     create_account,
     find_event,
+    nats_login_env,
     spawn,
     sse_events,
     wait_until,
@@ -80,7 +81,9 @@ def test_the_health_checks_pass_against_running_services(stack: AccountsStack) -
     wait_until("telemetry serves its metrics", lambda: CHECKS["telemetry"](load(telemetry_env)), 30)
     # A pull request is renewed every second: the check may land between two, as Docker's
     # retries allow.
-    wait_until("persistence's consumer holds a pull open", lambda: CHECKS["persistence"](api), 10)
+    # Run in the persistence container: its NATS user and password.
+    persistence = load(nats_login_env(stack.env, "workers.persistence"))
+    wait_until("persistence's consumer holds a pull open", lambda: CHECKS["persistence"](persistence), 10)
 
 
 def test_the_health_checks_fail_where_nothing_runs(stack: AccountsStack, tmp_path: Path) -> None:
