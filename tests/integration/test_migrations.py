@@ -266,3 +266,33 @@ async def test_two_concurrent_migrations_of_an_empty_database(dsn: str) -> None:
     assert await fetch(dsn, "SELECT version FROM schema_migrations ORDER BY 1") == [
         (m.version,) for m in schema.migrations()
     ]
+
+
+async def test_a_snapshot_of_services_db_sees_one_set_of_rows_and_writes_nothing(dsn: str) -> None:
+    """api.services.Services.db(snapshot=True), what the usage endpoint reads its rows and
+    totals in: a row committed meanwhile by another connection is not seen by any of its
+    statements, and it cannot write (issue #17, defect 6: rows and totals apart)."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from api.services import Services
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as setup:
+        await setup.execute("CREATE TABLE t (n int)")
+        await setup.execute("INSERT INTO t VALUES (1)")
+    pool = AsyncConnectionPool(dsn, kwargs={"autocommit": True}, open=False)
+    await pool.open()
+    services = object.__new__(Services)  # db() reads only the pool
+    services.pool = pool
+    try:
+        async with services.db(snapshot=True) as conn:
+            first = (await (await conn.execute("SELECT count(*) FROM t")).fetchone())[0]  # type: ignore[index]
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as other:
+                await other.execute("INSERT INTO t VALUES (2)")
+            rows = await (await conn.execute("SELECT n FROM t ORDER BY n")).fetchall()
+            assert (first, rows) == (1, [(1,)])
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                await conn.execute("INSERT INTO t VALUES (3)")
+        async with services.db() as conn:
+            assert (await (await conn.execute("SELECT count(*) FROM t")).fetchone())[0] == 2  # type: ignore[index]
+    finally:
+        await pool.close()
