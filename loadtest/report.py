@@ -148,6 +148,12 @@ def synthetic_table(rows: list[Row]) -> str | None:
     return render(headers, table)
 
 
+def retry_after_seen(summary: dict[str, Any]) -> str:
+    """The Retry-After values a step's 429s carried, with how often: `1s×12,2s×3`."""
+    retry = summary.get("retry_after_values") or {}
+    return ",".join(f"{k}s×{v}" for k, v in sorted(retry.items())) or "-"
+
+
 def overload_table(rows: list[Row]) -> str:
     headers = [
         "target", "step", "sent", "ok", "429", "429 latency ms p50/99", "5xx", "conn", "sse err",
@@ -157,7 +163,6 @@ def overload_table(rows: list[Row]) -> str:
     for r in rows:
         s = r["summary"]
         e = s["errors"]
-        retry = s.get("retry_after_values") or {}
         table.append(
             [
                 r["target"],
@@ -171,7 +176,7 @@ def overload_table(rows: list[Row]) -> str:
                 str(e["sse_error"]),
                 pcts(s["ttft_ms"], ("p50", "p99")),
                 pcts(s["e2e_ms"], ("p50", "p99")),
-                ",".join(f"{k}s×{v}" for k, v in sorted(retry.items())) or "-",
+                retry_after_seen(s),
             ]
         )
     return render(headers, table)
@@ -187,7 +192,6 @@ def admission_table(rows: list[Row]) -> str:
     for r in rows:
         s = r["summary"]
         e = s["errors"]
-        retry = s.get("retry_after_values") or {}
         again = s.get("retried_after_retry_after") or {}
         sent = s["requests"]
         table.append(
@@ -200,7 +204,7 @@ def admission_table(rows: list[Row]) -> str:
                 pcts(s["ttft_ms"], ("p50", "p99")),
                 str(e["http_429"]),
                 pcts(s.get("rejected_429_latency_ms"), ("p99",)),
-                ",".join(f"{k}s×{v}" for k, v in sorted(retry.items(), key=lambda kv: kv[0])) or "-",
+                retry_after_seen(s),
                 f"{again.get('ok', 0)}/{again.get('retried', 0)}" if again.get("retried") else "-",
                 str(e["http_5xx"] + e["connection"] + e["timeout"]),
             ]
