@@ -4,13 +4,14 @@ a NATS restart but stops at once on a refused login."""
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import nats
 import nats.errors
-from faststream.security import SASLPlaintext
+from faststream.security import BaseSecurity, SASLPlaintext
 from nats.aio.client import Client
 
 from broker import permissions
@@ -34,10 +35,18 @@ class NatsLogin:
 
     user: str | None = None
     password: str | None = None
+    # NATS_TLS_CA_FILE: the CA that signed a TLS server's certificate (else the system's
+    # CAs verify a `tls://` server).
+    ca_file: str | None = None
 
     @classmethod
     def of(cls, settings: Settings) -> NatsLogin:
-        return cls(settings.nats_user, settings.nats_password)
+        ca = settings.nats_tls_ca_file
+        return cls(settings.nats_user, settings.nats_password, str(ca) if ca else None)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context trusting `ca_file` (None: nats-py's default for `tls://`)."""
+        return None if self.ca_file is None else ssl.create_default_context(cafile=self.ca_file)
 
     def _user(self, url: str) -> str | None:
         return self.user or urlparse(url.split(",")[0]).username
@@ -48,6 +57,8 @@ class NatsLogin:
         options: dict[str, Any] = {} if user is None else {"inbox_prefix": permissions.inbox_prefix(user)}
         if self.user is not None:
             options.update(user=self.user, password=self.password)
+        if self.ca_file is not None:
+            options["tls"] = self.ssl_context()
         return options
 
     def pull_inbox_prefix(self, url: str) -> bytes:
@@ -58,9 +69,15 @@ class NatsLogin:
     def broker_options(self, url: str) -> dict[str, Any]:
         """FastStream NatsBroker keywords."""
         options = self.client_options(url)
+        options.pop("tls", None)
+        for key in ("user", "password"):
+            options.pop(key, None)
         if self.user is not None:
-            del options["user"], options["password"]
-            options["security"] = SASLPlaintext(username=self.user, password=self.password or "")
+            options["security"] = SASLPlaintext(
+                username=self.user, password=self.password or "", ssl_context=self.ssl_context()
+            )
+        elif self.ca_file is not None:
+            options["security"] = BaseSecurity(ssl_context=self.ssl_context())
         return options
 
 
@@ -73,13 +90,16 @@ def server_urls(url: str) -> list[str]:
     return [part.strip() for part in url.split(",") if part.strip()]
 
 
-async def connect(url: str, name: str, login: NatsLogin = NO_LOGIN) -> Client:
-    """Connect to NATS, retrying forever on reconnect so a NATS restart is survived; on a
-    cluster, to another of its servers when the one connected to goes.
+async def connect(url: str, name: str, login: NatsLogin = NO_LOGIN, *, attempts: int = -1) -> Client:
+    """Connect to NATS, retrying forever (or `attempts` times per server) so a NATS
+    restart is survived; on a cluster, to another of its servers when the one connected to
+    goes.
 
-    A server that refuses the login at the first connect is a setting to fix, not a server
-    to wait for: ConfigError at once (nats-py would try again forever). Once connected,
-    every error NATS reports (a permissions violation among them) is logged.
+    A server that refuses the login, or whose TLS certificate is not trusted, at the first
+    connect is a setting to fix, not a server to wait for: ConfigError at once (nats-py
+    would try again forever). Once connected, every error NATS reports (a permissions
+    violation among them) is logged. A `nats://` URL of a server that asks for TLS is
+    upgraded to TLS by nats-py.
     """
     connected = False
 
@@ -91,12 +111,17 @@ async def connect(url: str, name: str, login: NatsLogin = NO_LOGIN) -> Client:
             raise ConfigError(
                 f"NATS at {url_for_log(url)} refused the login ({who}): check NATS_USER and NATS_PASSWORD"
             ) from None
+        if not connected and isinstance(exc, ssl.SSLCertVerificationError):
+            raise ConfigError(
+                f"NATS at {url_for_log(url)}: its TLS certificate is not trusted ({exc.verify_message}): "
+                "name the CA that signed it in NATS_TLS_CA_FILE"
+            ) from None
         log.error("NATS: %s", exc)
 
     nc = await nats.connect(
         server_urls(url),
         name=name,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=attempts,
         reconnect_time_wait=0.5,
         connect_timeout=5,
         allow_reconnect=True,

@@ -43,6 +43,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Who this process is on NATS (the embedded server's users are made by ./start).
     nats_user: str | None = None
     nats_password: str | None = None
+    # An outside NATS server's users (a `user password` line per service, as ./start makes
+    # for its own): ./start gives each process its service's login from it.
+    nats_users_file: Path | None = None
+    # The CA that signed a TLS NATS server's certificate (NATS_URL tls://…).
+    nats_tls_ca_file: Path | None = None
     # How many servers of a NATS cluster keep each stream and the workers bucket (1: one
     # server; 3 on a cluster of 3). A stream already kept on more is not lowered.
     nats_stream_replicas: int = 1
@@ -252,6 +257,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         embedded_nats=env.flag("CHATQ_EMBEDDED_NATS", True),
         nats_user=nats_user,
         nats_password=nats_password,
+        nats_users_file=Path(users_file) if (users_file := env.optional("NATS_USERS_FILE")) else None,
+        nats_tls_ca_file=Path(ca_file) if (ca_file := env.optional("NATS_TLS_CA_FILE")) else None,
         nats_stream_replicas=env.integer("NATS_STREAM_REPLICAS", 1),
         database_url=env.optional("DATABASE_URL"),
         database_connect_timeout_s=env.integer("DATABASE_CONNECT_TIMEOUT_S", 5),

@@ -12,6 +12,7 @@ import secrets
 from pathlib import Path
 
 from broker import permissions
+from chatq.errors import ConfigError
 
 USERS_FILE = "nats_users"
 CONFIG_FILE = "nats-server.conf"
@@ -31,11 +32,33 @@ def _write_private(path: Path, text: str) -> None:
 def read_passwords(home: Path) -> dict[str, str]:
     """user → password, as the state folder has them (empty when it has none)."""
     try:
-        lines = (home / USERS_FILE).read_text().splitlines()
+        return _parse((home / USERS_FILE).read_text())
     except FileNotFoundError:
         return {}
-    pairs = (line.split(maxsplit=1) for line in lines if line.strip())
-    return {user: password.strip() for user, password in pairs}
+
+
+def _parse(text: str) -> dict[str, str]:
+    pairs = (
+        line.split(maxsplit=1) for line in text.splitlines() if line.strip() and not line.startswith("#")
+    )
+    return {pair[0]: pair[1].strip() if len(pair) > 1 else "" for pair in pairs}
+
+
+def outside_passwords(path: Path) -> dict[str, str]:
+    """An outside server's users from NATS_USERS_FILE (the format of `nats_users`): every
+    service's user must be in it with a password, or ConfigError names what is missing."""
+    try:
+        found = _parse(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"NATS_USERS_FILE {path}: {exc.strerror or exc}") from None
+    wanted = {permissions.user_name(service) for service in permissions.SERVICES}
+    missing = sorted(user for user in wanted if not found.get(user))
+    if missing:
+        raise ConfigError(
+            f"NATS_USERS_FILE {path} has no password for {', '.join(missing)}: one line "
+            "`user password` per service (docs/deploy.md#nats-users-and-tls)"
+        )
+    return found
 
 
 def ensure_passwords(home: Path) -> dict[str, str]:

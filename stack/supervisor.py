@@ -225,6 +225,9 @@ class Supervisor:
                     login=nats_auth.admin_login(self.nats_passwords),
                 ).start(log)
             self._announce(f"NATS JetStream on {url_for_log(s.nats_url)} (data in {s.home / 'nats'})")
+        elif s.nats_users_file is not None:
+            # An outside server with chatq's users: each process logs in as its service.
+            self.nats_passwords = nats_auth.outside_passwords(s.nats_users_file)
         if "streams" in needs:
             self._declare_streams()
         if "database" in needs and not self.database_url:
@@ -242,19 +245,16 @@ class Supervisor:
     def _declare_streams(self) -> None:
         """The JetStream streams, declared before any process starts: an event consumer that
         starts before the API or a worker has declared them would find none."""
-        import nats
-
         from broker import topology
-        from broker.connect import NatsLogin, server_urls
+        from broker.connect import NatsLogin, connect
 
-        if self.nats is not None and self.nats.login is not None:
-            login = NatsLogin(*self.nats.login)
-        else:
-            login = NatsLogin(self.s.nats_user, self.s.nats_password)
+        login = NatsLogin.of(self.s)
+        if self.nats_passwords:
+            login = NatsLogin(*nats_auth.admin_login(self.nats_passwords), ca_file=login.ca_file)
 
         async def declare() -> None:
-            url = self.s.nats_url
-            nc = await nats.connect(server_urls(url), name="chatq-start", **login.client_options(url))
+            # A server that is not there: given up on after ~10 s, not waited for forever.
+            nc = await connect(self.s.nats_url, "chatq-start", login, attempts=20)
             try:
                 await topology.ensure_streams(
                     nc.jetstream(), jobs_max_msgs=self.s.jobs_max_msgs, replicas=self.s.nats_stream_replicas
@@ -265,7 +265,7 @@ class Supervisor:
         try:
             asyncio.run(declare())
         except ConfigError:
-            raise  # NATS_STREAM_REPLICAS above what the server takes: says what to change
+            raise  # a refused login, an untrusted certificate, NATS_STREAM_REPLICAS too high
         except Exception as exc:  # noqa: BLE001 - nats-py raises several kinds; all mean the same here
             where = url_for_log(self.s.nats_url)
             raise ChatqError(f"cannot declare the streams on {where}: {type(exc).__name__}") from None
