@@ -28,7 +28,9 @@ from loadtest.config import (
     RunConfig,
     Scenario,
     SynthConfig,
+    known_target,
     parse_list,
+    scaled_shape,
     synthetic_capacity,
 )
 from loadtest.targets import REPO_ROOT, Target, TargetError, external_target, make_target
@@ -129,17 +131,26 @@ def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> Ru
         targets: tuple[str, ...] = (args.label,)
     elif args.targets:
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-        unknown = [t for t in targets if t not in TARGET_KINDS]
+        unknown = [t for t in targets if not known_target(t)]
         if unknown:
-            raise SystemExit(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGET_KINDS)}")
+            raise SystemExit(
+                f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGET_KINDS)}, "
+                "or synthetic-<N>w / synthetic-<M>api / synthetic-<N>w-<M>api (N workers, M API processes)"
+            )
     else:
         targets = DEFAULT_TARGETS[scenario]
     if scenario == "admission" and (args.url or any(not t.startswith("synthetic") for t in targets)):
         raise SystemExit(
             "--scenario admission measures synthetic targets only (synthetic-depth, synthetic-latency)"
         )
-    if scenario == "streams" and not args.url and targets != ("synthetic",):
-        raise SystemExit("--scenario streams measures the synthetic target only (--targets synthetic)")
+    if (
+        scenario == "streams"
+        and not args.url
+        and any(t != "synthetic" and not scaled_shape(t) for t in targets)
+    ):
+        raise SystemExit(
+            "--scenario streams measures synthetic targets only (synthetic, or scaled ones such as synthetic-2api)"
+        )
     rates: tuple[float, ...] = ()
     if scenario in ("rate", "overload"):
         rates = parse_list(args.rate, float) if args.rate else DEFAULT_RATES[scenario]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,23 @@ SCENARIOS: tuple[Scenario, ...] = ("steps", "rate", "overload", "admission", "st
 # depth or latency (the admission scenario compares them).
 ADMISSION_TARGETS = {"synthetic-depth": "depth", "synthetic-latency": "latency"}
 TARGET_KINDS = ("chatq", "vllm-server", "synthetic", "synthetic-accounts", *ADMISSION_TARGETS)
+# Scaled synthetic targets (the scaling benchmark): synthetic-<N>w runs N inference workers
+# sharing the queue, synthetic-<M>api M API processes on one port, synthetic-<N>w-<M>api both.
+SCALED_TARGET = re.compile(r"synthetic(?:-(?P<workers>[1-9][0-9]?)w)?(?:-(?P<apis>[1-9])api)?")
+
+
+def scaled_shape(kind: str) -> tuple[int, int] | None:
+    """(workers, APIs) of a scaled synthetic target's name, or None for another name."""
+    match = SCALED_TARGET.fullmatch(kind)
+    if match is None or not (match["workers"] or match["apis"]):
+        return None
+    return int(match["workers"] or 1), int(match["apis"] or 1)
+
+
+def known_target(kind: str) -> bool:
+    return kind in TARGET_KINDS or scaled_shape(kind) is not None
+
+
 MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY = "loadtest-key-0123456789abcdef"
 

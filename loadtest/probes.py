@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,20 +39,25 @@ def cpu_seconds(pid: int, *, mode: str = "self") -> float | None:
 class CpuProbe:
     """CPU use of a few processes between begin() and end(), in % of one core."""
 
-    pids: dict[str, tuple[int, str]]  # name → (pid, mode of cpu_seconds)
+    # name → the processes it adds up (pid, mode of cpu_seconds): "api" is every API process
+    pids: dict[str, list[tuple[int, str]]]
     _t0: float = 0.0
     _c0: dict[str, float | None] | None = None
 
+    def _seconds(self, name: str) -> float | None:
+        found = [cpu_seconds(pid, mode=mode) for pid, mode in self.pids[name]]
+        return None if None in found else sum(x for x in found if x is not None)
+
     def begin(self) -> None:
         self._t0 = time.perf_counter()
-        self._c0 = {name: cpu_seconds(pid, mode=mode) for name, (pid, mode) in self.pids.items()}
+        self._c0 = {name: self._seconds(name) for name in self.pids}
 
     def end(self) -> dict[str, float | None]:
         wall = time.perf_counter() - self._t0
         out: dict[str, float | None] = {}
-        for name, (pid, mode) in self.pids.items():
+        for name in self.pids:
             before = (self._c0 or {}).get(name)
-            after = cpu_seconds(pid, mode=mode)
+            after = self._seconds(name)
             if before is None or after is None or wall <= 0:
                 out[name] = None
             else:
@@ -59,29 +65,37 @@ class CpuProbe:
         return out
 
 
-def cpu_probe(api_pid: int | None, worker_pid: int | None) -> CpuProbe:
-    """The client itself, the API process, and the engine side: chatq's worker with its
-    vLLM engine core, or the engine core processes under vLLM's own server."""
-    pids: dict[str, tuple[int, str]] = {"client": (os.getpid(), "self")}
-    if api_pid is not None:
-        pids["api"] = (api_pid, "self")
-    if worker_pid is not None and worker_pid != api_pid:
-        pids["worker"] = (worker_pid, "tree")
-    elif worker_pid is not None:
-        pids["worker"] = (worker_pid, "children")  # vLLM's server: its engine core
+def cpu_probe(api_pids: Sequence[int], worker_pids: Sequence[int]) -> CpuProbe:
+    """The client itself, the API processes, and the engine side: chatq's workers with
+    their vLLM engine cores, or the engine core processes under vLLM's own server. Several
+    API processes (or workers) add up: 150 % is one and a half cores."""
+    pids: dict[str, list[tuple[int, str]]] = {"client": [(os.getpid(), "self")]}
+    if api_pids:
+        pids["api"] = [(pid, "self") for pid in api_pids]
+    if worker_pids and list(worker_pids) != list(api_pids):
+        pids["worker"] = [(pid, "tree") for pid in worker_pids]
+    elif worker_pids:
+        pids["worker"] = [(pid, "children") for pid in worker_pids]  # vLLM's server: its engine core
     return CpuProbe(pids)
 
 
-async def worker_counters(http: httpx.AsyncClient, url: str | None) -> dict[str, float | None]:
-    """The worker's chunk and token counters now (None when there is no metrics URL)."""
-    if url is None:
+async def worker_counters(http: httpx.AsyncClient, urls: Sequence[str]) -> dict[str, float | None]:
+    """The workers' chunk and token counters now, added up ({} when there are no metrics
+    URLs; None for a counter a worker did not answer)."""
+    if not urls:
         return {}
-    try:
-        response = await http.get(url, timeout=5)
-        text = response.text
-    except httpx.HTTPError:
-        return dict.fromkeys(WORKER_COUNTERS)
-    return {name: metric_sum(text, name) for name in WORKER_COUNTERS}
+    total: dict[str, float | None] = dict.fromkeys(WORKER_COUNTERS, 0.0)
+    for url in urls:
+        try:
+            response = await http.get(url, timeout=5)
+            text = response.text
+        except httpx.HTTPError:
+            return dict.fromkeys(WORKER_COUNTERS)
+        for name in WORKER_COUNTERS:
+            # A worker that has served nothing yet has no counter lines: 0.
+            value, so_far = metric_sum(text, name) or 0.0, total[name]
+            total[name] = None if so_far is None else so_far + value
+    return total
 
 
 def counter_delta(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, Any]:

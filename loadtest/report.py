@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from loadtest.config import scaled_shape
 from loadtest.targets import REPO_ROOT
 
 Row = dict[str, Any]  # {"target", "kind", "label", "x", "params", "summary"}
@@ -243,6 +244,62 @@ def streams_table(rows: list[Row]) -> str:
     return render(headers, table)
 
 
+def _shape(target: str) -> tuple[int, int] | None:
+    return (1, 1) if target == "synthetic" else scaled_shape(target)
+
+
+def scaling_table(rows: list[Row]) -> str | None:
+    """Scaled synthetic targets against `synthetic` (one worker, one API) at the same step:
+    throughput (req/min, or chunks/s of held streams) and its ratio, with the goal for N
+    workers (ratio ≥ 0.9·N); for held streams the added gap p99 as well (goal ≤ 20 ms)."""
+    shaped = [(r, shape) for r in rows if (shape := _shape(r["target"])) is not None]
+    if len(shaped) < 2 or not any(shape != (1, 1) for _, shape in shaped):
+        return None
+    base = {r["label"]: r["summary"] for r, shape in shaped if shape == (1, 1)}
+    headers = [
+        "target",
+        "workers",
+        "APIs",
+        "step",
+        "req/min",
+        "chunks/s",
+        "+gap ms p99",
+        "x throughput",
+        "goal",
+    ]
+    table = []
+    for r, (workers, apis) in shaped:
+        s, b = r["summary"], base.get(r["label"])
+        window = s.get("steady_window") or {}
+        held = r["params"].get("streams") is not None or bool(window)
+        value = window.get("chunks_per_s") if held else s["req_per_min"]
+        if b is None:
+            against = None
+        else:
+            against = (b.get("steady_window") or {}).get("chunks_per_s") if held else b["req_per_min"]
+        times = ratio(value, against)
+        goal = "-"
+        if workers > 1 and times is not None:
+            goal = f"≥ {0.9 * workers:g}: {'met' if times >= 0.9 * workers else 'not met'}"
+        elif apis > 1 and held:
+            p99 = (window.get("added_gap_ms") or {}).get("p99")
+            goal = f"+gap p99 ≤ 20 ms: {'met' if p99 is not None and p99 <= 20 else 'not met'}"
+        table.append(
+            [
+                r["target"],
+                str(workers),
+                str(apis),
+                r["label"],
+                num(s["req_per_min"]),
+                num(window.get("chunks_per_s")),
+                num((window.get("added_gap_ms") or {}).get("p99")),
+                num(times),
+                goal,
+            ]
+        )
+    return render(headers, table)
+
+
 def tables(scenario: str, rows: list[Row]) -> list[tuple[str, str]]:
     """(title, text) of every table for the scenario."""
     out = [(f"{scenario}: latency and throughput", main_table(rows))]
@@ -252,6 +309,9 @@ def tables(scenario: str, rows: list[Row]) -> list[tuple[str, str]]:
         out.append(("admission: depth-only vs latency-aware", admission_table(rows)))
     if scenario == "streams":
         out.append(("streams: held streams (steady window)", streams_table(rows)))
+    scaling = scaling_table(rows)
+    if scaling is not None:
+        out.append(("scaling: N workers, M API processes against one of each", scaling))
     synth = synthetic_table(rows)
     if synth is not None and scenario != "streams":
         out.append(("synthetic engine: what the pipeline adds", synth))

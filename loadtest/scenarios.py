@@ -149,8 +149,8 @@ class TargetRun:
     ) -> StepResult:
         """Run one step; it goes to self.steps when it ends, or when it is cancelled."""
         t = self.target
-        cpu = cpu_probe(t.api_pid, t.worker_pid)
-        before = await worker_counters(probe_http, t.worker_metrics_url)
+        cpu = cpu_probe(t.api_pids, t.worker_pids)
+        before = await worker_counters(probe_http, t.worker_metrics_urls)
         cpu.begin()
         t0 = time.perf_counter()
         ticker = asyncio.create_task(self.tick_progress(label, workload, t0))
@@ -166,7 +166,7 @@ class TargetRun:
         finally:
             ticker.cancel()
         usage = cpu.end()
-        after = await worker_counters(probe_http, t.worker_metrics_url)
+        after = await worker_counters(probe_http, t.worker_metrics_urls)
         step = self._step(label, x, params, results, t0, usage, counter_delta(before, after))
         self.steps.append(step)
         ok = sum(1 for r in results if r.ok)
@@ -235,8 +235,8 @@ class TargetRun:
                 f"  note: streams need max_tokens={max_tokens}, above chatq's default limit "
                 f"CHATQ_MAX_TOKENS={CHATQ_MAX_TOKENS}: shorten --step-seconds or --ramp-seconds"
             )
-        cpu = cpu_probe(t.api_pid, t.worker_pid)
-        before = await worker_counters(probe_http, t.worker_metrics_url)
+        cpu = cpu_probe(t.api_pids, t.worker_pids)
+        before = await worker_counters(probe_http, t.worker_metrics_urls)
         usage: dict[str, float | None] = {}
         # One request per stream: no connection is worth keeping (see make_http_client).
         async with make_http_client(None, cfg.request_timeout_s, keepalive=0) as http:
@@ -269,7 +269,7 @@ class TargetRun:
             results = list(await asyncio.gather(*tasks))
             await probing
         t1 = max((r.end for r in results), default=time.perf_counter())
-        after = await worker_counters(probe_http, t.worker_metrics_url)
+        after = await worker_counters(probe_http, t.worker_metrics_urls)
         ok = sum(1 for r in results if r.ok)
         progress(f"  {t.name} K={k}: {len(results)} streams, {ok} ok, {t1 - t0:.1f} s")
         return StepResult(

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"base URL: {target.base_url}", flush=True)
             print(f"model:    {target.model}", flush=True)
             print(f"API key:  {API_KEY}", flush=True)
-            if target.worker_metrics_url:
-                print(f"worker metrics: {target.worker_metrics_url}", flush=True)
+            for url in target.worker_metrics_urls:
+                print(f"worker metrics: {url}", flush=True)
             print("Ctrl-C to stop", flush=True)
             while True:
                 time.sleep(1)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from chatq.errors import ChatqError, LaunchError
-from loadtest.config import ADMISSION_TARGETS, API_KEY, EngineConfig, RunConfig, SynthConfig
+from loadtest.config import ADMISSION_TARGETS, API_KEY, EngineConfig, RunConfig, SynthConfig, scaled_shape
 from stack import process_table
 from stack.processes import Process, spawn, wait_http
 from stack.servers import free_port
@@ -48,9 +48,9 @@ class Target:
     procs: list[Process] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     start_seconds: float | None = None
-    api_pid: int | None = None
-    worker_pid: int | None = None
-    worker_metrics_url: str | None = None
+    api_pids: list[int] = field(default_factory=list)
+    worker_pids: list[int] = field(default_factory=list)
+    worker_metrics_urls: list[str] = field(default_factory=list)
     synth: SynthConfig | None = None
 
     def start(self) -> None:
@@ -99,6 +99,9 @@ class ChatqTarget(Target):
     start_timeout: float = 600.0
     # Accounts on: PostgreSQL and Redis run too, and requests carry a user's API key.
     accounts: bool = False
+    # How many inference workers share the queue, and API processes share the port.
+    workers: int = 1
+    apis: int = 1
     _tmp: Path | None = None
     _stack: Supervisor | None = None
 
@@ -112,28 +115,39 @@ class ChatqTarget(Target):
                 RATE_LIMIT_USER_TPM="1000000000",
                 RATE_LIMIT_USER_CONCURRENCY="100000",
             )
-        worker = process_table.INFERENCE_WORKER.with_env(
-            WORKER_METRICS_PORT=str(free_port()), WORKER_ID=f"loadtest-{self.name}"
-        )
-        api = process_table.API.with_env(CHATQ_PORT=str(free_port()))
+        workers = [
+            replace(
+                process_table.INFERENCE_WORKER, name=f"worker-{i}" if self.workers > 1 else "worker"
+            ).with_env(WORKER_METRICS_PORT=str(free_port()), WORKER_ID=f"loadtest-{self.name}-{i}")
+            for i in range(1, self.workers + 1)
+        ]
+        # Several API processes share one port as ./start --api-workers runs them.
+        port = str(free_port())
+        apis = [
+            replace(process_table.API, name=f"api-{i}" if self.apis > 1 else "api").with_env(
+                CHATQ_PORT=port, **({"CHATQ_REUSE_PORT": "1"} if self.apis > 1 else {})
+            )
+            for i in range(1, self.apis + 1)
+        ]
         if not self.accounts:
-            api = replace(api, needs=())
+            apis = [replace(api, needs=()) for api in apis]
         try:
             self._stack = sup = launch(
                 self._tmp / "home",
                 env,
-                [worker, api],
-                ready=workers_ready(1),
+                [*workers, *apis],
+                ready=workers_ready(self.workers),
                 timeout=self.start_timeout,
                 logdir=self.logdir,
                 cwd=REPO_ROOT,
             )
         except (ChatqError, RuntimeError, TimeoutError) as exc:
             raise TargetError(f"{self.name}: {exc}") from None
-        self.procs = [sup.process("worker"), sup.process("api")]
+        self.procs = [sup.process(spec.name) for spec in [*workers, *apis]]
         self.base_url = sup.api_urls[0]
-        self.api_pid, self.worker_pid = self.procs[1].pid, self.procs[0].pid
-        self.worker_metrics_url = f"http://127.0.0.1:{sup.port(worker)}/metrics"
+        self.worker_pids = [sup.process(spec.name).pid for spec in workers]
+        self.api_pids = [sup.process(spec.name).pid for spec in apis]
+        self.worker_metrics_urls = [f"http://127.0.0.1:{sup.port(spec)}/metrics" for spec in workers]
         env["CHATQ_HOME"] = str(sup.s.home)
         if self.accounts:
             assert sup.database_url and sup.redis_url
@@ -228,7 +242,7 @@ class VllmServerTarget(Target):
         proc = spawn("vllm-server", argv, {"HF_HUB_OFFLINE": "1"}, self.logdir, cwd=REPO_ROOT)
         self.procs.append(proc)
         self.base_url = f"http://127.0.0.1:{port}"
-        self.api_pid = self.worker_pid = proc.pid
+        self.api_pids = self.worker_pids = [proc.pid]
         try:
             wait_http(
                 self.base_url + "/health",
@@ -307,7 +321,7 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
             "VLLM_ENFORCE_EAGER": "1" if e.enforce_eager else "0",
             "VLLM_MAX_MODEL_LEN": str(e.max_model_len),
         }
-    elif kind in ("synthetic", "synthetic-accounts", *ADMISSION_TARGETS):
+    elif kind in ("synthetic", "synthetic-accounts", *ADMISSION_TARGETS) or scaled_shape(kind):
         synth = cfg.synth
         slots = e.max_num_seqs if cfg.scenario in ("overload", "admission") else synth.slots
         env = {
@@ -333,6 +347,8 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
         logdir=logdir,
         start_timeout=cfg.start_timeout_s,
         synth=synth,
+        workers=(scaled_shape(kind) or (1, 1))[0],
+        apis=(scaled_shape(kind) or (1, 1))[1],
     )
 
 
@@ -344,5 +360,5 @@ def external_target(cfg: RunConfig) -> Target:
         base_url=cfg.url.rstrip("/"),
         api_key=cfg.api_key,
         model=cfg.model_name,
-        worker_metrics_url=cfg.metrics_url,
+        worker_metrics_urls=[cfg.metrics_url] if cfg.metrics_url else [],
     )

@@ -66,6 +66,29 @@ def test_steps_against_synthetic(tmp_path: Path) -> None:
     assert "latency and throughput" in proc.stdout
 
 
+@pytest.mark.timeout(150)
+def test_a_scaled_target_runs_its_workers_and_apis_and_is_compared_with_one_of_each(tmp_path: Path) -> None:
+    """synthetic-2w-2api: two workers share the queue behind two API processes on one port;
+    the report adds up both workers' counters and prints the scaling table."""
+    cmd = [
+        sys.executable, "-m", "loadtest",
+        "--targets", "synthetic,synthetic-2w-2api", "--scenario", "steps", "--concurrency", "4",
+        "--step-seconds", "3", "--max-tokens", "8", "--synth-slots", "1",
+        "--num-prompts", "50", "--warmup", "1", "--out", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=140)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(next(tmp_path.iterdir()).joinpath("report.json").read_text())
+    logs = report["targets"]["synthetic-2w-2api"]["logs"]
+    assert {"worker-1", "worker-2", "api-1", "api-2"} <= logs.keys()
+    scaled = next(s["summary"] for s in report["steps"] if s["target"] == "synthetic-2w-2api")
+    assert scaled["ok"] == scaled["requests"] > 0
+    # Every token the clients got was counted by one of the two workers' metrics.
+    assert scaled["probes"]["worker_tokens"] == scaled["output_tokens"]
+    assert "scaling: N workers, M API processes" in proc.stdout
+    assert re.search(r"synthetic-2w-2api\s+2\s+2\s+c=4", proc.stdout), proc.stdout[-2000:]
+
+
 @pytest.mark.timeout(120)
 def test_streams_with_the_lean_client(tmp_path: Path) -> None:
     """The streams scenario's raw asyncio client sees every stream's chunks."""
