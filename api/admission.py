@@ -266,3 +266,33 @@ class QueueMonitor:
             f"the queue for model {model!r} is at its hard limit; retry later",
             retry_after=self.retry_after(model, 1, priority),
         )
+
+
+class StreamCap:
+    """At most `limit` streams relayed by this API process at once (API_MAX_STREAMS; 0:
+    no cap); one more is refused with 429 `api_busy` before anything is queued.
+
+    One process relays only so many chunks a second. Past that it reads NATS late, the
+    server buffers what it has not read, and at 64 MiB cuts the connection as a slow
+    consumer: every stream the process holds then fails at once (measured: one API
+    process with 1000 streams of 20 tokens/s on 2 cores lost 708 of them). Refusing the
+    excess keeps the accepted ones whole; with several API processes on one port
+    (`./start --api-workers M`) the client's retry may land on one with room.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    def take(self, model: str) -> None:
+        if self.limit and self.open >= self.limit:
+            metrics.REJECTED.labels(model=model, reason="api_busy").inc()
+            raise Overloaded(
+                f"this API process relays {self.open} streams, its most (API_MAX_STREAMS); retry later",
+                code="api_busy",
+                retry_after=1,
+            )
+        self.open += 1
+
+    def give_back(self) -> None:
+        self.open -= 1

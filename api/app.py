@@ -23,7 +23,7 @@ from api import accounts as accounts_routes
 from api import admin, allow, conversations, metrics, models, openapi, usage
 from api import asyncapi as asyncapi_routes
 from api import web as web_routes
-from api.admission import QueueMonitor
+from api.admission import QueueMonitor, StreamCap
 from api.auth import Authenticator, authenticated
 from api.chat_turn import simple_chat
 from api.content_policy import load_policies
@@ -233,6 +233,7 @@ def create_app(settings: Settings, *, connect: Connect = nats_connect.connect) -
                 free_slots=registry.free_slots,
             ),
             registry=registry,
+            streams=StreamCap(settings.api_max_streams),
             auth=Authenticator(settings, pool),
             limiter=limiter,
             spawn=spawn,

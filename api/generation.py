@@ -220,17 +220,23 @@ class ChatCall:
         services = self.services
         settings = services.settings
         self.line.queued(job, log_prompts=settings.log_prompts)
-        await services.monitor.admit(job.model, job.priority)
+        # A place among this process's streams first: refused, nothing else was asked.
+        services.streams.take(job.model)
         try:
-            self._ticket = await services.limiter.acquire(
-                self.principal.scopes(),
-                settings.rate_limits[self.principal.role],
-                prompt_tokens=estimate_prompt_tokens(job.body),
-                request_id=job.request_id,
-                hold_s=settings.request_timeout_s + settings.watchdog_s,
-            )
-        except RateLimited as exc:
-            metrics.REJECTED.labels(model=job.model, reason=exc.code).inc()
+            await services.monitor.admit(job.model, job.priority)
+            try:
+                self._ticket = await services.limiter.acquire(
+                    self.principal.scopes(),
+                    settings.rate_limits[self.principal.role],
+                    prompt_tokens=estimate_prompt_tokens(job.body),
+                    request_id=job.request_id,
+                    hold_s=settings.request_timeout_s + settings.watchdog_s,
+                )
+            except RateLimited as exc:
+                metrics.REJECTED.labels(model=job.model, reason=exc.code).inc()
+                raise
+        except BaseException:
+            services.streams.give_back()
             raise
         relay = Relay(
             services.bus,
@@ -239,11 +245,13 @@ class ChatCall:
             spawn=services.spawn,
             buffer_bytes=services.settings.stream_buffer_bytes,
             output=services.policies.output,
+            on_close=services.streams.give_back,
         )
         try:
             await relay.open(services.monitor)
         except BaseException as exc:
             self.finish(None, 0, refused=isinstance(exc, ApiError))
+            await relay.close(None)  # unsubscribed, and its place among the streams given back
             raise
         self.queued = True
         return relay

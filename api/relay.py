@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 
@@ -85,8 +85,11 @@ class Relay:
         spawn: TaskSet,
         buffer_bytes: int = DEFAULT_STREAM_BUFFER_BYTES,
         output: tuple[Policy, ...] = (),
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.bus = bus
+        # Called once when the relay closes (the process's stream count, StreamCap).
+        self._on_close = on_close
         self.job = job
         self.watchdog_s = watchdog_s
         self.buffer_bytes = buffer_bytes
@@ -262,6 +265,8 @@ class Relay:
         if self._closed:
             return
         self._closed = True
+        if self._on_close is not None:
+            self._on_close()
         # Runs from a cancelled scope when the client has gone: shield the clean-up.
         with anyio.CancelScope(shield=True):
             if self._sub is not None:

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from api.admission import QueueMonitor
+from api.admission import QueueMonitor, StreamCap
 from api.auth import Authenticator
 from api.content_policy import ContentPolicies
 from api.ratelimit import RateLimiter
@@ -37,6 +37,8 @@ class Services:
     pool: AsyncConnectionPool[Any] | None = None
     profiles: ProfileSet = field(default_factory=ProfileSet.empty)
     policies: ContentPolicies = field(default_factory=ContentPolicies)
+    # The streams this process relays now, at most API_MAX_STREAMS.
+    streams: StreamCap = field(default_factory=lambda: StreamCap(0))
 
     def known_models(self) -> list[str]:
         """Configured models first, then the profiles, then any other model a live worker serves."""

@@ -66,6 +66,7 @@ RANGES: dict[str, Range] = {
     "STREAM_WATCHDOG_S": Range(0.1, 3600),
     "STREAM_HEARTBEAT_S": Range(0.01, 600),
     "STREAM_BUFFER_BYTES": _whole(4096, 1 << 30),
+    "API_MAX_STREAMS": _whole(0),
     "CHATQ_MAX_REQUEST_BYTES": _whole(1024, 1 << 30),
     "CHATQ_MAX_TOKENS": _whole(1),
     "CHATQ_DEFAULT_MAX_TOKENS": _whole(1),

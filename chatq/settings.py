@@ -84,6 +84,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     request_timeout_s: float
     watchdog_s: float
     stream_buffer_bytes: int
+    # Streams one API process relays at once; beyond, 429 api_busy (0: no cap).
+    api_max_streams: int = 500
     max_request_bytes: int
     cors_origins: tuple[str, ...]
     max_tokens_limit: int
@@ -287,6 +289,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         request_timeout_s=env.number("CHATQ_REQUEST_TIMEOUT_S", 600.0),
         watchdog_s=watchdog_s,
         stream_buffer_bytes=env.integer("STREAM_BUFFER_BYTES", 4 << 20),
+        api_max_streams=env.integer("API_MAX_STREAMS", 500),
         max_request_bytes=env.integer("CHATQ_MAX_REQUEST_BYTES", 1 << 20),
         cors_origins=tuple(env.items("CORS_ORIGINS")),
         max_tokens_limit=env.integer("CHATQ_MAX_TOKENS", 4096),
