@@ -149,7 +149,8 @@ def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> Ru
         and any(t != "synthetic" and not scaled_shape(t) for t in targets)
     ):
         raise SystemExit(
-            "--scenario streams measures synthetic targets only (synthetic, or scaled ones such as synthetic-2api)"
+            "--scenario streams measures synthetic targets only "
+            "(synthetic, or scaled ones such as synthetic-2api)"
         )
     rates: tuple[float, ...] = ()
     if scenario in ("rate", "overload"):

@@ -183,6 +183,37 @@ def overload_table(rows: list[Row]) -> str:
     return render(headers, table)
 
 
+def goodput_table(rows: list[Row]) -> str:
+    """Per step: what was sent, what completed with its first token within 2, 5 and 10 s
+    (a minute, and the share of sent), the TTFT of the accepted, the 429s and their latency."""
+    headers = [
+        "target", "step", "sent", "ok", "good/min TTFT≤2s", "≤5s", "≤10s", "good % of sent ≤2/5/10s",
+        "TTFT accepted ms p50/99", "429", "429 latency ms p50/99",
+    ]  # fmt: skip
+    table = []
+    for r in rows:
+        s = r["summary"]
+        good = s.get("goodput") or {}
+        per = [good.get(f"ttft_le_{b:g}s", {}) for b in (2.0, 5.0, 10.0)]
+        shares = "/".join(
+            num(100 * g["share_of_sent"]) if g.get("share_of_sent") is not None else "-" for g in per
+        )
+        table.append(
+            [
+                r["target"],
+                r["label"],
+                str(s["requests"]),
+                str(s["ok"]),
+                *(num(g.get("per_min")) for g in per),
+                shares,
+                pcts(s["ttft_ms"], ("p50", "p99")),
+                str(s["errors"]["http_429"]),
+                pcts(s.get("rejected_429_latency_ms"), ("p50", "p99")),
+            ]
+        )
+    return render(headers, table)
+
+
 def admission_table(rows: list[Row]) -> str:
     """Depth-only against latency-aware admission, step by step (the admission scenario)."""
     headers = [
@@ -305,6 +336,10 @@ def tables(scenario: str, rows: list[Row]) -> list[tuple[str, str]]:
     out = [(f"{scenario}: latency and throughput", main_table(rows))]
     if scenario == "overload":
         out.append(("overload: admission control", overload_table(rows)))
+    if scenario in ("rate", "overload"):
+        out.append(
+            (f"{scenario}: goodput (completed with the first token within 2, 5, 10 s)", goodput_table(rows))
+        )
     if scenario == "admission":
         out.append(("admission: depth-only vs latency-aware", admission_table(rows)))
     if scenario == "streams":

@@ -17,6 +17,10 @@ from loadtest.scenarios import StepResult
 PERCENTILES = (50, 95, 99)
 
 
+# The TTFT bounds (seconds) of the goodput figures.
+GOODPUT_TTFT_S = (2.0, 5.0, 10.0)
+
+
 def percentile(sorted_values: list[float], p: float) -> float:
     """The p-th percentile of an already sorted, non-empty list."""
     if len(sorted_values) == 1:
@@ -107,6 +111,16 @@ def summarize(step: StepResult) -> dict[str, Any]:
         "tpot_ms": dist(r.tpot() for r in ok),
         "e2e_ms": dist(r.e2e for r in ok),
         "probes": step.probes,
+    }
+    # Goodput: completed requests whose first token came within each bound, a minute and
+    # as a share of all sent (refused and failed ones count as sent, never as good).
+    summary["goodput"] = {
+        f"ttft_le_{bound:g}s": {
+            "count": (good := sum(1 for r in ok if r.ttft is not None and r.ttft <= bound)),
+            "per_min": round(good / duration * 60, 2),
+            "share_of_sent": round(good / len(results), 4) if results else None,
+        }
+        for bound in GOODPUT_TTFT_S
     }
     rejected = [r for r in results if r.error == "http_429"]
     if rejected or step.scenario in ("overload", "admission"):
