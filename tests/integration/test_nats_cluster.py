@@ -1,5 +1,6 @@
-"""A NATS cluster of three loses the JOBS stream's leader under load: no accepted chat is
-lost, new chats are admitted again after a short pause, and the server rejoins."""
+"""A NATS cluster of three, with chatq's users, loses the JOBS stream's leader under load:
+no accepted chat is lost, new chats are admitted again after a short pause, and the
+server rejoins."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from nats.js import JetStreamContext
 import schemas
 from broker import names, topology
 from broker.connect import server_urls
+from stack import nats_auth
 from stack.servers import NatsServer, cluster_url, nats_cluster
 from tests.helpers import accounts_stack, auth, eventually, no_rate_limits, sse_events
 
@@ -172,8 +174,13 @@ def timeline(outcomes: list[Outcome], killed: float) -> str:
 
 
 def test_chats_go_on_when_the_jobs_streams_leader_is_lost(tmp_path: Path) -> None:
-    servers = nats_cluster(tmp_path / "nats")
+    # The cluster asks for chatq's users, as an operator's would: each chatq process logs
+    # in as its service (NATS_USERS_FILE); the test's own connections as chatq-admin.
+    passwords = nats_auth.ensure_passwords(tmp_path / "operator")
+    config = nats_auth.write_config(tmp_path / "operator", passwords)
+    servers = nats_cluster(tmp_path / "nats", config=config)
     for server in servers:
+        server.login = nats_auth.admin_login(passwords)
         server.start(tmp_path / f"{server.name}.log")
     url = cluster_url(servers)
     try:
@@ -181,7 +188,8 @@ def test_chats_go_on_when_the_jobs_streams_leader_is_lost(tmp_path: Path) -> Non
         with accounts_stack(
             tmp_path,
             MODEL,
-            nats_url=url,
+            nats_url=",".join(server.address for server in servers),
+            NATS_USERS_FILE=str(tmp_path / "operator" / nats_auth.USERS_FILE),
             CHATQ_MODELS=MODEL,
             NATS_STREAM_REPLICAS="3",
             SYNTH_TOKENS_PER_S="60",
