@@ -311,6 +311,7 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
     elif cfg.queue_max is not None:
         common["CHATQ_QUEUE_MAX"] = str(cfg.queue_max)
     synth = None
+    shape = scaled_shape(kind) or (1, 1)  # (workers, API processes)
     if kind == "chatq":
         env = {
             **common,
@@ -321,7 +322,7 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
             "VLLM_ENFORCE_EAGER": "1" if e.enforce_eager else "0",
             "VLLM_MAX_MODEL_LEN": str(e.max_model_len),
         }
-    elif kind in ("synthetic", "synthetic-accounts", *ADMISSION_TARGETS) or scaled_shape(kind):
+    elif kind in ("synthetic", "synthetic-accounts", *ADMISSION_TARGETS) or shape != (1, 1):
         synth = cfg.synth
         slots = e.max_num_seqs if cfg.scenario in ("overload", "admission") else synth.slots
         env = {
@@ -347,8 +348,8 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
         logdir=logdir,
         start_timeout=cfg.start_timeout_s,
         synth=synth,
-        workers=(scaled_shape(kind) or (1, 1))[0],
-        apis=(scaled_shape(kind) or (1, 1))[1],
+        workers=shape[0],
+        apis=shape[1],
     )
 
 
