@@ -26,9 +26,11 @@ times the bound (the JetStream per-subject limit, JOBS_MAX_MSGS, is the exact ha
 Once the jobs have landed, every process sees them and refuses.
 
 The bound itself depends on the policy (ADMISSION_POLICY). `depth`: the fixed
-CHATQ_QUEUE_MAX. `latency` (the default): as many jobs as the workers can start within
-the wait target T (ADMISSION_WAIT_TARGET_S), from their measured capacity μ (jobs
-started per second while a backlog waited, api/drain.py) and the free slots F: what the
+CHATQ_QUEUE_MAX (the default). `latency`: as many jobs as the workers can start within
+the wait target T (ADMISSION_WAIT_TARGET_S), from their capacity μ (jobs started per
+second while a backlog waited, api/drain.py; before a backlog has shown it, what the
+workers announce they can start: their slots over the time a job holds one) and the
+free slots F: what the
 live workers announced last (the workers KV bucket, every couple of seconds) less the
 jobs the consumer shows delivered since (started or still in prefill), since each took
 one of those slots:
@@ -38,12 +40,12 @@ one of those slots:
 A job admitted with `waiting` jobs ahead of it gets a slot once the F free ones are
 taken and (waiting − F) more jobs have started, about (waiting − F + 1) / μ seconds on;
 admitting only below the bound keeps that within T. Its time to the first token is
-then the engine's own TTFT plus at most about T. Without a capacity measured yet (no
-backlog in the last CAPACITY_MEMORY_S) the bound is CHATQ_QUEUE_MAX, as with `depth`;
-and it is never below 1, so a request that finds nothing waiting is always admitted.
-μ and F are read from NATS, which every API process shares, so every process computes
-the same bound. Retry-After is the time for the excess to drain at μ (or, without μ,
-at the recent start rate).
+then the engine's own TTFT plus at most about T. Without any capacity (no backlog in
+the last CAPACITY_MEMORY_S and no worker has completed a job) the bound is
+CHATQ_QUEUE_MAX, as with `depth`; and it is never below 1, so a request that finds
+nothing waiting is always admitted. μ and F are read from NATS, which every API process
+shares, so every process computes the same bound. Retry-After is the time for the
+excess to drain at μ (or, without μ, at the recent start rate).
 """
 
 from __future__ import annotations
@@ -103,6 +105,10 @@ def _no_free_slots(model: str) -> tuple[int, float]:
     return 0, 0.0
 
 
+def _no_estimate(model: str) -> float | None:
+    return None
+
+
 class QueueMonitor:
     """Reads each model's queue depth from its JetStream consumer, cached for a moment."""
 
@@ -115,6 +121,7 @@ class QueueMonitor:
         policy: AdmissionPolicy = "depth",
         wait_target_s: float = 2.0,
         free_slots: Callable[[str], tuple[int, float]] = _no_free_slots,
+        capacity_estimate: Callable[[str], float | None] = _no_estimate,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._bus = bus
@@ -123,6 +130,7 @@ class QueueMonitor:
         self._policy = policy
         self._wait_target_s = wait_target_s
         self._free_slots = free_slots
+        self._capacity_estimate = capacity_estimate
         self._clock = clock  # the clock of ConsumerDepth.at (the bus's monotonic one)
         self._queues: dict[tuple[str, Priority], _ModelQueue] = {}
 
@@ -182,9 +190,11 @@ class QueueMonitor:
         return None if queue is None else queue.drain.rate()
 
     def capacity(self, model: str, priority: Priority = "interactive") -> float | None:
-        """Jobs per second the workers start while a backlog waits (api/drain.py), or None."""
+        """Jobs per second the workers start while a backlog waits (api/drain.py); before
+        one has been measured, what the workers announce they can start; or None."""
         queue = self._queues.get((model, priority))
-        return None if queue is None else queue.drain.capacity(self._clock())
+        measured = None if queue is None else queue.drain.capacity(self._clock())
+        return measured if measured is not None else self._capacity_estimate(model)
 
     def bound(self, model: str, priority: Priority = "interactive") -> int:
         """How many jobs may wait: CHATQ_QUEUE_MAX, or what the workers start within the target."""

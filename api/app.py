@@ -231,6 +231,7 @@ def create_app(settings: Settings, *, connect: Connect = nats_connect.connect) -
                 policy=settings.admission_policy,
                 wait_target_s=settings.admission_wait_target_s,
                 free_slots=registry.free_slots,
+                capacity_estimate=registry.capacity_estimate,
             ),
             registry=registry,
             streams=StreamCap(settings.api_max_streams),

@@ -117,3 +117,14 @@ class WorkerRegistry:
         announcement was made (admission's F)."""
         workers = [w for w in self.ready() if w.model == model]
         return sum(w.free_slots for w in workers), max((w.updated for w in workers), default=0.0)
+
+    def capacity_estimate(self, model: str) -> float | None:
+        """Jobs per second the ready workers serving `model` can start, from their slots and
+        the time a job holds one (slots / job_s; a worker with no job done yet counted at
+        its neighbours' average), or None while no worker has completed a job."""
+        workers = [w for w in self.ready() if w.model == model]
+        known = [w.job_s for w in workers if w.job_s > 0]
+        if not known:
+            return None
+        average = sum(known) / len(known)
+        return sum(w.slots / (w.job_s or average) for w in workers)

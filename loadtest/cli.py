@@ -65,6 +65,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=256, help="tokens of each prompt's text")
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request")
     p.add_argument(
+        "--output-range-ratio", type=float, default=0.0,
+        help="spread each request's max_tokens uniformly over --max-tokens × [1 − r, 1 + r] "
+        "(the output half of vLLM bench's --random-range-ratio; 0: every request the same)",
+    )  # fmt: skip
+    p.add_argument(
         "--rate", help="rate/overload: arrival rates in requests/s, comma-separated (default 2; overload 20)"
     )
     p.add_argument("--arrival", choices=("poisson", "uniform"), default="poisson")
@@ -75,7 +80,12 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--admission-wait-target-s", type=float,
-        help="admission: ADMISSION_WAIT_TARGET_S of the latency policy (default: chatq's)",
+        help="ADMISSION_WAIT_TARGET_S of the latency policy for every chatq target (default: chatq's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--admission-policy", choices=("depth", "latency"),
+        help="ADMISSION_POLICY of the chatq, synthetic and scaled targets (default: chatq's; "
+        "synthetic-depth and synthetic-latency keep their own)",
     )  # fmt: skip
     p.add_argument(
         "--retry-every", type=int, default=4, help="admission: retry every n-th 429 after Retry-After"
@@ -163,6 +173,8 @@ def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> Ru
     if scenario == "admission":
         capacity = synthetic_capacity(args.slots, synth, args.max_tokens)
         rates = tuple(round(capacity * load, 3) for load in loads)
+    if not 0 <= args.output_range_ratio < 1:
+        raise SystemExit("--output-range-ratio must be at least 0 and below 1")
     if min(args.prompt_tokens, args.max_tokens, args.step_seconds, args.progress_seconds) <= 0:
         raise SystemExit("--prompt-tokens, --max-tokens, --step-seconds, --progress-seconds must be positive")
     room = EngineConfig.max_model_len
@@ -177,6 +189,7 @@ def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> Ru
         step_seconds=args.step_seconds,
         prompt_tokens=args.prompt_tokens,
         max_tokens=args.max_tokens,
+        output_range_ratio=args.output_range_ratio,
         temperature=args.temperature,
         num_prompts=args.num_prompts,
         seed=args.seed,
@@ -191,6 +204,7 @@ def build_config(args: argparse.Namespace, out_dir: Path, model_dir: Path) -> Ru
         max_inflight=args.max_inflight,
         loads=loads,
         admission_wait_target_s=args.admission_wait_target_s,
+        admission_policy=args.admission_policy,
         retry_every=max(1, args.retry_every),
         kpi_context_tokens=args.kpi_context_tokens,
         progress_s=args.progress_seconds,

@@ -18,6 +18,7 @@ import httpx
 import msgspec
 
 from chatq.sse import SseDecoder, SseEvent
+from loadtest.config import request_max_tokens
 
 # Error classes, in the order the tables show them.
 ERROR_CLASSES = ("http_429", "http_5xx", "http_4xx", "connection", "timeout", "sse_error", "incomplete")
@@ -138,6 +139,8 @@ class ChatClient:
         max_tokens: int,
         temperature: float,
         token_counter: Callable[[str], int] | None = None,
+        output_range_ratio: float = 0.0,
+        seed: int = 0,
     ) -> None:
         self.http = http
         self.url = base_url.rstrip("/") + "/v1/chat/completions"
@@ -146,6 +149,8 @@ class ChatClient:
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.max_tokens = max_tokens
+        self.output_range_ratio = output_range_ratio
+        self.seed = seed
         self.temperature = temperature
         self.token_counter = token_counter
 
@@ -163,7 +168,8 @@ class ChatClient:
 
     async def chat(self, index: int, prompt: str, max_tokens: int | None = None) -> RequestResult:
         """Send one streaming request and time it; never raises for HTTP or stream errors."""
-        body = self.body(prompt, max_tokens)
+        tokens = max_tokens or request_max_tokens(self.max_tokens, self.output_range_ratio, self.seed, index)
+        body = self.body(prompt, tokens)
         start = time.perf_counter()
         result = RequestResult(index=index, start=start)
         try:

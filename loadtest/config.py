@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +77,16 @@ class SynthConfig:
     slots: int = 2000
 
 
+def request_max_tokens(max_tokens: int, range_ratio: float, seed: int, index: int) -> int:
+    """The max_tokens of request `index`: max_tokens, or with a range ratio r drawn uniformly
+    from max_tokens × [1 − r, 1 + r] (the same for every target: seeded by the index)."""
+    if not range_ratio:
+        return max_tokens
+    low = max(1, math.floor(max_tokens * (1 - range_ratio)))
+    high = max(low, math.ceil(max_tokens * (1 + range_ratio)))
+    return random.Random(seed * 1_000_003 + index).randint(low, high)
+
+
 def synthetic_capacity(slots: int, synth: SynthConfig, max_tokens: int) -> float:
     """Requests per second a synthetic worker serves: each holds a slot for TTFT + tokens/pace."""
     return slots / (synth.ttft_ms / 1000 + max_tokens / synth.tokens_per_s)
@@ -90,6 +102,7 @@ class RunConfig:
     step_seconds: float = 30.0
     prompt_tokens: int = 256
     max_tokens: int = 32
+    output_range_ratio: float = 0.0  # each request's max_tokens spread over max_tokens × [1 − r, 1 + r]
     temperature: float = 0.0
     num_prompts: int = 1000
     seed: int = 1234
@@ -107,6 +120,8 @@ class RunConfig:
     # 429s are retried once after their Retry-After (every n-th)
     loads: tuple[float, ...] = (1.0, 3.0)
     admission_wait_target_s: float | None = None
+    # ADMISSION_POLICY of the other chatq targets (None: chatq's default)
+    admission_policy: Literal["depth", "latency"] | None = None
     retry_every: int = 4
     kpi_context_tokens: int = 2048  # kpi: the whole model input (template included) of the TTFT step
     progress_s: float = 10.0  # a progress line on stderr this often while a step runs

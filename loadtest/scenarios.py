@@ -88,6 +88,8 @@ class TargetRun:
             api_key=t.api_key,
             max_tokens=max_tokens or self.cfg.max_tokens,
             temperature=self.cfg.temperature,
+            output_range_ratio=self.cfg.output_range_ratio,
+            seed=self.cfg.seed,
             token_counter=synthetic_token_count if t.kind == "synthetic" else None,
         )
 

@@ -310,6 +310,10 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
         common["CHATQ_QUEUE_MAX"] = str(cfg.overload_queue_max)
     elif cfg.queue_max is not None:
         common["CHATQ_QUEUE_MAX"] = str(cfg.queue_max)
+    if cfg.admission_policy is not None:
+        common["ADMISSION_POLICY"] = ADMISSION_TARGETS.get(kind, cfg.admission_policy)
+    if cfg.admission_wait_target_s is not None:
+        common["ADMISSION_WAIT_TARGET_S"] = f"{cfg.admission_wait_target_s:g}"
     synth = None
     shape = scaled_shape(kind) or (1, 1)  # (workers, API processes)
     if kind == "chatq":
@@ -334,8 +338,6 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
         }
         if kind in ADMISSION_TARGETS:
             env["ADMISSION_POLICY"] = ADMISSION_TARGETS[kind]
-            if cfg.admission_wait_target_s is not None:
-                env["ADMISSION_WAIT_TARGET_S"] = f"{cfg.admission_wait_target_s:g}"
     else:
         raise ValueError(f"unknown target {kind!r}; choose from chatq, vllm-server, synthetic")
     return ChatqTarget(

@@ -292,6 +292,10 @@ class WorkerStatus(msgspec.Struct, frozen=True, omit_defaults=True):
     gpus: int = 0  # GPUs NVML reports on the worker's host
     host: str = ""  # the worker's host name
     engine_version: str = ""  # e.g. vLLM's version, "synthetic"
+    # Seconds a completed job held its slot, fetch to last token, averaged over the
+    # recent ones (0: none yet). slots / job_s is what the worker can start per second,
+    # known before any backlog has shown it (admission's capacity estimate).
+    job_s: float = 0.0
 
 
 # --- control.workers.<worker>.model (core NATS request/reply) ---------------------------

@@ -3,13 +3,16 @@ with a fake clock and a fake consumer: no NATS, no sleeping."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import pytest
 
+import schemas
 from api.admission import QueueMonitor
 from api.drain import CAPACITY_MEMORY_S, DrainEstimator
 from broker.bus import Bus, ConsumerDepth
+from broker.workers import WorkerRegistry
 from chatq.errors import Overloaded
 
 MODEL = "m"
@@ -103,7 +106,9 @@ class FakeBus:
         )
 
 
-def monitor(fake: FakeBus, *, policy: str = "latency", free: int = 0, bound: int = 64) -> QueueMonitor:
+def monitor(
+    fake: FakeBus, *, policy: str = "latency", free: int = 0, bound: int = 64, estimate: float | None = None
+) -> QueueMonitor:
     bus: Bus = fake  # type: ignore[assignment]
     return QueueMonitor(
         bus,
@@ -112,6 +117,7 @@ def monitor(fake: FakeBus, *, policy: str = "latency", free: int = 0, bound: int
         policy=policy,  # type: ignore[arg-type]
         wait_target_s=1.0,
         free_slots=lambda model: (free, 1.0),
+        capacity_estimate=lambda model: estimate,
         clock=fake.clock,
     )
 
@@ -134,6 +140,23 @@ async def test_without_a_measured_capacity_the_depth_bound_applies() -> None:
     await mon.admit(MODEL)  # 7 waiting < 8
     with pytest.raises(Overloaded):
         await mon.admit(MODEL)
+
+
+async def test_before_a_backlog_the_workers_announced_capacity_bounds_the_queue() -> None:
+    """A burst meets the first backlog with what the workers say they start (slots / job_s),
+    not with CHATQ_QUEUE_MAX: 2 jobs/s x 1 s target."""
+    fake = FakeBus(Clock())
+    mon = monitor(fake, bound=64, estimate=2.0)
+    await mon.depth(MODEL)
+    assert mon.bound(MODEL) == 2
+    fake.pending = 1
+    await mon.admit(MODEL)
+    with pytest.raises(Overloaded) as refused:
+        await mon.admit(MODEL)  # 1 waiting + 1 admitted since the reading
+    assert refused.value.retry_after == 1
+    # Once a backlog has been measured, the measurement wins over the announcement.
+    await backlog(fake, mon, rate=5, seconds=4, pending=10)
+    assert mon.capacity(MODEL) == 5.0 and mon.bound(MODEL) == 5
 
 
 async def test_latency_bound_is_what_the_workers_start_within_the_target() -> None:
@@ -213,3 +236,23 @@ async def test_refusal_takes_a_fresh_reading() -> None:
     readings = len(fake.readings)
     await mon.admit(MODEL)
     assert len(fake.readings) == readings + 1
+
+
+def test_the_workers_capacity_estimate_is_their_slots_over_a_jobs_slot_time() -> None:
+    registry = WorkerRegistry(None)  # type: ignore[arg-type]  - fed by hand, never watching
+    now = time.time()
+
+    def worker(wid: str, job_s: float, state: str = "ready", model: str = MODEL) -> None:
+        registry._entries[wid] = schemas.WorkerStatus(
+            worker_id=wid, model=model, engine="synthetic", state=state,  # type: ignore[arg-type]
+            slots=8, free_slots=0, updated=now, job_s=job_s,
+        )  # fmt: skip
+
+    worker("a", 0.0)
+    assert registry.capacity_estimate(MODEL) is None  # no job done anywhere yet
+    worker("b", 2.0)
+    worker("c", 4.0)
+    worker("d", 1.0, state="loading")  # not serving yet: not counted
+    worker("e", 1.0, model="other")
+    # b: 8/2, c: 8/4, and a (no job yet) at their average slot time, 3 s: 8/3.
+    assert registry.capacity_estimate(MODEL) == pytest.approx(4 + 2 + 8 / 3)

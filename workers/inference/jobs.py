@@ -35,6 +35,10 @@ def _deliveries(msg: Msg) -> int:
         return 1
 
 
+# Each completed job's weight in the average slot time: about the last 20 jobs count.
+JOB_S_WEIGHT = 0.05
+
+
 @dataclass(eq=False)
 class ActiveRequest:
     job: schemas.Job
@@ -74,6 +78,7 @@ class JobRunner:
         """Run the next jobs on this engine (the running ones must have ended)."""
         self.engine = engine
         self.labels = {"model": engine.model}
+        self.job_s = 0.0  # the average slot time of completed jobs (WorkerStatus.job_s)
 
     @property
     def free_slots(self) -> int:
@@ -214,6 +219,9 @@ class JobRunner:
             )
             active.chunks.close()
             metrics.JOBS.labels(outcome=outcome, **self.labels).inc()
+            if outcome == "completed":
+                held = ended - active.fetched_at
+                self.job_s = held if not self.job_s else self.job_s + JOB_S_WEIGHT * (held - self.job_s)
             self._forget(active)
 
     def _forget(self, active: ActiveRequest) -> None:
