@@ -112,17 +112,20 @@ class WorkerRegistry:
     def ready(self) -> list[schemas.WorkerStatus]:
         return [w for w in self.workers.values() if w.state == "ready"]
 
+    def _ready_for(self, model: str) -> list[schemas.WorkerStatus]:
+        return [w for w in self.ready() if w.model == model]
+
     def free_slots(self, model: str) -> tuple[int, float]:
         """Free slots the ready workers serving `model` announced last, and when the newest
         announcement was made (admission's F)."""
-        workers = [w for w in self.ready() if w.model == model]
+        workers = self._ready_for(model)
         return sum(w.free_slots for w in workers), max((w.updated for w in workers), default=0.0)
 
     def capacity_estimate(self, model: str) -> float | None:
         """Jobs per second the ready workers serving `model` can start, from their slots and
         the time a job holds one (slots / job_s; a worker with no job done yet counted at
         its neighbours' average), or None while no worker has completed a job."""
-        workers = [w for w in self.ready() if w.model == model]
+        workers = self._ready_for(model)
         known = [w.job_s for w in workers if w.job_s > 0]
         if not known:
             return None

@@ -84,6 +84,7 @@ RANGES: dict[str, Range] = {
     "API_WORKERS": _whole(1, 64),
     "CHUNK_MAX_TOKENS": _whole(1, 4096),
     "CHUNK_MAX_DELAY_MS": Range(0, 10_000),
+    "WORKER_TTFT_HOLD": Range(0, 1000),  # 0: off
     "VLLM_GPU_MEMORY_UTILIZATION": Range(0.01, 1),  # a fraction of the GPU's memory
     "VLLM_MAX_MODEL_LEN": _whole(64),
     "SYNTH_TOKENS_PER_S": Range(0.001, 1_000_000),

@@ -123,6 +123,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     api_reuse_port: bool = False
     chunk_max_tokens: int
     chunk_max_delay_s: float
+    # workers/inference/jobs.py: take no job while one has waited for its first token
+    # longer than this many times the engine's quickest recent one (0: off).
+    worker_ttft_hold: float
     heartbeat_s: float
     # vLLM
     vllm_dtype: str
@@ -320,6 +323,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         api_reuse_port=env.flag("CHATQ_REUSE_PORT", False),
         chunk_max_tokens=env.integer("CHUNK_MAX_TOKENS", 16),
         chunk_max_delay_s=env.number("CHUNK_MAX_DELAY_MS", 15.0) / 1000,
+        # With latency-aware admission the engine's own queue must stay short too: what
+        # a worker does not take waits in JetStream, where admission sees it.
+        worker_ttft_hold=env.number("WORKER_TTFT_HOLD", 2.0 if admission_policy == "latency" else 0.0),
         heartbeat_s=heartbeat_s,
         vllm_dtype=env.text("VLLM_DTYPE", "auto"),
         vllm_gpu_memory_utilization=env.optional_number("VLLM_GPU_MEMORY_UTILIZATION"),

@@ -71,8 +71,22 @@ class StuckEngine(SyntheticEngine):
         raise asyncio.CancelledError
 
 
+class SlowStartEngine(SyntheticEngine):
+    """The synthetic engine, but a request whose id starts with "slow" gets no first token
+    until released (a CPU engine's own queue, given more jobs than it starts promptly)."""
+
+    def __init__(self) -> None:
+        super().__init__(model="m", tokens_per_s=200, ttft_s=0.01, slots=4)
+        self.release = asyncio.Event()
+
+    async def serve(self, request: OpenAIRequest, progress: Progress) -> Answer:
+        if request.request_id.startswith("slow"):
+            await asyncio.wait_for(self.release.wait(), 30)
+        return await super().serve(request, progress)
+
+
 def make(
-    slots: int = 2, engine: SyntheticEngine | None = None, ttft_s: float = 0.01
+    slots: int = 2, engine: SyntheticEngine | None = None, ttft_s: float = 0.01, ttft_hold: float = 0.0
 ) -> tuple[InferenceWorker, FakeBus, SyntheticEngine]:
     engine = engine or SyntheticEngine(model="m", tokens_per_s=50, ttft_s=ttft_s, slots=slots)
     bus = FakeBus()
@@ -83,6 +97,7 @@ def make(
         chunk_max_tokens=16,
         chunk_max_delay_s=0.015,
         cancel_wait_s=0.2,
+        ttft_hold=ttft_hold,
     )
     return InferenceWorker(bus, engine, config), bus, engine  # type: ignore[arg-type]
 
@@ -165,6 +180,37 @@ async def test_the_slot_time_of_completed_jobs_is_measured_and_a_cancelled_one_l
     worker.cancel("t2", "client_disconnected")
     await settle(worker)
     assert worker.jobs.job_s == measured
+
+
+async def test_a_job_slow_to_its_first_token_holds_the_free_slots_until_it_starts() -> None:
+    """WORKER_TTFT_HOLD: while a job has waited for its first token longer than twice the
+    quickest recent one, the worker takes (and announces) no free slot."""
+    engine = SlowStartEngine()
+    worker, _, _ = make(engine=engine, ttft_hold=2.0)
+    worker.jobs.start(FakeMsg(job("quick", max_tokens=2)))  # type: ignore[arg-type]
+    await settle(worker)
+    assert worker.free_slots == 4  # nothing waits for a first token: no hold
+    worker.jobs.start(FakeMsg(job("slow", max_tokens=2)))  # type: ignore[arg-type]
+    await eventually("the hold", lambda: worker.free_slots == 0, 5, 0.01)
+    assert len(worker.active) == 1  # 3 slots empty, yet none offered
+    worker.jobs.slot_freed.clear()
+    engine.release.set()
+    await asyncio.wait_for(worker.jobs.slot_freed.wait(), 5)  # the first token wakes the pull loop
+    assert worker.free_slots >= 3
+    await settle(worker)
+    assert worker.free_slots == 4
+
+
+async def test_without_a_ttft_hold_a_slow_start_leaves_the_slots_free() -> None:
+    engine = SlowStartEngine()
+    worker, _, _ = make(engine=engine)
+    worker.jobs.start(FakeMsg(job("quick", max_tokens=2)))  # type: ignore[arg-type]
+    await settle(worker)
+    worker.jobs.start(FakeMsg(job("slow", max_tokens=2)))  # type: ignore[arg-type]
+    await asyncio.sleep(0.2)
+    assert worker.free_slots == 3
+    engine.release.set()
+    await settle(worker)
 
 
 async def test_an_engine_refusal_is_a_stream_error_with_its_status_and_nothing_else() -> None:

@@ -89,6 +89,7 @@ def make_worker(
         chunk_max_delay_s=settings.chunk_max_delay_s,
         switch_grace_s=settings.switch_grace_s,
         gpus=gpus,
+        ttft_hold=settings.worker_ttft_hold,
     )
     return InferenceWorker(
         bus,

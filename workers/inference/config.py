@@ -18,3 +18,6 @@ class WorkerConfig:
     # After a switch or shutdown cancels a request, how long it may take to end.
     cancel_wait_s: float = 5.0
     gpus: int = 0
+    # Take no job while one has waited for its first token longer than this many times
+    # the quickest of the engine's recent ones (WORKER_TTFT_HOLD; 0: off).
+    ttft_hold: float = 0.0

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
@@ -37,6 +38,8 @@ def _deliveries(msg: Msg) -> int:
 
 # Each completed job's weight in the average slot time: about the last 20 jobs count.
 JOB_S_WEIGHT = 0.05
+# The quickest of this many recent first tokens is the engine's unloaded TTFT (ttft_hold).
+TTFT_MEMORY = 50
 
 
 @dataclass(eq=False)
@@ -79,11 +82,27 @@ class JobRunner:
         self.engine = engine
         self.labels = {"model": engine.model}
         self.job_s = 0.0  # the average slot time of completed jobs (WorkerStatus.job_s)
+        self._ttfts: deque[float] = deque(maxlen=TTFT_MEMORY)  # fetch to first token, recent jobs
 
     @property
     def free_slots(self) -> int:
-        """Jobs the engine can take now."""
-        return max(0, self.engine.slots - len(self.active))
+        """Jobs the engine can take now: its free slots, or none while it is slow to start
+        the jobs it has (see held())."""
+        free = max(0, self.engine.slots - len(self.active))
+        return 0 if free and self.held() else free
+
+    def held(self) -> bool:
+        """Whether a job has waited for its first token longer than ttft_hold times the
+        quickest recent one. The engine then queues what it took, inside itself, where
+        admission cannot see it (a CPU engine given 16 slots starts the last of them many
+        seconds on); what the worker leaves in JetStream, admission counts as waiting.
+        A first token or a job's end ends the hold (slot_freed wakes the pull loop).
+        """
+        if self.config.ttft_hold <= 0 or not self._ttfts:
+            return False
+        limit = self.config.ttft_hold * min(self._ttfts)
+        now = time.monotonic()
+        return any(a.first_token_at is None and now - a.fetched_at > limit for a in self.active.values())
 
     async def end_active(self, grace_s: float, reason: str) -> None:
         """Let running requests finish for grace_s, then end the rest.
@@ -235,8 +254,11 @@ class JobRunner:
         self.slot_freed.set()
 
     def _first_token(self, active: ActiveRequest) -> None:
-        metrics.TTFT.labels(**self.labels).observe(time.monotonic() - active.fetched_at)
         active.first_token_at = time.monotonic()
+        ttft = active.first_token_at - active.fetched_at
+        metrics.TTFT.labels(**self.labels).observe(ttft)
+        self._ttfts.append(ttft)
+        self.slot_freed.set()  # may end a hold (held())
         # Acked only now: a worker that dies before its first token leaves the job to
         # JetStream, which hands it to another worker.
         self.spawn(self._ack(active))
