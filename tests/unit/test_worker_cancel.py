@@ -196,9 +196,29 @@ async def test_a_job_slow_to_its_first_token_holds_the_free_slots_until_it_start
     worker.jobs.slot_freed.clear()
     engine.release.set()
     await asyncio.wait_for(worker.jobs.slot_freed.wait(), 5)  # the first token wakes the pull loop
-    assert worker.free_slots >= 3
     await settle(worker)
-    assert worker.free_slots == 4
+    # The hold is over; the late start taught it to run 1 job at a time (0.7 x the 1 running).
+    assert worker.jobs.slots == 1 and worker.free_slots == 1
+
+
+async def test_late_first_tokens_cut_the_slots_and_prompt_ones_win_them_back() -> None:
+    """WORKER_TTFT_HOLD's limit: a burst that starts late teaches the worker to run fewer
+    jobs at once; first tokens on time add slots back, never past the engine's."""
+    engine = SlowStartEngine()
+    worker, _, _ = make(engine=engine, ttft_hold=2.0)
+    worker.jobs.start(FakeMsg(job("quick", max_tokens=2)))  # type: ignore[arg-type]
+    await settle(worker)
+    assert worker.jobs.slots == 4
+    for rid in ("slow-1", "slow-2", "slow-3"):
+        worker.jobs.start(FakeMsg(job(rid, max_tokens=2)))  # type: ignore[arg-type]
+    await asyncio.sleep(0.1)  # far past twice the 10 ms first token
+    engine.release.set()
+    await settle(worker)
+    assert worker.jobs.slots == 2  # 0.7 x the 3 that ran, once for the whole burst
+    for i in range(20):
+        worker.jobs.start(FakeMsg(job(f"q{i}", max_tokens=2)))  # type: ignore[arg-type]
+        await settle(worker)
+    assert worker.jobs.slots == 4
 
 
 async def test_without_a_ttft_hold_a_slow_start_leaves_the_slots_free() -> None:

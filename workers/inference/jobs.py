@@ -83,12 +83,24 @@ class JobRunner:
         self.labels = {"model": engine.model}
         self.job_s = 0.0  # the average slot time of completed jobs (WorkerStatus.job_s)
         self._ttfts: deque[float] = deque(maxlen=TTFT_MEMORY)  # fetch to first token, recent jobs
+        # With ttft_hold: how many jobs the engine starts promptly, learnt additive-increase /
+        # multiplicative-decrease from each first token (on time or late); at most its slots.
+        self.limit = float(engine.slots)
+        self._cut_at = float("-inf")
+
+    @property
+    def slots(self) -> int:
+        """The jobs this worker runs at once: the engine's slots, or with ttft_hold as many
+        as it starts promptly (`limit`)."""
+        if self.config.ttft_hold <= 0:
+            return self.engine.slots
+        return max(1, min(self.engine.slots, int(self.limit)))
 
     @property
     def free_slots(self) -> int:
         """Jobs the engine can take now: its free slots, or none while it is slow to start
         the jobs it has (see held())."""
-        free = max(0, self.engine.slots - len(self.active))
+        free = max(0, self.slots - len(self.active))
         return 0 if free and self.held() else free
 
     def held(self) -> bool:
@@ -253,10 +265,26 @@ class JobRunner:
             self._idle.set()
         self.slot_freed.set()
 
+    def _adapt(self, ttft: float, now: float) -> None:
+        """One first token's lesson for `limit`: late (over ttft_hold times the quickest
+        recent one) cuts it to 0.7 of the jobs running, at most once per quickest TTFT
+        (the late ones of one burst are one lesson); on time adds 1 / limit, so a full
+        round of prompt starts adds one slot."""
+        if self.config.ttft_hold <= 0 or not self._ttfts:
+            return
+        quickest = min(self._ttfts)
+        if ttft > self.config.ttft_hold * quickest:
+            if now - self._cut_at > quickest:
+                self.limit = max(1.0, 0.7 * min(self.limit, len(self.active)))
+                self._cut_at = now
+        else:
+            self.limit = min(float(self.engine.slots), self.limit + 1 / self.limit)
+
     def _first_token(self, active: ActiveRequest) -> None:
         active.first_token_at = time.monotonic()
         ttft = active.first_token_at - active.fetched_at
         metrics.TTFT.labels(**self.labels).observe(ttft)
+        self._adapt(ttft, active.first_token_at)
         self._ttfts.append(ttft)
         self.slot_freed.set()  # may end a hold (held())
         # Acked only now: a worker that dies before its first token leaves the job to

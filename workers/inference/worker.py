@@ -121,7 +121,7 @@ class InferenceWorker:
             model=self.model,
             engine=self.engine.name,
             state=state,  # type: ignore[arg-type]
-            slots=self.engine.slots,
+            slots=self.jobs.slots,  # fewer than the engine's while WORKER_TTFT_HOLD holds back
             free_slots=self.free_slots if state == "ready" else 0,
             updated=time.time(),
             profile=None if self.profile is None else self.profile.id,
