@@ -123,7 +123,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     api_reuse_port: bool = False
     chunk_max_tokens: int
     chunk_max_delay_s: float
-    # workers/inference/jobs.py: take no job while one has waited for its first token
+    # workers/inference/pacing.py: take no job while one has waited for its first token
     # longer than this many times the engine's quickest recent one (0: off).
     worker_ttft_hold: float
     heartbeat_s: float

@@ -169,17 +169,17 @@ async def test_a_cancel_after_the_engine_finished_changes_nothing() -> None:
 async def test_the_slot_time_of_completed_jobs_is_measured_and_a_cancelled_one_left_out() -> None:
     """WorkerStatus.job_s, admission's capacity estimate before any backlog (slots / job_s)."""
     worker, _, _ = make()
-    assert worker.jobs.job_s == 0.0  # nothing done yet: no estimate
+    assert worker.jobs.pacing.job_s == 0.0  # nothing done yet: no estimate
     worker.jobs.start(FakeMsg(job("t1", max_tokens=5)))  # type: ignore[arg-type]
     await settle(worker)
     # 10 ms to the first token, then 4 more at 50 tokens/s: at least 90 ms on the slot.
-    measured = worker.jobs.job_s
+    measured = worker.jobs.pacing.job_s
     assert 0.09 <= measured < 1.0
     worker.jobs.start(FakeMsg(job("t2", max_tokens=1000)))  # type: ignore[arg-type]
     await eventually("t2 running", lambda: "t2" in worker.active and worker.active["t2"].in_engine, 5, 0.01)
     worker.cancel("t2", "client_disconnected")
     await settle(worker)
-    assert worker.jobs.job_s == measured
+    assert worker.jobs.pacing.job_s == measured
 
 
 async def test_a_job_slow_to_its_first_token_holds_the_free_slots_until_it_starts() -> None:

@@ -6,7 +6,6 @@ import asyncio
 import functools
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
@@ -22,6 +21,7 @@ from workers.inference import metrics
 from workers.inference.chunker import ChunkStream
 from workers.inference.config import WorkerConfig
 from workers.inference.engine import Answer, Engine, OpenAIRequest, Progress, RequestRejected
+from workers.inference.pacing import Pacing
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,6 @@ def _deliveries(msg: Msg) -> int:
         return int(msg.metadata.num_delivered)
     except Exception:  # noqa: BLE001 - not a JetStream message: treat as the first try
         return 1
-
-
-# Each completed job's weight in the average slot time: about the last 20 jobs count.
-JOB_S_WEIGHT = 0.05
-# The quickest of this many recent first tokens is the engine's unloaded TTFT (ttft_hold).
-TTFT_MEMORY = 50
 
 
 @dataclass(eq=False)
@@ -81,40 +75,19 @@ class JobRunner:
         """Run the next jobs on this engine (the running ones must have ended)."""
         self.engine = engine
         self.labels = {"model": engine.model}
-        self.job_s = 0.0  # the average slot time of completed jobs (WorkerStatus.job_s)
-        self._ttfts: deque[float] = deque(maxlen=TTFT_MEMORY)  # fetch to first token, recent jobs
-        # With ttft_hold: how many jobs the engine starts promptly, learnt additive-increase /
-        # multiplicative-decrease from each first token (on time or late); at most its slots.
-        self.limit = float(engine.slots)
-        self._cut_at = float("-inf")
+        self.pacing = Pacing(engine.slots, self.config.ttft_hold)
 
     @property
     def slots(self) -> int:
-        """The jobs this worker runs at once: the engine's slots, or with ttft_hold as many
-        as it starts promptly (`limit`)."""
-        if self.config.ttft_hold <= 0:
-            return self.engine.slots
-        return max(1, min(self.engine.slots, int(self.limit)))
+        """The jobs this worker runs at once (workers/inference/pacing.py)."""
+        return self.pacing.slots
 
     @property
     def free_slots(self) -> int:
         """Jobs the engine can take now: its free slots, or none while it is slow to start
-        the jobs it has (see held())."""
-        free = max(0, self.slots - len(self.active))
-        return 0 if free and self.held() else free
-
-    def held(self) -> bool:
-        """Whether a job has waited for its first token longer than ttft_hold times the
-        quickest recent one. The engine then queues what it took, inside itself, where
-        admission cannot see it (a CPU engine given 16 slots starts the last of them many
-        seconds on); what the worker leaves in JetStream, admission counts as waiting.
-        A first token or a job's end ends the hold (slot_freed wakes the pull loop).
-        """
-        if self.config.ttft_hold <= 0 or not self._ttfts:
-            return False
-        limit = self.config.ttft_hold * min(self._ttfts)
-        now = time.monotonic()
-        return any(a.first_token_at is None and now - a.fetched_at > limit for a in self.active.values())
+        the jobs it has (WORKER_TTFT_HOLD; a first token or a job's end wakes the pull loop)."""
+        free = max(0, self.pacing.slots - len(self.active))
+        return 0 if free and self.pacing.held(self.active.values()) else free
 
     async def end_active(self, grace_s: float, reason: str) -> None:
         """Let running requests finish for grace_s, then end the rest.
@@ -251,8 +224,7 @@ class JobRunner:
             active.chunks.close()
             metrics.JOBS.labels(outcome=outcome, **self.labels).inc()
             if outcome == "completed":
-                held = ended - active.fetched_at
-                self.job_s = held if not self.job_s else self.job_s + JOB_S_WEIGHT * (held - self.job_s)
+                self.pacing.completed(ended - active.fetched_at)
             self._forget(active)
 
     def _forget(self, active: ActiveRequest) -> None:
@@ -265,28 +237,12 @@ class JobRunner:
             self._idle.set()
         self.slot_freed.set()
 
-    def _adapt(self, ttft: float, now: float) -> None:
-        """One first token's lesson for `limit`: late (over ttft_hold times the quickest
-        recent one) cuts it to 0.7 of the jobs running, at most once per quickest TTFT
-        (the late ones of one burst are one lesson); on time adds 1 / limit, so a full
-        round of prompt starts adds one slot."""
-        if self.config.ttft_hold <= 0 or not self._ttfts:
-            return
-        quickest = min(self._ttfts)
-        if ttft > self.config.ttft_hold * quickest:
-            if now - self._cut_at > quickest:
-                self.limit = max(1.0, 0.7 * min(self.limit, len(self.active)))
-                self._cut_at = now
-        else:
-            self.limit = min(float(self.engine.slots), self.limit + 1 / self.limit)
-
     def _first_token(self, active: ActiveRequest) -> None:
         active.first_token_at = time.monotonic()
         ttft = active.first_token_at - active.fetched_at
         metrics.TTFT.labels(**self.labels).observe(ttft)
-        self._adapt(ttft, active.first_token_at)
-        self._ttfts.append(ttft)
-        self.slot_freed.set()  # may end a hold (held())
+        if self.pacing.first_token(ttft, active.first_token_at, len(self.active)):
+            self.slot_freed.set()  # may end a hold
         # Acked only now: a worker that dies before its first token leaves the job to
         # JetStream, which hands it to another worker.
         self.spawn(self._ack(active))

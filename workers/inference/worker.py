@@ -130,7 +130,7 @@ class InferenceWorker:
             gpus=self.config.gpus,
             host=_HOST,
             engine_version=str(getattr(self.engine, "version", "") or ""),
-            job_s=round(self.jobs.job_s, 4),
+            job_s=round(self.jobs.pacing.job_s, 4),
         )
         try:
             await self._kv.put(names.worker_key(self.config.worker_id), schemas.encode(status))

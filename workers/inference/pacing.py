@@ -1,0 +1,79 @@
+"""How many jobs a worker takes: its engine's slots, or with WORKER_TTFT_HOLD only as many
+as the engine starts promptly; and the time a job holds a slot (WorkerStatus.job_s).
+
+An engine given more slots than it starts promptly (vLLM's CPU build with 16 on 2 cores)
+queues what it took inside itself, where admission cannot see it. With the hold on, the
+worker takes no job while one has waited for its first token longer than `ttft_hold`
+times the quickest recent first token, and it learns how many jobs to run at once:
+additive increase on each first token on time, multiplicative decrease on a late one.
+What the worker leaves in JetStream, admission counts as waiting (api/admission.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Protocol
+
+# Each completed job's weight in the average slot time: about the last 20 jobs count.
+JOB_S_WEIGHT = 0.05
+# The quickest of this many recent first tokens stands for the engine's unloaded TTFT.
+TTFT_MEMORY = 50
+# A late first token cuts the jobs run at once to this share of those running.
+CUT = 0.7
+
+
+class Started(Protocol):
+    fetched_at: float
+    first_token_at: float | None
+
+
+class Pacing:
+    """One engine's pace, made anew when the worker switches engines."""
+
+    def __init__(self, engine_slots: int, ttft_hold: float) -> None:
+        self.engine_slots = engine_slots
+        self.ttft_hold = ttft_hold
+        self.job_s = 0.0  # the average slot time of completed jobs (WorkerStatus.job_s)
+        self.limit = float(engine_slots)  # jobs to run at once, learnt (with the hold)
+        self._ttfts: deque[float] = deque(maxlen=TTFT_MEMORY)  # fetch to first token, recent jobs
+        self._cut_at = float("-inf")
+
+    @property
+    def slots(self) -> int:
+        """The jobs to run at once: the engine's slots, or with the hold what it has learnt."""
+        if self.ttft_hold <= 0:
+            return self.engine_slots
+        return max(1, min(self.engine_slots, int(self.limit)))
+
+    def held(self, active: Iterable[Started]) -> bool:
+        """Whether one of the running jobs has waited for its first token too long."""
+        if self.ttft_hold <= 0 or not self._ttfts:
+            return False
+        late = time.monotonic() - self.ttft_hold * min(self._ttfts)
+        return any(a.first_token_at is None and a.fetched_at < late for a in active)
+
+    def first_token(self, ttft: float, now: float, running: int) -> bool:
+        """One first token's lesson; True when it may end a hold (wake the pull loop).
+
+        Late (over ttft_hold times the quickest recent one): the jobs run at once are cut to
+        CUT of those running, at most once per quickest TTFT (the late ones of one burst
+        are one lesson). On time: 1 / limit more, so a full round of prompt starts adds one.
+        """
+        if self.ttft_hold <= 0:
+            return False
+        if self._ttfts:
+            quickest = min(self._ttfts)
+            if ttft > self.ttft_hold * quickest:
+                if now - self._cut_at > quickest:
+                    self.limit = max(1.0, CUT * min(self.limit, running))
+                    self._cut_at = now
+            else:
+                self.limit = min(float(self.engine_slots), self.limit + 1 / self.limit)
+        self._ttfts.append(ttft)
+        return True
+
+    def completed(self, held_s: float) -> None:
+        """A job completed after holding its slot for held_s seconds."""
+        self.job_s = held_s if not self.job_s else self.job_s + JOB_S_WEIGHT * (held_s - self.job_s)
