@@ -28,8 +28,9 @@ Once the jobs have landed, every process sees them and refuses.
 The bound itself depends on the policy (ADMISSION_POLICY). `depth`: the fixed
 CHATQ_QUEUE_MAX (the default). `latency`: as many jobs as the workers can start within
 the wait target T (ADMISSION_WAIT_TARGET_S), from their capacity μ (jobs started per
-second while a backlog waited, api/drain.py; before a backlog has shown it, what the
-workers announce they can start: their slots over the time a job holds one) and the
+second while a backlog waited, api/drain.py; before a backlog has been measured, while
+jobs wait, what the workers announce they can start: their slots over the time a job
+holds one) and the
 free slots F: what the
 live workers announced last (the workers KV bucket, every couple of seconds) less the
 jobs the consumer shows delivered since (started or still in prefill), since each took
@@ -191,10 +192,15 @@ class QueueMonitor:
 
     def capacity(self, model: str, priority: Priority = "interactive") -> float | None:
         """Jobs per second the workers start while a backlog waits (api/drain.py); before
-        one has been measured, what the workers announce they can start; or None."""
+        one has been measured and while jobs wait, what the workers announce; or None."""
         queue = self._queues.get((model, priority))
         measured = None if queue is None else queue.drain.capacity(self._clock())
-        return measured if measured is not None else self._capacity_estimate(model)
+        if measured is not None or queue is None or queue.depth is None or not queue.depth.pending:
+            # The announced figure only while jobs wait: a burst at idle workers goes to
+            # their free slots, which an announcement made before the last jobs ended
+            # (and counted as taken since) does not show.
+            return measured
+        return self._capacity_estimate(model)
 
     def bound(self, model: str, priority: Priority = "interactive") -> int:
         """How many jobs may wait: CHATQ_QUEUE_MAX, or what the workers start within the target."""
