@@ -221,6 +221,28 @@ async def test_late_first_tokens_cut_the_slots_and_prompt_ones_win_them_back() -
     assert worker.jobs.slots == 4
 
 
+class LateSlotsEngine(SyntheticEngine):
+    """Knows its slots only once started, as vLLM does (max_num_seqs from its config)."""
+
+    def __init__(self) -> None:
+        super().__init__(model="m", tokens_per_s=200, ttft_s=0.01, slots=4)
+        self.known = 0
+
+    @property
+    def slots(self) -> int:
+        return self.known
+
+
+@pytest.mark.parametrize("ttft_hold", [0.0, 2.0])
+async def test_the_slots_an_engine_learns_at_its_start_are_the_ones_offered(ttft_hold: float) -> None:
+    """The worker is made (and after a switch given its engine) before the engine starts."""
+    engine = LateSlotsEngine()
+    worker, _, _ = make(engine=engine, ttft_hold=ttft_hold)
+    assert worker.free_slots == 0
+    engine.known = 4  # started
+    assert worker.free_slots == 4 and worker.jobs.slots == 4
+
+
 async def test_without_a_ttft_hold_a_slow_start_leaves_the_slots_free() -> None:
     engine = SlowStartEngine()
     worker, _, _ = make(engine=engine)

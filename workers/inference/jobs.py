@@ -75,7 +75,7 @@ class JobRunner:
         """Run the next jobs on this engine (the running ones must have ended)."""
         self.engine = engine
         self.labels = {"model": engine.model}
-        self.pacing = Pacing(engine.slots, self.config.ttft_hold)
+        self.pacing = Pacing(engine, self.config.ttft_hold)
 
     @property
     def slots(self) -> int:

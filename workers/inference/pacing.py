@@ -29,23 +29,29 @@ class Started(Protocol):
     first_token_at: float | None
 
 
+class HasSlots(Protocol):
+    @property
+    def slots(self) -> int: ...
+
+
 class Pacing:
     """One engine's pace, made anew when the worker switches engines."""
 
-    def __init__(self, engine_slots: int, ttft_hold: float) -> None:
-        self.engine_slots = engine_slots
+    def __init__(self, engine: HasSlots, ttft_hold: float) -> None:
+        # The engine, not its slots now: vLLM knows its slots (max_num_seqs) only once started.
+        self.engine = engine
         self.ttft_hold = ttft_hold
         self.job_s = 0.0  # the average slot time of completed jobs (WorkerStatus.job_s)
-        self.limit = float(engine_slots)  # jobs to run at once, learnt (with the hold)
+        self.limit: float | None = None  # jobs to run at once, learnt (with the hold); None: all
         self._ttfts: deque[float] = deque(maxlen=TTFT_MEMORY)  # fetch to first token, recent jobs
         self._cut_at = float("-inf")
 
     @property
     def slots(self) -> int:
         """The jobs to run at once: the engine's slots, or with the hold what it has learnt."""
-        if self.ttft_hold <= 0:
-            return self.engine_slots
-        return max(1, min(self.engine_slots, int(self.limit)))
+        if self.ttft_hold <= 0 or self.limit is None:
+            return self.engine.slots
+        return max(1, min(self.engine.slots, int(self.limit)))
 
     def held(self, active: Iterable[Started]) -> bool:
         """Whether one of the running jobs has waited for its first token too long."""
@@ -65,12 +71,13 @@ class Pacing:
             return False
         if self._ttfts:
             quickest = min(self._ttfts)
+            limit = float(self.slots)
             if ttft > self.ttft_hold * quickest:
                 if now - self._cut_at > quickest:
-                    self.limit = max(1.0, CUT * min(self.limit, running))
+                    self.limit = max(1.0, CUT * min(limit, running))
                     self._cut_at = now
-            else:
-                self.limit = min(float(self.engine_slots), self.limit + 1 / self.limit)
+            elif self.limit is not None:
+                self.limit = min(float(self.engine.slots), self.limit + 1 / self.limit)
         self._ttfts.append(ttft)
         return True
 
