@@ -311,7 +311,7 @@ def make_target(kind: str, cfg: RunConfig) -> Target:
     elif cfg.queue_max is not None:
         common["CHATQ_QUEUE_MAX"] = str(cfg.queue_max)
     if cfg.admission_policy is not None:
-        common["ADMISSION_POLICY"] = ADMISSION_TARGETS.get(kind, cfg.admission_policy)
+        common["ADMISSION_POLICY"] = cfg.admission_policy  # the admission targets set their own below
     if cfg.admission_wait_target_s is not None:
         common["ADMISSION_WAIT_TARGET_S"] = f"{cfg.admission_wait_target_s:g}"
     synth = None
