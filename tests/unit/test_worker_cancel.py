@@ -13,6 +13,7 @@ import pytest
 
 import schemas
 from tests.helpers import eventually
+from workers.inference import heartbeat
 from workers.inference.engine import Answer, OpenAIRequest, Progress
 from workers.inference.synthetic import SyntheticEngine
 from workers.inference.worker import InferenceWorker, WorkerConfig
@@ -253,6 +254,55 @@ async def test_without_a_ttft_hold_a_slow_start_leaves_the_slots_free() -> None:
     assert worker.free_slots == 3
     engine.release.set()
     await settle(worker)
+
+
+async def test_the_worker_says_when_its_running_jobs_free_their_slots() -> None:
+    """WorkerStatus.releases: a streaming job's end from its own token rate and max_tokens;
+    before its tokens, its fetch plus the average slot time; unknown before any job ended."""
+    engine = SlowStartEngine()
+    worker, _, _ = make(engine=engine)
+    fetched = time.time()
+    worker.jobs.start(FakeMsg(job("slow", max_tokens=400)))  # type: ignore[arg-type]
+    await eventually("in the engine", lambda: worker.active["slow"].in_engine, 5, 0.01)
+    assert worker.jobs.releases() == []  # no token yet and no job done: nothing known
+    engine.release.set()
+    await eventually("streaming", lambda: worker.active["slow"].tokens >= 40, 5, 0.01)
+    (release,) = worker.jobs.releases()
+    # 400 tokens at the engine's 200 a second: about 2 s after the fetch.
+    assert fetched + 1.5 < release < fetched + 4.0
+    worker.cancel("slow", "client_disconnected")
+    await settle(worker)
+    worker.jobs.start(FakeMsg(job("quick", max_tokens=20)))  # type: ignore[arg-type]
+    await settle(worker)
+    engine.release.clear()
+    fetched = time.time()
+    worker.jobs.start(FakeMsg(job("slow-2", max_tokens=400)))  # type: ignore[arg-type]
+    await eventually("in the engine", lambda: worker.active["slow-2"].in_engine, 5, 0.01)
+    (release,) = worker.jobs.releases()
+    assert release == pytest.approx(fetched + worker.jobs.pacing.job_s, abs=0.1)
+    engine.release.set()
+    await settle(worker)
+
+
+async def test_a_job_that_ends_is_announced_at_the_next_tick() -> None:
+    """Admission learns of a freed slot within a housekeeping tick, not a status interval."""
+    worker, _, _ = make()
+    announced: list[float] = []
+
+    async def announce() -> None:
+        announced.append(time.monotonic())
+
+    keeping = asyncio.create_task(heartbeat.housekeeping(worker.jobs, worker.config, announce))
+    try:
+        await eventually("the first status", lambda: announced, 5, 0.01)
+        worker.jobs.start(FakeMsg(job("t", max_tokens=2)))  # type: ignore[arg-type]
+        await settle(worker)
+        ended = time.monotonic()
+        await eventually("a status after the end", lambda: announced[-1] > ended, 1.0, 0.01)
+    finally:
+        keeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeping
 
 
 async def test_an_engine_refusal_is_a_stream_error_with_its_status_and_nothing_else() -> None:
