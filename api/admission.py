@@ -47,9 +47,14 @@ A rate is an average: with jobs of equal length the slots free up in clusters, a
 first job in line may wait a whole slot time for the next one (measured: TTFT p99 2.5×
 the unloaded one at 3× capacity). So where the workers also announce when each running
 job should end (WorkerStatus.releases, from its token rate and max_tokens; announced
-again at each job's end), the bound counts slots instead: the free ones and those whose
-release falls within T, each again every `job_s` after (_startable). That bound may be
-0: with no slot free and none due within T, even the first in line is refused.
+again at the worker's next tick, 0.25 s, after a job ends), the bound counts slots
+instead: the free ones and those whose release falls within T, each again every `job_s`
+after (_startable). A slot freed since the announcement counts as free: a release now
+past, or a stream this process relayed to its end (a job that stopped before
+max_tokens). That bound may be 0: with no slot free and none due within T, even the
+first in line is refused. Its known errors: with several workers, a job one took after
+its announcement but before another's newer one is not subtracted (until its next
+announcement); the interactive and background queues each count every slot.
 
 Without any capacity (no backlog in the last CAPACITY_MEMORY_S and no job waiting) the
 bound is CHATQ_QUEUE_MAX, as with `depth`, so a single client at low load is never
@@ -86,6 +91,9 @@ AdmissionPolicy = Literal["depth", "latency"]
 # hold a place in the queue for ever. A publish is acknowledged, or has failed, well
 # within this (the JetStream API timeout is 5 s).
 UNSEEN_TTL_S = 6.0
+# The stream ends of this process remembered per model (for the slots freed since the
+# workers' last announcement): more than end between two announcements.
+ENDS_MEMORY = 1024
 
 
 @dataclass
@@ -122,7 +130,7 @@ def _no_estimate(model: str) -> float | None:
     return None
 
 
-def _no_slot_times(model: str, priority: str) -> SlotTimes | None:
+def _no_slot_times(model: str, priority: Priority) -> SlotTimes | None:
     return None
 
 
@@ -139,7 +147,7 @@ class QueueMonitor:
         wait_target_s: float = 2.0,
         free_slots: Callable[[str], tuple[int, float]] = _no_free_slots,
         capacity_estimate: Callable[[str], float | None] = _no_estimate,
-        slot_times: Callable[[str, str], SlotTimes | None] = _no_slot_times,
+        slot_times: Callable[[str, Priority], SlotTimes | None] = _no_slot_times,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -154,6 +162,7 @@ class QueueMonitor:
         self._clock = clock  # the clock of ConsumerDepth.at (the bus's monotonic one)
         self._wall = wall  # the clock of WorkerStatus.releases
         self._queues: dict[tuple[str, Priority], _ModelQueue] = {}
+        self._ends: dict[str, deque[float]] = {}  # when this process's streams ended, per model
 
     def _queue(self, model: str, priority: Priority) -> _ModelQueue:
         return self._queues.setdefault((model, priority), _ModelQueue())
@@ -249,20 +258,21 @@ class QueueMonitor:
         horizon = now + self._wait_target_s
         releases = times.releases
         past, due = bisect.bisect_right(releases, now), bisect.bisect_right(releases, horizon)
-        if times.taken is None:
-            free = self._free(model, queue, past)
-        else:
-            assert queue.depth is not None
-            announced_free, _ = self._free_slots(model)
-            free = max(0, announced_free + past - max(0, _delivered(queue.depth) - times.taken))
+        # Ended since the announcement: the releases now past, or the streams of this
+        # process that ended since, whichever is more (some may be the same jobs).
+        _, announced = self._free_slots(model)
+        ends = self._ends.get(model, ())
+        ended = next((i for i, at in enumerate(reversed(ends)) if at <= announced), len(ends))
+        free = self._free(model, queue, max(past, ended), times.taken)
         slots = [now] * free + releases[past:due]
         if times.job_s <= 0:
             return len(slots)
         return sum(1 + math.floor((horizon - at) / times.job_s) for at in slots)
 
-    def _free(self, model: str, queue: _ModelQueue, released: int = 0) -> int:
+    def _free(self, model: str, queue: _ModelQueue, released: int = 0, taken: int | None = None) -> int:
         """Free slots now: the workers' last announcement, plus the `released` since, less the
-        jobs delivered since (counted from the reading before the announcement was seen).
+        jobs delivered since: counted from the reading before the announcement was seen,
+        or, if fewer, after the last delivery a worker says it had taken (`taken`).
 
         Workers announce every couple of seconds; under load a slot that was free at the
         announcement has long been taken, and counting it would admit past the target.
@@ -271,7 +281,16 @@ class QueueMonitor:
         assert queue.depth is not None
         if announced != queue.announced:
             queue.announced, queue.delivered_then = announced, queue.delivered_before
-        return max(0, free + released - (_delivered(queue.depth) - queue.delivered_then))
+        delivered = _delivered(queue.depth)
+        since = delivered - queue.delivered_then
+        if taken is not None:
+            since = min(since, max(0, delivered - taken))
+        return max(0, free + released - since)
+
+    def ended(self, model: str) -> None:
+        """A stream of `model` this process relayed has ended: its worker has freed the slot
+        (or will within moments), though no announcement shows it yet."""
+        self._ends.setdefault(model, deque(maxlen=ENDS_MEMORY)).append(self._wall())
 
     def retry_after(self, model: str, excess: int, priority: Priority = "interactive") -> int:
         """Seconds until `excess` queued jobs have drained at the observed rate."""

@@ -300,8 +300,8 @@ class WorkerStatus(msgspec.Struct, frozen=True, omit_defaults=True):
     # workers/inference/pacing.py): admission counts the slots that free up within its
     # wait target (None: a worker that does not say).
     releases: list[float] | None = None
-    # Per queue (priority), the consumer sequence of the last job the worker took: the
-    # jobs delivered after it have taken slots this status does not show.
+    # Per job consumer (broker.names.jobs_consumer), the sequence of the last job the worker
+    # took: the jobs delivered after it have taken slots this status does not show.
     taken: dict[str, int] = {}
 
 

@@ -12,6 +12,7 @@ import schemas
 from api.admission import QueueMonitor
 from api.drain import CAPACITY_MEMORY_S, DrainEstimator
 from broker.bus import Bus, ConsumerDepth
+from broker.names import jobs_consumer
 from broker.workers import SlotTimes, WorkerRegistry
 from chatq.errors import Overloaded
 
@@ -336,6 +337,22 @@ async def test_free_slots_and_ended_jobs_are_counted_with_release_times() -> Non
     assert mon.bound(MODEL) == 0
 
 
+async def test_a_stream_this_process_saw_end_frees_its_slot_before_any_announcement() -> None:
+    """A lone client after an overload: its answer stopped early (before max_tokens), so the
+    announcement still shows the slot busy until a later release; the relay saw the end."""
+    fake, wall = FakeBus(Clock()), Clock(5000.0)
+    said = Announced(free=0, releases=[5008.0])
+    mon = timed_monitor(fake, wall, said)
+    await backlog(fake, mon, rate=2, seconds=4, pending=3)
+    said.taken = fake.started
+    fake.pending = 0
+    with pytest.raises(Overloaded):
+        await mon.admit(MODEL)
+    wall.now = 5000.2
+    mon.ended(MODEL)  # ended after the announcement (made at wall 1.0 in this test)
+    await mon.admit(MODEL)
+
+
 async def test_a_slot_frees_again_every_job_s_within_a_long_target() -> None:
     fake, wall = FakeBus(Clock()), Clock(5000.0)
     said = Announced(free=1, releases=[5000.2], job_s=0.3)
@@ -366,8 +383,9 @@ def test_the_registry_merges_the_workers_release_times() -> None:
         )  # fmt: skip
 
     assert registry.slot_times(MODEL, "interactive") is None  # no worker
-    worker("a", 2.0, [now + 3, now + 1], {"interactive": 40, "background": 3})
-    worker("b", 0.0, [now + 2], {"interactive": 42})
+    interactive, background = jobs_consumer(MODEL, "interactive"), jobs_consumer(MODEL, "background")
+    worker("a", 2.0, [now + 3, now + 1], {interactive: 40, background: 3})
+    worker("b", 0.0, [now + 2], {interactive: 42})
     assert registry.slot_times(MODEL, "interactive") == SlotTimes([now + 1, now + 2, now + 3], 2.0, 42)
     assert registry.slot_times(MODEL, "background") == SlotTimes([now + 1, now + 2, now + 3], 2.0, 3)
     worker("c", 4.0, None, {})  # one that does not say: the capacity bound instead

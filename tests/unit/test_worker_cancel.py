@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import schemas
 from tests.helpers import eventually
 from workers.inference import heartbeat
 from workers.inference.engine import Answer, OpenAIRequest, Progress
+from workers.inference.pacing import Pacing
 from workers.inference.synthetic import SyntheticEngine
 from workers.inference.worker import InferenceWorker, WorkerConfig
 
@@ -354,3 +356,33 @@ def msgspec_replace(job: schemas.Job, **changes: Any) -> schemas.Job:
     import msgspec
 
     return msgspec.structs.replace(job, **changes)
+
+
+def test_a_running_job_is_never_announced_as_due_already() -> None:
+    """Admission counts a past release as a free slot: a job in a long prefill, or one
+    streaming past the max_tokens its engine does not enforce, must say "later"."""
+
+    @dataclass
+    class Job:
+        fetched_at: float
+        first_token_at: float | None
+        tokens: int
+        max_tokens: int
+
+    engine = SyntheticEngine(model="m", tokens_per_s=10, ttft_s=0.1, slots=4)
+    assert Pacing(engine, 0.0).release_at(Job(99.5, None, 0, 100), 100.0) is None  # no job done yet
+    pacing = Pacing(engine, ttft_hold=0.0)
+    pacing.completed(2.0)  # a job holds a slot 2 s on average
+    now = 100.0
+    assert pacing.release_at(Job(99.5, None, 0, 100), now) == pytest.approx(101.5)  # fetch + 2 s
+    assert pacing.release_at(Job(90.0, None, 0, 100), now) == pytest.approx(101.0)  # long prefill
+    # Streaming at 10 tokens/s (50 more in the 5 s since the first): 49 to go.
+    assert pacing.release_at(Job(94.0, 95.0, 51, 100), now) == pytest.approx(104.9)
+    # Past max_tokens: as many again at its rate, not "now".
+    assert pacing.release_at(Job(80.0, 90.0, 101, 100), now) == pytest.approx(110.1)
+    assert (
+        Pacing(SyntheticEngine(model="m", tokens_per_s=10, ttft_s=0.1, slots=4), 0.0).release_at(
+            Job(99.5, None, 0, 100), now
+        )
+        is None
+    )

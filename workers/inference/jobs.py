@@ -36,11 +36,13 @@ def _deliveries(msg: Msg) -> int:
         return 1
 
 
-def _consumer_seq(msg: Msg) -> int:
+def _consumer_seq(msg: Msg) -> tuple[str, int] | None:
+    """The consumer a job came from and its delivery's sequence there."""
     try:
-        return int(msg.metadata.sequence.consumer)
+        meta = msg.metadata
+        return str(meta.consumer), int(meta.sequence.consumer)
     except Exception:  # noqa: BLE001 - not a JetStream message
-        return 0
+        return None
 
 
 class JobRunner:
@@ -66,7 +68,7 @@ class JobRunner:
         self.engine = engine
         self.labels = {"model": engine.model}
         self.pacing = Pacing(engine, self.config.ttft_hold)
-        # Per queue, the consumer sequence of the last job taken (WorkerStatus.taken).
+        # Per consumer, the sequence of the last job taken (WorkerStatus.taken).
         self.taken: dict[str, int] = {}
 
     @property
@@ -126,6 +128,9 @@ class JobRunner:
 
     def start(self, msg: Msg) -> None:
         """Run a fetched job in its own task; a malformed one is terminated, a redelivery kept alive."""
+        seq = _consumer_seq(msg)
+        if seq is not None:  # taken, even a malformed one: admission counts the delivery
+            self.taken[seq[0]] = max(self.taken.get(seq[0], 0), seq[1])
         try:
             job = schemas.decode_job(msg.data)
         except Exception as exc:  # noqa: BLE001 - any malformed payload is dropped
@@ -135,7 +140,6 @@ class JobRunner:
             return
         now = time.time()
         metrics.QUEUE_WAIT.labels(**self.labels).observe(max(0.0, now - job.created))
-        self.taken[job.priority] = max(self.taken.get(job.priority, 0), _consumer_seq(msg))
         if job.request_id in self.active:
             # A redelivery of a job this worker already runs (it was slow to ack).
             self.spawn(msg.in_progress())

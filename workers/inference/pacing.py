@@ -101,13 +101,17 @@ class Pacing:
         """When a running job is expected to end (monotonic), or None before anything is known.
 
         Streaming: at its own token rate so far, at max_tokens (an earlier stop only frees
-        the slot sooner). Before its second token: its fetch plus the average slot time.
+        the slot sooner; past max_tokens, one the engine does not enforce, as many tokens
+        again). Before its second token: its fetch plus the average slot time, and never
+        sooner than half that from now (its decoding is still ahead). A job still running
+        is never announced as due already: admission would count its slot as free.
         """
         if job.first_token_at is not None and job.tokens >= 2 and now > job.first_token_at:
             per_token = (now - job.first_token_at) / (job.tokens - 1)
-            return now + max(0, job.max_tokens - job.tokens) * per_token
+            left = job.max_tokens - job.tokens
+            return now + (left if left > 0 else job.tokens) * per_token
         if self.job_s:
-            return max(now, job.fetched_at + self.job_s)
+            return max(job.fetched_at + self.job_s, now + self.job_s / 2)
         return None
 
     def releases(self, active: Collection[Running], now: float) -> list[float]:

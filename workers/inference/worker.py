@@ -192,7 +192,8 @@ class InferenceWorker:
                 )
                 with contextlib.suppress(Exception):  # then announced from its first job on
                     info = await subs[priority].consumer_info()
-                    self.jobs.taken[priority] = int(info.delivered.consumer_seq or 0) if info.delivered else 0
+                    seq = info.delivered.consumer_seq if info.delivered else 0
+                    self.jobs.taken[info.name] = int(seq or 0)
             if not self._progress.startswith("failed"):
                 self._progress = "ready"
             await self.announce("ready")
