@@ -259,12 +259,13 @@ class QueueMonitor:
         releases = times.releases
         past, due = bisect.bisect_right(releases, now), bisect.bisect_right(releases, horizon)
         # Ended since the announcement: the releases now past, or the streams of this
-        # process that ended since, whichever is more (some may be the same jobs).
+        # process that ended since if more (a job ends a little before its estimate, or
+        # long before at an early stop); those are taken to be the soonest releases.
         _, announced = self._free_slots(model)
         ends = self._ends.get(model, ())
-        ended = next((i for i, at in enumerate(reversed(ends)) if at <= announced), len(ends))
-        free = self._free(model, queue, max(past, ended), times.taken)
-        slots = [now] * free + releases[past:due]
+        ended = max(past, next((i for i, at in enumerate(reversed(ends)) if at <= announced), len(ends)))
+        free = self._free(model, queue, ended, times.taken)
+        slots = [now] * free + releases[ended:due]
         if times.job_s <= 0:
             return len(slots)
         return sum(1 + math.floor((horizon - at) / times.job_s) for at in slots)
