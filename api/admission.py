@@ -41,17 +41,36 @@ one of those slots:
 A job admitted with `waiting` jobs ahead of it gets a slot once the F free ones are
 taken and (waiting − F) more jobs have started, about (waiting − F + 1) / μ seconds on;
 admitting only below the bound keeps that within T. Its time to the first token is
-then the engine's own TTFT plus at most about T. Without any capacity (no backlog in
-the last CAPACITY_MEMORY_S and no worker has completed a job) the bound is
-CHATQ_QUEUE_MAX, as with `depth`; and it is never below 1, so a request that finds
-nothing waiting is always admitted. μ and F are read from NATS, which every API process
-shares, so every process computes the same bound. Retry-After is the time for the
+then the engine's own TTFT plus at most about T.
+
+A rate is an average: with jobs of equal length the slots free up in clusters, and the
+first job in line may wait a whole slot time for the next one (measured: TTFT p99 2.5×
+the unloaded one at 3× capacity). So where the workers also announce when each running
+job should end (WorkerStatus.releases, from its token rate and max_tokens; announced
+again at the worker's next tick, 0.25 s, after a job ends), the bound counts slots
+instead: the free ones and those whose release falls within T, each again every `job_s`
+after (_startable). A slot freed since the announcement counts as free: a release now
+past, or a stream this process relayed to its end (a job that stopped before
+max_tokens). That bound may be 0: with no slot free and none due within T, even the
+first in line is refused. Its known errors: with several workers, a job one took after
+its announcement but before another's newer one is not subtracted (until its next
+announcement); the interactive and background queues each count every slot.
+
+Release times count as soon as anything waits, by a reading or by this process's own
+admissions that no reading shows yet: at the start of a burst no backlog has been
+measured, and the readings lag the burst. Without any capacity and with nothing waiting
+(no backlog in the last CAPACITY_MEMORY_S) the bound is CHATQ_QUEUE_MAX, as with
+`depth`, so a single client at low load is never refused; without release times it is
+never below 1, so a request that finds nothing waiting is admitted. μ, F and the
+releases are read from NATS, which every API process shares, so every process computes
+the same bound. Retry-After is the time for the
 excess to drain at μ (or, without μ, at the recent start rate).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import time
 from collections import deque
@@ -62,6 +81,7 @@ from typing import Literal
 from api import metrics
 from api.drain import DrainEstimator
 from broker.bus import Bus, ConsumerDepth
+from broker.workers import SlotTimes
 from chatq.errors import Overloaded, UpstreamUnavailable
 from schemas.messages import Priority
 
@@ -74,6 +94,9 @@ AdmissionPolicy = Literal["depth", "latency"]
 # hold a place in the queue for ever. A publish is acknowledged, or has failed, well
 # within this (the JetStream API timeout is 5 s).
 UNSEEN_TTL_S = 6.0
+# The stream ends of this process remembered per model (for the slots freed since the
+# workers' last announcement): more than end between two announcements.
+ENDS_MEMORY = 1024
 
 
 @dataclass
@@ -110,6 +133,10 @@ def _no_estimate(model: str) -> float | None:
     return None
 
 
+def _no_slot_times(model: str, priority: Priority) -> SlotTimes | None:
+    return None
+
+
 class QueueMonitor:
     """Reads each model's queue depth from its JetStream consumer, cached for a moment."""
 
@@ -123,7 +150,9 @@ class QueueMonitor:
         wait_target_s: float = 2.0,
         free_slots: Callable[[str], tuple[int, float]] = _no_free_slots,
         capacity_estimate: Callable[[str], float | None] = _no_estimate,
+        slot_times: Callable[[str, Priority], SlotTimes | None] = _no_slot_times,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._bus = bus
         self._bound = bound
@@ -132,8 +161,11 @@ class QueueMonitor:
         self._wait_target_s = wait_target_s
         self._free_slots = free_slots
         self._capacity_estimate = capacity_estimate
+        self._slot_times = slot_times
         self._clock = clock  # the clock of ConsumerDepth.at (the bus's monotonic one)
+        self._wall = wall  # the clock of WorkerStatus.releases
         self._queues: dict[tuple[str, Priority], _ModelQueue] = {}
+        self._ends: dict[str, deque[float]] = {}  # when this process's streams ended, per model
 
     def _queue(self, model: str, priority: Priority) -> _ModelQueue:
         return self._queues.setdefault((model, priority), _ModelQueue())
@@ -207,15 +239,48 @@ class QueueMonitor:
         if self._policy == "depth":
             return self._bound
         capacity = self.capacity(model, priority)
+        queue = self._queue(model, priority)
+        times = self._slot_times(model, priority)
+        if times is not None and (capacity is not None or (queue.depth is not None and self._waiting(queue))):
+            # Counted on release times also while no reading shows a job waiting but this
+            # process's own admissions do: at the start of a burst the readings lag, and
+            # without this the bound stayed CHATQ_QUEUE_MAX until one showed a backlog
+            # (measured: 5 admitted behind 8 busy slots, TTFT up to 1.6 s).
+            return min(self._bound, self._startable(model, queue, times))
         if capacity is None:
             return self._bound
-        startable = self._free(model, self._queue(model, priority)) + math.floor(
-            capacity * self._wait_target_s
-        )
+        startable = self._free(model, queue) + math.floor(capacity * self._wait_target_s)
         return min(self._bound, max(1, startable))
 
-    def _free(self, model: str, queue: _ModelQueue) -> int:
-        """Free slots now: the workers' last announcement less the jobs delivered since.
+    def _startable(self, model: str, queue: _ModelQueue, times: SlotTimes) -> int:
+        """Jobs the workers start within the target, from when their slots free up: each free
+        slot now and each release due by then, and again every job_s after it.
+
+        A release already past freed a slot that is free now or that a job delivered since
+        the announcement has taken (the consumer's deliveries after the last one a worker
+        had taken). Jobs started since then free theirs later than the target as long as a
+        job holds a slot longer than the time between announcements (one per job's end).
+        """
+        now = self._wall()
+        horizon = now + self._wait_target_s
+        releases = times.releases
+        past, due = bisect.bisect_right(releases, now), bisect.bisect_right(releases, horizon)
+        # Ended since the announcement: the releases now past, or the streams of this
+        # process that ended since if more (a job ends a little before its estimate, or
+        # long before at an early stop); those are taken to be the soonest releases.
+        _, announced = self._free_slots(model)
+        ends = self._ends.get(model, ())
+        ended = max(past, next((i for i, at in enumerate(reversed(ends)) if at <= announced), len(ends)))
+        free = self._free(model, queue, ended, times.taken)
+        slots = [now] * free + releases[ended:due]
+        if times.job_s <= 0:
+            return len(slots)
+        return sum(1 + math.floor((horizon - at) / times.job_s) for at in slots)
+
+    def _free(self, model: str, queue: _ModelQueue, released: int = 0, taken: int | None = None) -> int:
+        """Free slots now: the workers' last announcement, plus the `released` since, less the
+        jobs delivered since: counted from the reading before the announcement was seen,
+        or, if fewer, after the last delivery a worker says it had taken (`taken`).
 
         Workers announce every couple of seconds; under load a slot that was free at the
         announcement has long been taken, and counting it would admit past the target.
@@ -224,7 +289,16 @@ class QueueMonitor:
         assert queue.depth is not None
         if announced != queue.announced:
             queue.announced, queue.delivered_then = announced, queue.delivered_before
-        return max(0, free - (_delivered(queue.depth) - queue.delivered_then))
+        delivered = _delivered(queue.depth)
+        since = delivered - queue.delivered_then
+        if taken is not None:
+            since = min(since, max(0, delivered - taken))
+        return max(0, free + released - since)
+
+    def ended(self, model: str) -> None:
+        """A stream of `model` this process relayed has ended: its worker has freed the slot
+        (or will within moments), though no announcement shows it yet."""
+        self._ends.setdefault(model, deque(maxlen=ENDS_MEMORY)).append(self._wall())
 
     def retry_after(self, model: str, excess: int, priority: Priority = "interactive") -> int:
         """Seconds until `excess` queued jobs have drained at the observed rate."""
@@ -252,8 +326,8 @@ class QueueMonitor:
             if bound < self._bound:
                 metrics.REJECTED.labels(model=model, reason="queue_wait").inc()
                 message = (
-                    f"the queue for model {model!r} is full: {waiting} waiting, more than its workers "
-                    f"start within {self._wait_target_s:g} s; retry later"
+                    f"the queue for model {model!r} is full: its workers start {bound} more within "
+                    f"{self._wait_target_s:g} s and {waiting} wait; retry later"
                 )
             else:
                 metrics.REJECTED.labels(model=model, reason="queue_depth").inc()

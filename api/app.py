@@ -232,6 +232,7 @@ def create_app(settings: Settings, *, connect: Connect = nats_connect.connect) -
                 wait_target_s=settings.admission_wait_target_s,
                 free_slots=registry.free_slots,
                 capacity_estimate=registry.capacity_estimate,
+                slot_times=registry.slot_times,
             ),
             registry=registry,
             streams=StreamCap(settings.api_max_streams),

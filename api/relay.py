@@ -95,6 +95,7 @@ class Relay:
         self.buffer_bytes = buffer_bytes
         self._spawn = spawn
         self._sub: StreamSubscription | None = None
+        self._monitor: QueueMonitor | None = None
         self._held: schemas.StreamMsg | None = None
         self._seq: int | None = None
         self.worker_id: str | None = None
@@ -113,6 +114,7 @@ class Relay:
 
     async def open(self, monitor: QueueMonitor) -> None:
         """Subscribe, then queue the job; a full queue raises Overloaded with nothing queued."""
+        self._monitor = monitor
         self._sub = await self.bus.subscribe_stream(
             self.job.request_id, max_bytes=self.buffer_bytes, on_overflow=self._overflowed
         )
@@ -205,7 +207,7 @@ class Relay:
                     except ContentRefused as exc:
                         raise self._failed(exc) from None
                 if msg.finish_reason is not None:
-                    self.finished = True
+                    self._ended()
                     self._e2e.observe(now - self.started_at)
                 yield msg
                 if self.finished:
@@ -221,9 +223,15 @@ class Relay:
                     )
             elif isinstance(msg, schemas.StreamError):
                 if self.worker_id is None or msg.worker_id == self.worker_id:
-                    self.finished = True
+                    self._ended()
                     raise self._failed(worker_error(msg))
             # Started: a worker took the job; nothing to relay yet.
+
+    def _ended(self) -> None:
+        """The worker has ended the job: its slot is free (admission counts it at once)."""
+        self.finished = True
+        if self._monitor is not None:
+            self._monitor.ended(self.job.model)
 
     def _until_deadline(self) -> float:
         """Seconds left until the request's deadline; raises once it has passed."""

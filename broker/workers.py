@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.kv import KeyValue
@@ -14,10 +14,25 @@ from nats.js.kv import KeyValue
 import schemas
 from broker import names, topology
 from broker.bus import Bus
+from schemas.messages import Priority
 
 log = logging.getLogger(__name__)
 
 ModelState = Literal["ready", "loading", "draining", "unavailable"]
+
+
+class SlotTimes(NamedTuple):
+    """What admission needs to count the slots that free up soon (api/admission.py)."""
+
+    releases: list[float]  # unix seconds at which running jobs should end, soonest first
+    job_s: float  # the average time a job holds a slot (0: unknown)
+    # The consumer sequence of the newest job a worker had taken when it announced (None:
+    # none says): the jobs delivered after it took slots the announcements do not show.
+    # The newest of several workers': one that took a job after its own announcement,
+    # before another's, is not counted (until its next announcement, at most 0.25 s
+    # after a job of its ends).
+    taken: int | None
+
 
 # Workers announce themselves every couple of seconds; one silent for longer than this
 # is gone (killed, say) even though its key lives on until the bucket's TTL.
@@ -131,3 +146,19 @@ class WorkerRegistry:
             return None
         average = sum(known) / len(known)
         return sum(w.slots / (w.job_s or average) for w in workers)
+
+    def slot_times(self, model: str, priority: Priority) -> SlotTimes | None:
+        """When the ready workers serving `model` expect their running jobs to free a slot,
+        the average time a job holds one, and the last job of `priority`'s queue they had
+        taken; None while one of them does not say (admission then counts on capacity)."""
+        workers = self._ready_for(model)
+        if not workers or any(w.releases is None for w in workers):
+            return None
+        known = [w.job_s for w in workers if w.job_s > 0]
+        consumer = names.jobs_consumer(model, priority)
+        taken = [w.taken[consumer] for w in workers if consumer in w.taken]
+        return SlotTimes(
+            releases=sorted(r for w in workers for r in w.releases or ()),
+            job_s=sum(known) / len(known) if known else 0.0,
+            taken=max(taken) if taken else None,
+        )

@@ -296,6 +296,13 @@ class WorkerStatus(msgspec.Struct, frozen=True, omit_defaults=True):
     # recent ones (0: none yet). slots / job_s is what the worker can start per second,
     # known before any backlog has shown it (admission's capacity estimate).
     job_s: float = 0.0
+    # When the running jobs are expected to free a slot (unix seconds, soonest first;
+    # workers/inference/pacing.py): admission counts the slots that free up within its
+    # wait target (None: a worker that does not say).
+    releases: list[float] | None = None
+    # Per job consumer (broker.names.jobs_consumer), the sequence of the last job the worker
+    # took: the jobs delivered after it have taken slots this status does not show.
+    taken: dict[str, int] = {}
 
 
 # --- control.workers.<worker>.model (core NATS request/reply) ---------------------------

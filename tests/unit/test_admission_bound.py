@@ -12,7 +12,8 @@ import schemas
 from api.admission import QueueMonitor
 from api.drain import CAPACITY_MEMORY_S, DrainEstimator
 from broker.bus import Bus, ConsumerDepth
-from broker.workers import WorkerRegistry
+from broker.names import jobs_consumer
+from broker.workers import SlotTimes, WorkerRegistry
 from chatq.errors import Overloaded
 
 MODEL = "m"
@@ -259,3 +260,146 @@ def test_the_workers_capacity_estimate_is_their_slots_over_a_jobs_slot_time() ->
     worker("e", 1.0, model="other")
     # b: 8/2, c: 8/4, and a (no job yet) at their average slot time, 3 s: 8/3.
     assert registry.capacity_estimate(MODEL) == pytest.approx(4 + 2 + 8 / 3)
+
+
+@dataclass
+class Announced:
+    """What the workers announced last: free slots, when running jobs end, the last job taken."""
+
+    free: int = 0
+    releases: list[float] | None = None
+    job_s: float = 10.0
+    taken: int | None = None
+
+
+def timed_monitor(fake: FakeBus, wall: Clock, said: Announced) -> QueueMonitor:
+    """A latency monitor (1 s target) whose workers announce when their jobs end."""
+    bus: Bus = fake  # type: ignore[assignment]
+    return QueueMonitor(
+        bus,
+        bound=64,
+        cache_s=0.0,
+        policy="latency",
+        wait_target_s=1.0,
+        free_slots=lambda model: (said.free, 1.0),
+        slot_times=lambda model, priority: (
+            None if said.releases is None else SlotTimes(said.releases, said.job_s, said.taken)
+        ),
+        clock=fake.clock,
+        wall=wall,
+    )
+
+
+async def test_the_bound_counts_the_slots_that_free_up_within_the_target() -> None:
+    """Under a backlog, with the workers' release times known: the first in line is admitted
+    only if a slot frees up within the target, even when nothing else waits."""
+    fake, wall = FakeBus(Clock()), Clock(5000.0)
+    said = Announced(releases=[5000.4, 5000.9, 5001.5, 5003.0])  # two within 1 s
+    mon = timed_monitor(fake, wall, said)
+    await backlog(fake, mon, rate=2, seconds=4, pending=10)
+    said.taken = fake.started  # the workers had taken every job delivered so far
+    assert mon.bound(MODEL) == 2
+    fake.pending = 2
+    with pytest.raises(Overloaded):
+        await mon.admit(MODEL)
+    wall.now = 5002.2  # three ended; two jobs taken since the announcement: one slot free
+    fake.started += 2
+    await mon.depth(MODEL)
+    assert mon.bound(MODEL) == 2  # that one, and the release at 5003.0
+    # No slot free and none due within the target: even an empty queue refuses.
+    said.releases, said.taken = [5010.0, 5011.0], fake.started
+    fake.pending = 0
+    with pytest.raises(Overloaded) as refused:
+        await mon.admit(MODEL)
+    assert refused.value.retry_after >= 1
+    assert "start 0 more within 1 s and 0 wait" in str(refused.value)
+
+
+async def test_free_slots_and_ended_jobs_are_counted_with_release_times() -> None:
+    """A job that ended since the announcement freed its slot: a burst at workers gone idle
+    is admitted though the announcement showed them busy."""
+    fake, wall = FakeBus(Clock()), Clock(5000.0)
+    said = Announced(free=1, releases=[5000.5, 5000.6, 5009.0])
+    mon = timed_monitor(fake, wall, said)
+    await backlog(fake, mon, rate=2, seconds=4, pending=3)
+    said.taken = fake.started
+    assert mon.bound(MODEL) == 3  # 1 free + 2 due
+    wall.now = 5001.0  # both ended, nothing delivered since: 3 free now
+    fake.pending = 0
+    await mon.depth(MODEL)
+    for _ in range(3):
+        await mon.admit(MODEL)
+    with pytest.raises(Overloaded):
+        await mon.admit(MODEL)
+    # Delivered (the burst landed and was taken): no slot free until the next announcement.
+    fake.started += 3
+    await mon.depth(MODEL)
+    assert mon.bound(MODEL) == 0
+
+
+async def test_a_stream_this_process_saw_end_frees_its_slot_before_any_announcement() -> None:
+    """A lone client after an overload: its answer stopped early (before max_tokens), so the
+    announcement still shows the slot busy until a later release; the relay saw the end."""
+    fake, wall = FakeBus(Clock()), Clock(5000.0)
+    said = Announced(free=0, releases=[5008.0])
+    mon = timed_monitor(fake, wall, said)
+    await backlog(fake, mon, rate=2, seconds=4, pending=3)
+    said.taken = fake.started
+    fake.pending = 0
+    with pytest.raises(Overloaded):
+        await mon.admit(MODEL)
+    wall.now = 5000.2
+    mon.ended(MODEL)  # ended after the announcement (made at wall 1.0 in this test)
+    await mon.admit(MODEL)
+
+
+async def test_a_slot_frees_again_every_job_s_within_a_long_target() -> None:
+    fake, wall = FakeBus(Clock()), Clock(5000.0)
+    said = Announced(free=1, releases=[5000.2], job_s=0.3)
+    mon = timed_monitor(fake, wall, said)
+    await backlog(fake, mon, rate=2, seconds=4, pending=3)
+    said.taken = fake.started
+    # Free now: at 0, 0.3, 0.6, 0.9 s; the release at 0.2 s: then 0.5 and 0.8 s.
+    assert mon.bound(MODEL) == 4 + 3
+
+
+async def test_without_a_backlog_release_times_never_refuse_a_single_client() -> None:
+    fake, wall = FakeBus(Clock()), Clock(5000.0)
+    mon = timed_monitor(fake, wall, Announced(releases=[5100.0], taken=0))
+    for _ in range(5):
+        await mon.admit(MODEL)  # nothing has waited: no capacity, the depth bound
+        fake.clock.now += 10.0
+        fake.started += 1
+
+
+async def test_a_burst_before_any_backlog_is_bounded_by_the_slots_its_own_admissions_take() -> None:
+    """The start of an overload: no reading has shown a job waiting yet (the burst is on its
+    way to the stream), so there is no capacity; this process's own admissions still count,
+    and past the free slots, with none due within the target, the next is refused."""
+    fake, wall = FakeBus(Clock()), Clock(5000.0)
+    mon = timed_monitor(fake, wall, Announced(free=2, releases=[5010.0, 5011.0], taken=0))
+    await mon.admit(MODEL)
+    await mon.admit(MODEL)
+    with pytest.raises(Overloaded) as refused:
+        await mon.admit(MODEL)
+    assert "start 2 more within 1 s and 2 wait" in str(refused.value)
+
+
+def test_the_registry_merges_the_workers_release_times() -> None:
+    registry = WorkerRegistry(None)  # type: ignore[arg-type]  - fed by hand, never watching
+    now = time.time()
+
+    def worker(wid: str, job_s: float, releases: list[float] | None, taken: dict[str, int]) -> None:
+        registry._entries[wid] = schemas.WorkerStatus(
+            worker_id=wid, model=MODEL, engine="synthetic", state="ready",
+            slots=8, free_slots=0, updated=now, job_s=job_s, releases=releases, taken=taken,
+        )  # fmt: skip
+
+    assert registry.slot_times(MODEL, "interactive") is None  # no worker
+    interactive, background = jobs_consumer(MODEL, "interactive"), jobs_consumer(MODEL, "background")
+    worker("a", 2.0, [now + 3, now + 1], {interactive: 40, background: 3})
+    worker("b", 0.0, [now + 2], {interactive: 42})
+    assert registry.slot_times(MODEL, "interactive") == SlotTimes([now + 1, now + 2, now + 3], 2.0, 42)
+    assert registry.slot_times(MODEL, "background") == SlotTimes([now + 1, now + 2, now + 3], 2.0, 3)
+    worker("c", 4.0, None, {})  # one that does not say: the capacity bound instead
+    assert registry.slot_times(MODEL, "interactive") is None

@@ -7,13 +7,16 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 import schemas
 from tests.helpers import eventually
+from workers.inference import heartbeat
 from workers.inference.engine import Answer, OpenAIRequest, Progress
+from workers.inference.pacing import Pacing
 from workers.inference.synthetic import SyntheticEngine
 from workers.inference.worker import InferenceWorker, WorkerConfig
 
@@ -255,6 +258,55 @@ async def test_without_a_ttft_hold_a_slow_start_leaves_the_slots_free() -> None:
     await settle(worker)
 
 
+async def test_the_worker_says_when_its_running_jobs_free_their_slots() -> None:
+    """WorkerStatus.releases: a streaming job's end from its own token rate and max_tokens;
+    before its tokens, its fetch plus the average slot time; unknown before any job ended."""
+    engine = SlowStartEngine()
+    worker, _, _ = make(engine=engine)
+    fetched = time.time()
+    worker.jobs.start(FakeMsg(job("slow", max_tokens=400)))  # type: ignore[arg-type]
+    await eventually("in the engine", lambda: worker.active["slow"].in_engine, 5, 0.01)
+    assert worker.jobs.releases() == []  # no token yet and no job done: nothing known
+    engine.release.set()
+    await eventually("streaming", lambda: worker.active["slow"].tokens >= 40, 5, 0.01)
+    (release,) = worker.jobs.releases()
+    # 400 tokens at the engine's 200 a second: about 2 s after the fetch.
+    assert fetched + 1.5 < release < fetched + 4.0
+    worker.cancel("slow", "client_disconnected")
+    await settle(worker)
+    worker.jobs.start(FakeMsg(job("quick", max_tokens=20)))  # type: ignore[arg-type]
+    await settle(worker)
+    engine.release.clear()
+    fetched = time.time()
+    worker.jobs.start(FakeMsg(job("slow-2", max_tokens=400)))  # type: ignore[arg-type]
+    await eventually("in the engine", lambda: worker.active["slow-2"].in_engine, 5, 0.01)
+    (release,) = worker.jobs.releases()
+    assert release == pytest.approx(fetched + worker.jobs.pacing.job_s, abs=0.1)
+    engine.release.set()
+    await settle(worker)
+
+
+async def test_a_job_that_ends_is_announced_at_the_next_tick() -> None:
+    """Admission learns of a freed slot within a housekeeping tick, not a status interval."""
+    worker, _, _ = make()
+    announced: list[float] = []
+
+    async def announce() -> None:
+        announced.append(time.monotonic())
+
+    keeping = asyncio.create_task(heartbeat.housekeeping(worker.jobs, worker.config, announce))
+    try:
+        await eventually("the first status", lambda: announced, 5, 0.01)
+        worker.jobs.start(FakeMsg(job("t", max_tokens=2)))  # type: ignore[arg-type]
+        await settle(worker)
+        ended = time.monotonic()
+        await eventually("a status after the end", lambda: announced[-1] > ended, 1.0, 0.01)
+    finally:
+        keeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeping
+
+
 async def test_an_engine_refusal_is_a_stream_error_with_its_status_and_nothing_else() -> None:
     worker, bus, _ = make()
     bad = job("r4")
@@ -304,3 +356,33 @@ def msgspec_replace(job: schemas.Job, **changes: Any) -> schemas.Job:
     import msgspec
 
     return msgspec.structs.replace(job, **changes)
+
+
+def test_a_running_job_is_never_announced_as_due_already() -> None:
+    """Admission counts a past release as a free slot: a job in a long prefill, or one
+    streaming past the max_tokens its engine does not enforce, must say "later"."""
+
+    @dataclass
+    class Job:
+        fetched_at: float
+        first_token_at: float | None
+        tokens: int
+        max_tokens: int
+
+    engine = SyntheticEngine(model="m", tokens_per_s=10, ttft_s=0.1, slots=4)
+    assert Pacing(engine, 0.0).release_at(Job(99.5, None, 0, 100), 100.0) is None  # no job done yet
+    pacing = Pacing(engine, ttft_hold=0.0)
+    pacing.completed(2.0)  # a job holds a slot 2 s on average
+    now = 100.0
+    assert pacing.release_at(Job(99.5, None, 0, 100), now) == pytest.approx(101.5)  # fetch + 2 s
+    assert pacing.release_at(Job(90.0, None, 0, 100), now) == pytest.approx(101.0)  # long prefill
+    # Streaming at 10 tokens/s (50 more in the 5 s since the first): 49 to go.
+    assert pacing.release_at(Job(94.0, 95.0, 51, 100), now) == pytest.approx(104.9)
+    # Past max_tokens: as many again at its rate, not "now".
+    assert pacing.release_at(Job(80.0, 90.0, 101, 100), now) == pytest.approx(110.1)
+    assert (
+        Pacing(SyntheticEngine(model="m", tokens_per_s=10, ttft_s=0.1, slots=4), 0.0).release_at(
+            Job(99.5, None, 0, 100), now
+        )
+        is None
+    )

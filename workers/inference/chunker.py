@@ -39,6 +39,7 @@ class ChunkStream:
         "_timer",
         "last_sent",
         "seq",
+        "tokens",
         "worker_id",
     )
 
@@ -57,6 +58,7 @@ class ChunkStream:
         self._drainer: asyncio.Task[None] | None = None
         self.worker_id = worker_id
         self.seq = 0
+        self.tokens = 0  # tokens added so far (admission's release estimate, WorkerStatus.releases)
         self.last_sent = float("-inf")
 
     @property
@@ -70,6 +72,7 @@ class ChunkStream:
         if self._finished or not data:
             return
         self._parts.append(data)
+        self.tokens += tokens
         if text:
             self._text.append(text)
         self._pending += tokens

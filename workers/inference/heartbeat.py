@@ -19,18 +19,20 @@ Announce = Callable[[], Coroutine[Any, Any, None]]
 
 
 async def housekeeping(jobs: JobRunner, config: WorkerConfig, announce: Announce) -> None:
-    """Every tick: heartbeats and in_progress for the running jobs, the status when due."""
-    tick = min(config.heartbeat_s, config.ack_wait_s / 3, 1.0) / 2
+    """Every tick: heartbeats and in_progress for the running jobs; the status when due, and
+    at the tick after a job ended (admission counts the freed slot, WorkerStatus.releases)."""
+    tick = min(config.heartbeat_s, config.ack_wait_s / 3, 0.5) / 2
     progress_every = config.ack_wait_s / 3
     loop = asyncio.get_running_loop()
     next_status = 0.0
+    ended = jobs.ended
     while True:
         await asyncio.sleep(tick)
         try:
             _beat(jobs, config, loop, progress_every)
             now = time.monotonic()
-            if now >= next_status:
-                next_status = now + config.status_interval_s
+            if now >= next_status or jobs.ended != ended:
+                next_status, ended = now + config.status_interval_s, jobs.ended
                 jobs.spawn(announce())
         except Exception:
             log.exception("housekeeping failed")

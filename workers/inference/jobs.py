@@ -6,7 +6,6 @@ import asyncio
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 
@@ -18,6 +17,7 @@ from chatq.errors import EngineError
 from chatq.tasks import TaskSet
 from schemas.messages import FinishReason
 from workers.inference import metrics
+from workers.inference.active import ActiveRequest
 from workers.inference.chunker import ChunkStream
 from workers.inference.config import WorkerConfig
 from workers.inference.engine import Answer, Engine, OpenAIRequest, Progress, RequestRejected
@@ -36,22 +36,13 @@ def _deliveries(msg: Msg) -> int:
         return 1
 
 
-@dataclass(eq=False)
-class ActiveRequest:
-    job: schemas.Job
-    msg: Msg
-    chunks: ChunkStream
-    fetched_at: float
-    acked: bool = False
-    cancel_reason: str | None = None
-    task: asyncio.Task[None] | None = None
-    last_progress: float = field(default_factory=time.monotonic)
-    last_beat: float = float("-inf")
-    # Set when the request enters the engine, and once the engine is done: a cancel
-    # interrupts only in between (before, the flag is enough; after, the finish runs).
-    in_engine: bool = False
-    generated: bool = False
-    first_token_at: float | None = None
+def _consumer_seq(msg: Msg) -> tuple[str, int] | None:
+    """The consumer a job came from and its delivery's sequence there."""
+    try:
+        meta = msg.metadata
+        return str(meta.consumer), int(meta.sequence.consumer)
+    except Exception:  # noqa: BLE001 - not a JetStream message
+        return None
 
 
 class JobRunner:
@@ -67,6 +58,7 @@ class JobRunner:
         self.spawn = spawn
         self.active: dict[str, ActiveRequest] = {}
         self.slot_freed = asyncio.Event()
+        self.ended = 0  # jobs ended so far: housekeeping announces the freed slot
         self._idle = asyncio.Event()  # set while no request runs
         self._idle.set()
         self.use(engine)
@@ -76,6 +68,8 @@ class JobRunner:
         self.engine = engine
         self.labels = {"model": engine.model}
         self.pacing = Pacing(engine, self.config.ttft_hold)
+        # Per consumer, the sequence of the last job taken (WorkerStatus.taken).
+        self.taken: dict[str, int] = {}
 
     @property
     def slots(self) -> int:
@@ -88,6 +82,12 @@ class JobRunner:
         the jobs it has (WORKER_TTFT_HOLD; a first token or a job's end wakes the pull loop)."""
         free = max(0, self.pacing.slots - len(self.active))
         return 0 if free and self.pacing.held(self.active.values()) else free
+
+    def releases(self) -> list[float]:
+        """Unix times at which the running jobs are expected to free a slot, soonest first
+        (WorkerStatus.releases)."""
+        now, wall = time.monotonic(), time.time()
+        return [round(wall + at - now, 3) for at in self.pacing.releases(self.active.values(), now)]
 
     async def end_active(self, grace_s: float, reason: str) -> None:
         """Let running requests finish for grace_s, then end the rest.
@@ -128,6 +128,9 @@ class JobRunner:
 
     def start(self, msg: Msg) -> None:
         """Run a fetched job in its own task; a malformed one is terminated, a redelivery kept alive."""
+        seq = _consumer_seq(msg)
+        if seq is not None:  # taken, even a malformed one: admission counts the delivery
+            self.taken[seq[0]] = max(self.taken.get(seq[0], 0), seq[1])
         try:
             job = schemas.decode_job(msg.data)
         except Exception as exc:  # noqa: BLE001 - any malformed payload is dropped
@@ -235,6 +238,7 @@ class JobRunner:
         metrics.ACTIVE.labels(**self.labels).set(len(self.active))
         if not self.active:
             self._idle.set()
+        self.ended += 1
         self.slot_freed.set()
 
     def _first_token(self, active: ActiveRequest) -> None:

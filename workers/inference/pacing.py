@@ -7,13 +7,17 @@ worker takes no job while one has waited for its first token longer than `ttft_h
 times the quickest recent first token, and it learns how many jobs to run at once:
 additive increase on each first token on time, multiplicative decrease on a late one.
 What the worker leaves in JetStream, admission counts as waiting (api/admission.py).
+
+It also tells admission when its slots free up (WorkerStatus.releases): each running job's
+expected end, from its own token rate and its max_tokens once it streams, or from its
+fetch and the average slot time before.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Protocol
 
 # Each completed job's weight in the average slot time: about the last 20 jobs count.
@@ -27,6 +31,14 @@ CUT = 0.7
 class Started(Protocol):
     fetched_at: float
     first_token_at: float | None
+
+
+class Running(Started, Protocol):
+    @property
+    def tokens(self) -> int: ...
+
+    @property
+    def max_tokens(self) -> int: ...
 
 
 class HasSlots(Protocol):
@@ -84,3 +96,29 @@ class Pacing:
     def completed(self, held_s: float) -> None:
         """A job completed after holding its slot for held_s seconds."""
         self.job_s = held_s if not self.job_s else self.job_s + JOB_S_WEIGHT * (held_s - self.job_s)
+
+    def release_at(self, job: Running, now: float) -> float | None:
+        """When a running job is expected to end (monotonic), or None before anything is known.
+
+        Streaming: at its own token rate so far, at max_tokens (an earlier stop only frees
+        the slot sooner; past max_tokens, one the engine does not enforce, as many tokens
+        again). Before its second token: its fetch plus the average slot time, and never
+        sooner than half that from now (its decoding is still ahead). A job still running
+        is never announced as due already: admission would count its slot as free.
+        """
+        if job.first_token_at is not None and job.tokens >= 2 and now > job.first_token_at:
+            per_token = (now - job.first_token_at) / (job.tokens - 1)
+            left = job.max_tokens - job.tokens
+            return now + (left if left > 0 else job.tokens) * per_token
+        if self.job_s:
+            return max(job.fetched_at + self.job_s, now + self.job_s / 2)
+        return None
+
+    def releases(self, active: Collection[Running], now: float) -> list[float]:
+        """The times the running jobs are expected to free a slot (monotonic), soonest first.
+
+        With fewer slots learnt than jobs running, the first ends free none; a job whose end
+        is not known yet frees none either (admission then counts on it later, not sooner).
+        """
+        ends = sorted(at for at in (self.release_at(job, now) for job in active) if at is not None)
+        return ends[max(0, len(active) - self.slots) :]

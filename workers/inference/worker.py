@@ -21,9 +21,10 @@ from chatq.errors import EngineError
 from chatq.tasks import TaskSet
 from schemas.messages import Priority, SwitchReply
 from workers.inference import heartbeat, metrics
+from workers.inference.active import ActiveRequest
 from workers.inference.config import WorkerConfig
 from workers.inference.engine import Engine
-from workers.inference.jobs import ActiveRequest, JobRunner
+from workers.inference.jobs import JobRunner
 from workers.inference.pull import pull_loop
 
 __all__ = ["EngineFactory", "FitCheck", "InferenceWorker", "WorkerConfig"]
@@ -131,6 +132,8 @@ class InferenceWorker:
             host=_HOST,
             engine_version=str(getattr(self.engine, "version", "") or ""),
             job_s=round(self.jobs.pacing.job_s, 4),
+            releases=self.jobs.releases() if state == "ready" else None,
+            taken=dict(self.jobs.taken),
         )
         try:
             await self._kv.put(names.worker_key(self.config.worker_id), schemas.encode(status))
@@ -187,6 +190,10 @@ class InferenceWorker:
                 subs[priority] = await self.bus.js.pull_subscribe_bind(
                     durable=names.jobs_consumer(self.model, priority), stream=names.JOBS_STREAM
                 )
+                with contextlib.suppress(Exception):  # then announced from its first job on
+                    info = await subs[priority].consumer_info()
+                    seq = info.delivered.consumer_seq if info.delivered else 0
+                    self.jobs.taken[info.name] = int(seq or 0)
             if not self._progress.startswith("failed"):
                 self._progress = "ready"
             await self.announce("ready")
