@@ -51,10 +51,13 @@ again at the worker's next tick, 0.25 s, after a job ends), the bound counts slo
 instead: the free ones and those whose release falls within T, each again every `job_s`
 after (_startable). A slot freed since the announcement counts as free: a release now
 past, or a stream this process relayed to its end (a job that stopped before
-max_tokens). That bound may be 0: with no slot free and none due within T, even the
-first in line is refused. Its known errors: with several workers, a job one took after
-its announcement but before another's newer one is not subtracted (until its next
-announcement); the interactive and background queues each count every slot.
+max_tokens). Where there is a capacity μ, it is never above the rate bound on those
+same free slots: a slot announced as freed may stay unused (a worker's first-token
+hold), which a measured μ shows. That bound may be 0: with no slot free and none due
+within T, even the first in line is refused. Its known errors: with several workers, a
+job one took after its announcement but before another's newer one is not subtracted
+(until its next announcement); the interactive and background queues each count every
+slot.
 
 Release times count as soon as anything waits, by a reading or by this process's own
 admissions that no reading shows yet: at the start of a burst no backlog has been
@@ -246,13 +249,18 @@ class QueueMonitor:
             # process's own admissions do: at the start of a burst the readings lag, and
             # without this the bound stayed CHATQ_QUEUE_MAX until one showed a backlog
             # (measured: 5 admitted behind 8 busy slots, TTFT up to 1.6 s).
-            return min(self._bound, self._startable(model, queue, times))
+            return min(self._bound, self._startable(model, queue, times, capacity))
         if capacity is None:
             return self._bound
-        startable = self._free(model, queue) + math.floor(capacity * self._wait_target_s)
-        return min(self._bound, max(1, startable))
+        return min(self._bound, self._rate_bound(self._free(model, queue), capacity))
 
-    def _startable(self, model: str, queue: _ModelQueue, times: SlotTimes) -> int:
+    def _rate_bound(self, free: int, capacity: float) -> int:
+        """The free slots and what the workers start at `capacity` within the target; at least 1."""
+        return max(1, free + math.floor(capacity * self._wait_target_s))
+
+    def _startable(
+        self, model: str, queue: _ModelQueue, times: SlotTimes, capacity: float | None = None
+    ) -> int:
         """Jobs the workers start within the target, from when their slots free up: each free
         slot now and each release due by then, and again every job_s after it.
 
@@ -260,6 +268,10 @@ class QueueMonitor:
         the announcement has taken (the consumer's deliveries after the last one a worker
         had taken). Jobs started since then free theirs later than the target as long as a
         job holds a slot longer than the time between announcements (one per job's end).
+
+        With a measured `capacity`, never more than the rate bound on the same free slots:
+        a slot a worker announces as freed may stay unused (its first-token hold,
+        workers/inference/pacing.py), which the start rate shows.
         """
         now = self._wall()
         horizon = now + self._wait_target_s
@@ -274,8 +286,10 @@ class QueueMonitor:
         free = self._free(model, queue, ended, times.taken)
         slots = [now] * free + releases[ended:due]
         if times.job_s <= 0:
-            return len(slots)
-        return sum(1 + math.floor((horizon - at) / times.job_s) for at in slots)
+            startable = len(slots)
+        else:
+            startable = sum(1 + math.floor((horizon - at) / times.job_s) for at in slots)
+        return startable if capacity is None else min(startable, self._rate_bound(free, capacity))
 
     def _free(self, model: str, queue: _ModelQueue, released: int = 0, taken: int | None = None) -> int:
         """Free slots now: the workers' last announcement, plus the `released` since, less the

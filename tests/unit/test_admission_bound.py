@@ -357,10 +357,21 @@ async def test_a_slot_frees_again_every_job_s_within_a_long_target() -> None:
     fake, wall = FakeBus(Clock()), Clock(5000.0)
     said = Announced(free=1, releases=[5000.2], job_s=0.3)
     mon = timed_monitor(fake, wall, said)
-    await backlog(fake, mon, rate=2, seconds=4, pending=3)
+    await backlog(fake, mon, rate=20, seconds=4, pending=3)
     said.taken = fake.started
     # Free now: at 0, 0.3, 0.6, 0.9 s; the release at 0.2 s: then 0.5 and 0.8 s.
     assert mon.bound(MODEL) == 4 + 3
+
+
+async def test_release_times_never_admit_more_than_the_measured_start_rate() -> None:
+    """Slots announced as freeing up that the workers do not refill (a first-token hold
+    leaves jobs in the queue) show in the start rate: the bound is the smaller of the two."""
+    fake, wall = FakeBus(Clock()), Clock(5000.0)
+    said = Announced(free=1, releases=[5000.2, 5000.3, 5000.4, 5000.5], job_s=10.0)
+    mon = timed_monitor(fake, wall, said)
+    await backlog(fake, mon, rate=1, seconds=4, pending=3)  # 1 job a second started
+    said.taken = fake.started
+    assert mon.bound(MODEL) == 1 + 1  # not 1 + 4: the free slot and 1 start within 1 s
 
 
 async def test_without_a_backlog_release_times_never_refuse_a_single_client() -> None:
