@@ -63,11 +63,12 @@ Release times count as soon as anything waits, by a reading or by this process's
 admissions that no reading shows yet: at the start of a burst no backlog has been
 measured, and the readings lag the burst. Without any capacity and with nothing waiting
 (no backlog in the last CAPACITY_MEMORY_S) the bound is CHATQ_QUEUE_MAX, as with
-`depth`, so a single client at low load is never refused; without release times it is
-never below 1, so a request that finds nothing waiting is admitted. μ, F and the
-releases are read from NATS, which every API process shares, so every process computes
-the same bound. Retry-After is the time for the
-excess to drain at μ (or, without μ, at the recent start rate).
+`depth`: a request that finds nothing waiting (this process's unseen admissions
+counted; one refused by its rate limit gives its place back) is admitted. Without
+release times the bound is never below 1, so such a request is admitted too. μ, F and
+the releases are read from NATS, which every API process shares, so every process
+computes the same bound. Retry-After is the time for the excess to drain at μ (or,
+without μ, at the recent start rate).
 """
 
 from __future__ import annotations
@@ -269,9 +270,10 @@ class QueueMonitor:
         had taken). Jobs started since then free theirs later than the target as long as a
         job holds a slot longer than the time between announcements (one per job's end).
 
-        With a measured `capacity`, never more than the rate bound on the same free slots:
-        a slot a worker announces as freed may stay unused (its first-token hold,
-        workers/inference/pacing.py), which the start rate shows.
+        With a `capacity` (measured, or announced while jobs wait), never more than the
+        rate bound on the same free slots: a slot a worker announces as freed may stay
+        unused (its first-token hold, workers/inference/pacing.py), which a measured start
+        rate shows.
         """
         now = self._wall()
         horizon = now + self._wait_target_s

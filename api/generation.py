@@ -222,8 +222,10 @@ class ChatCall:
         self.line.queued(job, log_prompts=settings.log_prompts)
         # A place among this process's streams first: refused, nothing else was asked.
         services.streams.take(job.model)
+        admitted = False
         try:
             await services.monitor.admit(job.model, job.priority)
+            admitted = True
             try:
                 self._ticket = await services.limiter.acquire(
                     self.principal.scopes(),
@@ -237,6 +239,8 @@ class ChatCall:
                 raise
         except BaseException:
             services.streams.give_back()
+            if admitted:  # refused by a rate limit (or cancelled): no job will land
+                services.monitor.not_queued(job.model, job.priority)
             raise
         relay = Relay(
             services.bus,

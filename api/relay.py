@@ -115,9 +115,13 @@ class Relay:
     async def open(self, monitor: QueueMonitor) -> None:
         """Subscribe, then queue the job; a full queue raises Overloaded with nothing queued."""
         self._monitor = monitor
-        self._sub = await self.bus.subscribe_stream(
-            self.job.request_id, max_bytes=self.buffer_bytes, on_overflow=self._overflowed
-        )
+        try:
+            self._sub = await self.bus.subscribe_stream(
+                self.job.request_id, max_bytes=self.buffer_bytes, on_overflow=self._overflowed
+            )
+        except BaseException:
+            monitor.not_queued(self.job.model, self.job.priority)  # nothing was published
+            raise
         try:
             self._seq = (await self.bus.publish_job(self.job)).seq
         except JobRefused:
@@ -134,6 +138,11 @@ class Relay:
             await self._sub.close()
             monitor.not_queued(self.job.model, self.job.priority)
             raise UpstreamUnavailable(f"the job queue is unreachable: {type(exc).__name__}") from exc
+        except BaseException:
+            # Cancelled (the client went away) while publishing: the job may yet land, and
+            # then the next reading counts it; the caller unsubscribes.
+            monitor.not_queued(self.job.model, self.job.priority)
+            raise
         self._spawn(self.bus.publish_event(schemas.Accepted.for_job(self.job, _stored_messages(self.job))))
 
     async def accepted(self) -> None:
